@@ -1,0 +1,55 @@
+"""Aggregation of constituent predictions, and accuracy metrics.
+
+Shards that hold no training data (all their ids were forgotten) drop out: ``active`` masks them
+and the vote / mean is taken over the remaining shards only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (float64 for stable averaging)."""
+    z = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _active(logits: np.ndarray, active: np.ndarray | None) -> np.ndarray:
+    active = np.ones(logits.shape[0], bool) if active is None else np.asarray(active, bool)
+    if not active.any():
+        raise ValueError("no active shard: every shard's data has been forgotten")
+    return active
+
+
+def vote(logits: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
+    """Majority vote of labels. logits ``[S, M, C]`` -> labels ``[M]``.
+
+    Ties are broken by the mean probability of the tied classes, then by the lowest label.
+    """
+    active = _active(logits, active)
+    lg = logits[active]
+    counts = np.zeros(lg.shape[1:], np.float64)
+    np.add.at(counts, (np.arange(lg.shape[1])[None, :], lg.argmax(-1)), 1.0)
+    # mean prob < 1 never outweighs a whole vote: it only separates tied counts
+    return (counts + softmax(lg).mean(0) * 0.5).argmax(-1)
+
+
+def mean_prob(logits: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
+    """Mean of probability vectors. logits ``[S, M, C]`` -> probabilities ``[M, C]``."""
+    active = _active(logits, active)
+    return softmax(logits[active]).mean(0)
+
+
+def aggregate(logits: np.ndarray, method: str, active: np.ndarray | None = None) -> np.ndarray:
+    """Labels ``[M]`` by ``method`` (``vote`` or ``mean_prob``)."""
+    if method == "vote":
+        return vote(logits, active)
+    if method == "mean_prob":
+        return mean_prob(logits, active).argmax(-1)
+    raise ValueError(f"unknown aggregation {method!r} (use 'vote' or 'mean_prob')")
+
+
+def accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(np.asarray(pred) == np.asarray(y))) if len(y) else float("nan")

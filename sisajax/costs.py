@@ -1,0 +1,108 @@
+"""Cost accounting: what a training or unlearning call cost, and the paper's analytic cost model.
+
+Counts are in examples (real, unmasked rows through a gradient step) and gradient steps; wall
+clock is split into compile, restore, retrain and save, measured after ``block_until_ready``.
+Formulas follow Bourtoule et al. (2021), see ``shared/SISA.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from sisajax.data.schedule import steps_for
+
+
+@dataclasses.dataclass
+class CostReport:
+    """Measured cost of one operation (train, forget, or a full retrain)."""
+
+    wall_s: float = 0.0
+    compile_s: float = 0.0
+    restore_s: float = 0.0
+    retrain_s: float = 0.0
+    save_s: float = 0.0
+    examples: int = 0
+    grad_steps: int = 0
+    shard_slices: int = 0
+    shards: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def slice_schedule_cost(
+    sizes: np.ndarray, epochs: float, batch_size: int, start: np.ndarray | None = None
+) -> tuple[int, int]:
+    """(examples, gradient steps) of training shards from their start slice, without running it.
+
+    Args:
+      sizes: ``[S, R]`` ids per (shard, slice).
+      epochs: e of the equivalent unsliced run.
+      batch_size: B.
+      start: ``[S]`` first slice to train per shard (default 0); ``R`` means "not trained".
+    """
+    s, r = sizes.shape
+    start = np.zeros(s, int) if start is None else np.asarray(start)
+    per_step_epochs = 2.0 * epochs / (r + 1)
+    examples = steps = 0
+    for k in range(s):
+        prefix = np.cumsum(sizes[k])
+        for j in range(int(start[k]), r):
+            n = int(prefix[j])
+            t = steps_for(n, per_step_epochs, batch_size)
+            steps += t
+            # full batches except the last of each epoch
+            per_epoch = -(-n // batch_size) if n else 0
+            full_epochs, rem = divmod(t, per_epoch) if per_epoch else (0, 0)
+            examples += full_epochs * n + min(rem * batch_size, n)
+    return examples, steps
+
+
+def full_retrain_cost(n: int, epochs: float, batch_size: int) -> tuple[int, int]:
+    """(examples, gradient steps) of training one model on ``n`` examples for ``epochs``."""
+    return slice_schedule_cost(np.array([[n]]), epochs, batch_size)
+
+
+# -- the paper's expected costs (uniform requests) --------------------------------------------
+
+
+def expected_speedup_single(shards: int, slices: int) -> float:
+    """Expected speedup of one uniform request vs full retrain: S * 3R / (2R + 1)."""
+    return shards * 3 * slices / (2 * slices + 1)
+
+
+def expected_cost_batched_sharding(n: int, shards: int, k: int) -> float:
+    """Expected points retrained for K batched requests, sharding only: N(1-(1-1/S)^K) - K."""
+    return n * (1 - (1 - 1 / shards) ** k) - k
+
+
+def expected_cost_batched(n: int, shards: int, slices: int, k: int) -> float:
+    """Expected sample-epochs (in units of e) for K batched uniform requests with S shards, R slices.
+
+    Each hit shard restarts from the minimum slice u among its k requests; retraining from slice u
+    costs ``D * (1 - (u-1)u / (R(R+1)))`` (SISA.md). Summed over the binomial number of requests per
+    shard; ``P(min >= j) = ((R-j+1)/R)^k``.
+    """
+    d = n / shards
+    total = 0.0
+    from math import comb
+
+    p = 1 / shards
+    for kk in range(1, k + 1):
+        p_k = comb(k, kk) * p**kk * (1 - p) ** (k - kk)
+        if p_k < 1e-15:
+            continue
+        exp_cost = 0.0
+        for u in range(1, slices + 1):
+            p_min_u = ((slices - u + 1) / slices) ** kk - ((slices - u) / slices) ** kk
+            exp_cost += p_min_u * d * (1 - (u - 1) * u / (slices * (slices + 1)))
+        total += shards * p_k * exp_cost
+    return total
+
+
+def expected_shards_hit(shards: int, k: int) -> float:
+    """Expected number of shards hit by K uniform requests: S(1 - (1 - 1/S)^K)."""
+    return shards * (1 - (1 - 1 / shards) ** k)

@@ -1,0 +1,202 @@
+"""Data sets by name: stable int64 ids, features, labels and a fixed train/test split.
+
+Built in (no download at run time):
+  * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes).
+  * ``purchase_synthetic``: a seeded generator shaped like Purchase-100 (600 binary features,
+    100 classes from prototype shoppers plus noise).
+
+Register more with :func:`register_dataset`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A data set is unknown, malformed or missing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A labelled data set with a fixed train/test split.
+
+    Attributes:
+      name: registry name.
+      train_ids: ``[N]`` int64, unique, disjoint from ``test_ids``.
+      x_train: ``[N, *feature_shape]`` features (float32, or uint8 for binary/pixel data).
+      y_train: ``[N]`` int32 labels in ``[0, num_classes)``.
+      test_ids, x_test, y_test: the held-out split, same conventions.
+      num_classes: number of classes.
+    """
+
+    name: str
+    train_ids: np.ndarray
+    x_train: np.ndarray
+    y_train: np.ndarray
+    test_ids: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        validate_split(self.train_ids, self.x_train, self.y_train, self.num_classes, "train")
+        validate_split(self.test_ids, self.x_test, self.y_test, self.num_classes, "test")
+        if np.intersect1d(self.train_ids, self.test_ids).size:
+            raise DataError(f"{self.name}: train and test ids overlap")
+        if self.x_train.shape[1:] != self.x_test.shape[1:]:
+            raise DataError(
+                f"{self.name}: train features {self.x_train.shape[1:]} != test {self.x_test.shape[1:]}"
+            )
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def summary(self) -> str:
+        return (
+            f"{self.name}: {len(self.train_ids)} train / {len(self.test_ids)} test, "
+            f"features {self.feature_shape} {self.x_train.dtype}, {self.num_classes} classes"
+        )
+
+
+def validate_split(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_classes: int, what: str):
+    """Raise :class:`DataError` unless ids/x/y form a consistent labelled split."""
+    if ids.ndim != 1 or y.ndim != 1 or len(ids) != len(x) or len(ids) != len(y):
+        raise DataError(
+            f"{what}: ids {ids.shape}, features {x.shape}, labels {y.shape} do not line up"
+        )
+    if ids.dtype != np.int64:
+        raise DataError(f"{what}: ids must be int64, got {ids.dtype}")
+    if len(np.unique(ids)) != len(ids):
+        raise DataError(f"{what}: ids are not unique")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise DataError(f"{what}: labels outside [0, {num_classes})")
+    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+        raise DataError(f"{what}: features contain NaN or inf")
+
+
+def from_arrays(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    train_ids: np.ndarray | None = None,
+    test_ids: np.ndarray | None = None,
+    num_classes: int | None = None,
+    name: str = "arrays",
+) -> Dataset:
+    """Wrap arrays a researcher already has. Ids default to ``0..N-1`` and ``N..N+M-1``."""
+    n, m = len(x_train), len(x_test)
+    train_ids = np.arange(n, dtype=np.int64) if train_ids is None else np.asarray(train_ids)
+    test_ids = np.arange(n, n + m, dtype=np.int64) if test_ids is None else np.asarray(test_ids)
+    y_train = np.asarray(y_train).astype(np.int32)
+    y_test = np.asarray(y_test).astype(np.int32)
+    if num_classes is None:
+        num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
+    return Dataset(
+        name,
+        train_ids.astype(np.int64),
+        np.asarray(x_train),
+        y_train,
+        test_ids.astype(np.int64),
+        np.asarray(x_test),
+        y_test,
+        int(num_classes),
+    )
+
+
+def split_by_hash(ids: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """Boolean ``[N]`` test mask: a pure function of (seed, id), so the split never moves."""
+    from sisajax.data.partition import uniform_hash
+
+    return uniform_hash(ids, seed, stream=0x7E57) < test_fraction
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+_REGISTRY: dict[str, Callable[..., Dataset]] = {}
+
+
+def register_dataset(name: str) -> Callable[[Callable[..., Dataset]], Callable[..., Dataset]]:
+    """Decorator: make a loader available as ``load_dataset(name, **params)``."""
+
+    def deco(fn: Callable[..., Dataset]) -> Callable[..., Dataset]:
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def available_datasets() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def load_dataset(name: str, **params: Any) -> Dataset:
+    """Load a registered data set by name (see :func:`available_datasets`)."""
+    if name not in _REGISTRY:
+        raise DataError(f"unknown data set {name!r}; available: {', '.join(available_datasets())}")
+    try:
+        return _REGISTRY[name](**params)
+    except TypeError as e:
+        raise DataError(f"bad parameters for data set {name!r}: {e}") from e
+
+
+@register_dataset("digits")
+def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
+    """scikit-learn's bundled handwritten digits: ``[1797, 64]`` pixels scaled to [0, 1]."""
+    from sklearn.datasets import load_digits as _sk_digits
+
+    bunch = _sk_digits()
+    x = (bunch.data / 16.0).astype(np.float32)
+    y = bunch.target.astype(np.int32)
+    ids = np.arange(len(x), dtype=np.int64)
+    test = split_by_hash(ids, test_fraction, split_seed)
+    return Dataset("digits", ids[~test], x[~test], y[~test], ids[test], x[test], y[test], 10)
+
+
+@register_dataset("purchase_synthetic")
+def make_purchase_synthetic(
+    n_train: int = 10_000,
+    n_test: int = 2_000,
+    num_features: int = 600,
+    num_classes: int = 100,
+    items_per_prototype: int = 60,
+    keep_prob: float = 0.7,
+    noise_prob: float = 0.02,
+    seed: int = 0,
+) -> Dataset:
+    """A seeded generator shaped like Purchase-100 (binary "items bought" vectors).
+
+    Each class is a prototype shopper: a random basket of ``items_per_prototype`` items. A sample
+    keeps each prototype item with probability ``keep_prob`` and adds each other item with
+    probability ``noise_prob``. Features are uint8 0/1, ``[n, num_features]``.
+    """
+    if n_train < 1 or n_test < 0:
+        raise DataError("purchase_synthetic: n_train must be >= 1 and n_test >= 0")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x9C4A5E]))
+    protos = np.zeros((num_classes, num_features), dtype=bool)
+    for c in range(num_classes):
+        protos[c, rng.choice(num_features, size=items_per_prototype, replace=False)] = True
+    n = n_train + n_test
+    y = rng.integers(0, num_classes, size=n).astype(np.int32)
+    keep = rng.random((n, num_features), dtype=np.float32) < keep_prob
+    noise = rng.random((n, num_features), dtype=np.float32) < noise_prob
+    x = np.where(protos[y], keep, noise).astype(np.uint8)
+    ids = np.arange(n, dtype=np.int64)
+    return Dataset(
+        "purchase_synthetic",
+        ids[:n_train],
+        x[:n_train],
+        y[:n_train],
+        ids[n_train:],
+        x[n_train:],
+        y[n_train:],
+        num_classes,
+    )

@@ -1,0 +1,198 @@
+"""Partition: every training id -> (shard, slice), as a pure function of (seed, id).
+
+A keyed 64-bit hash (splitmix64 finaliser) places each id independently of every other id, so
+removing ids never moves any other id, and a from-scratch run on the retained ids reproduces the
+same assignment. Shards and slices are balanced in expectation (multinomial), not exactly.
+
+Slices are numbered ``0..R-1`` in code; "the checkpoint after slice j" is the state after training
+on slices ``0..j``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+_MASK = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+class PartitionError(ValueError):
+    """Ids are unknown, duplicated, already removed, or the partition is infeasible."""
+
+    def __init__(self, message: str, ids: np.ndarray | None = None):
+        super().__init__(message)
+        self.ids = None if ids is None else np.asarray(ids)
+
+
+def _mix_int(z: int) -> int:
+    z &= _MASK
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK
+    return z ^ (z >> 31)
+
+
+def key_word(*keys: int) -> int:
+    """Fold integer keys (seed, shard, slice, epoch, ...) into one 64-bit word."""
+    h = 0x5151A7A7
+    for k in keys:
+        h = _mix_int(h + _GOLDEN + (int(k) & _MASK))
+    return h
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def hash64(ids: np.ndarray, *keys: int) -> np.ndarray:
+    """``[N]`` uint64 keyed hash of int64 ids: a pure function of (keys, id)."""
+    word = np.uint64(key_word(*keys))
+    z = np.asarray(ids, dtype=np.int64).view(np.uint64)
+    return _mix(_mix(z ^ word) + np.uint64(_GOLDEN))
+
+
+def uniform_hash(ids: np.ndarray, *keys: int, stream: int = 0) -> np.ndarray:
+    """``[N]`` float64 in [0, 1): a keyed uniform variate per id."""
+    return (hash64(ids, stream, *keys) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def fingerprint_ids(ids: np.ndarray) -> str:
+    """sha256 of the sorted int64 ids: names exactly the set of examples a model has seen."""
+    arr = np.sort(np.asarray(ids, dtype=np.int64))
+    return hashlib.sha256(arr.astype("<i8").tobytes()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Partition:
+    """Which (shard, slice) each retained training id belongs to.
+
+    Attributes:
+      ids: ``[N]`` int64, sorted, the retained training ids.
+      shard: ``[N]`` int32 shard of each id.
+      slice: ``[N]`` int32 slice of each id (``0..R-1``).
+      num_shards: S.  num_slices: R.
+      removed: ``[M]`` int64, sorted, ids that were forgotten.
+    """
+
+    ids: np.ndarray
+    shard: np.ndarray
+    slice: np.ndarray
+    num_shards: int
+    num_slices: int
+    removed: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __post_init__(self) -> None:
+        if not (len(self.ids) == len(self.shard) == len(self.slice)):
+            raise PartitionError("partition arrays differ in length")
+        if len(self.ids) > 1 and not np.all(np.diff(self.ids) > 0):
+            raise PartitionError("partition ids must be sorted and unique")
+
+    # -- look-ups -------------------------------------------------------------------------
+    @property
+    def _rows(self) -> dict[int, int]:
+        rows = self.__dict__.get("_row_cache")
+        if rows is None:
+            rows = dict(zip(self.ids.tolist(), range(len(self.ids)), strict=True))
+            object.__setattr__(self, "_row_cache", rows)
+        return rows
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """``[K]`` bool: which ids are retained training ids."""
+        rows = self._rows
+        return np.array([int(i) in rows for i in np.asarray(ids).ravel()], dtype=bool)
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(shard [K], slice [K])`` of retained ids, O(1) each; unknown ids raise."""
+        rows = self._rows
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        missing = [int(i) for i in ids if int(i) not in rows]
+        if missing:
+            raise PartitionError(f"ids not in the retained training set: {missing[:20]}", missing)
+        r = np.array([rows[int(i)] for i in ids], dtype=np.int64)
+        return self.shard[r], self.slice[r]
+
+    def shard_ids(self, k: int) -> np.ndarray:
+        """Sorted ids of shard k."""
+        return self.ids[self.shard == k]
+
+    def shard_slices(self, k: int) -> np.ndarray:
+        """Slice of each id of :meth:`shard_ids` (same order)."""
+        return self.slice[self.shard == k]
+
+    def sizes(self) -> np.ndarray:
+        """``[S, R]`` number of retained ids per (shard, slice)."""
+        out = np.zeros((self.num_shards, self.num_slices), dtype=np.int64)
+        np.add.at(out, (self.shard, self.slice), 1)
+        return out
+
+    def prefix_fingerprints(self) -> list[list[str]]:
+        """``[S][R]`` fingerprint of the ids in slices ``0..j`` of each shard."""
+        out = []
+        for k in range(self.num_shards):
+            ids, sl = self.shard_ids(k), self.shard_slices(k)
+            out.append([fingerprint_ids(ids[sl <= j]) for j in range(self.num_slices)])
+        return out
+
+    # -- changes ----------------------------------------------------------------------------
+    def drop(self, ids: np.ndarray) -> Partition:
+        """A new partition without ``ids`` (which must all be retained); nobody else moves."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        self.locate(ids)
+        keep = ~np.isin(self.ids, ids)
+        return Partition(
+            self.ids[keep],
+            self.shard[keep],
+            self.slice[keep],
+            self.num_shards,
+            self.num_slices,
+            np.union1d(self.removed, ids),
+        )
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Write atomically (temp file, fsync, rename)."""
+        path = Path(path)
+        tmp = path.with_suffix(".tmp.npz")
+        with open(tmp, "wb") as f:
+            np.savez(
+                f,
+                ids=self.ids,
+                shard=self.shard,
+                slice=self.slice,
+                removed=self.removed,
+                shape=np.array([self.num_shards, self.num_slices]),
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Partition:
+        with np.load(path) as z:
+            s, r = (int(v) for v in z["shape"])
+            return cls(z["ids"], z["shard"], z["slice"], s, r, z["removed"])
+
+
+def hash_partition(ids: np.ndarray, num_shards: int, num_slices: int, seed: int) -> Partition:
+    """Assign each id to (shard, slice) by keyed hash of (seed, id).
+
+    Raises:
+      PartitionError: on duplicate ids or more shards than ids.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(np.unique(ids)) != len(ids):
+        raise PartitionError("training ids are not unique")
+    if num_shards > len(ids):
+        raise PartitionError(f"{num_shards} shards but only {len(ids)} training examples")
+    ids = np.sort(ids)
+    shard = np.floor(uniform_hash(ids, seed, stream=1) * num_shards).astype(np.int32)
+    sl = np.floor(uniform_hash(ids, seed, stream=2) * num_slices).astype(np.int32)
+    return Partition(ids, shard, sl, num_shards, num_slices)

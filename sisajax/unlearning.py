@@ -1,0 +1,258 @@
+"""Unlearning: forget training ids exactly, by retraining only what saw them.
+
+``plan_forget`` is pure: ids -> which shards restart at which slice. ``forget`` executes a plan:
+for every affected shard, restore the state saved just before its earliest affected slice (or the
+initial state for slice 0), drop the ids, retrain the remaining slices of all affected shards
+together in one program, write new data copies and checkpoint blocks, and switch the run's
+manifest to them in one atomic rename. Unaffected shards are not touched. The superseded files
+(checkpoints of slices trained with a forgotten id, the old data copy) are deleted after the switch.
+
+The result is bit-identical (on a deterministic backend) to training from scratch on the retained
+ids with the same config, because the partition, the batch order and the init are pure functions
+of (seed, shard, slice, epoch, id set), and the same compiled program runs both ways.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sisajax.costs import CostReport, full_retrain_cost, slice_schedule_cost
+from sisajax.data.partition import Partition, PartitionError
+from sisajax.engine import ShardData, stack_states, unstack_state
+from sisajax.run import Progress, SisaRun, _sha256, train, write_shard_files
+
+
+class ForgetError(PartitionError):
+    """A forget request is malformed or names ids that cannot be forgotten."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgetPlan:
+    """What a forget request will retrain.
+
+    Attributes:
+      ids: ``[K]`` sorted ids to forget now.
+      already_forgotten: ids that were forgotten before (nothing to do for them).
+      restart: ``{shard: first slice to retrain}`` for every affected shard.
+      locations: ``{id: (shard, slice)}`` of every id to forget.
+    """
+
+    ids: np.ndarray
+    already_forgotten: np.ndarray
+    restart: dict[int, int]
+    locations: dict[int, tuple[int, int]]
+
+    @property
+    def is_noop(self) -> bool:
+        return len(self.ids) == 0
+
+
+def normalise_ids(ids: Any) -> np.ndarray:
+    """Validate a user's id list: 1-D integers, no duplicates. Returns ``[K]`` int64."""
+    try:
+        arr = np.asarray(ids)
+    except Exception as e:  # ragged lists and the like
+        raise ForgetError(f"ids must be a flat list of integers: {e}") from e
+    if arr.ndim != 1:
+        raise ForgetError(f"ids must be a flat list of integers, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ForgetError("no ids given")
+    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == object):
+        if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)
+        else:
+            raise ForgetError(f"ids must be integers, got {arr.dtype} values such as {arr[:3]}")
+    try:
+        arr = arr.astype(np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ForgetError(f"ids must be integers: {e}") from e
+    uniq, counts = np.unique(arr, return_counts=True)
+    if (counts > 1).any():
+        raise ForgetError(f"duplicate ids in one request: {uniq[counts > 1].tolist()}", uniq)
+    return arr
+
+
+def plan_forget(partition: Partition, ids: Any, test_ids: np.ndarray | None = None) -> ForgetPlan:
+    """Pure planning: which shards restart at which slice for forgetting ``ids``.
+
+    Raises:
+      ForgetError: malformed ids, duplicates, test ids, or ids that were never training ids.
+    """
+    arr = normalise_ids(ids)
+    if test_ids is not None:
+        bad = arr[np.isin(arr, test_ids)]
+        if bad.size:
+            raise ForgetError(
+                f"ids {bad.tolist()[:20]} belong to the test split, not the training set", bad
+            )
+    already = arr[np.isin(arr, partition.removed)]
+    todo = np.sort(arr[~np.isin(arr, partition.removed)])
+    unknown = todo[~partition.contains(todo)]
+    if unknown.size:
+        raise ForgetError(f"unknown ids (not training ids of this run): {unknown.tolist()[:20]}")
+    restart: dict[int, int] = {}
+    locations = {}
+    if todo.size:
+        shards, slices = partition.locate(todo)
+        for i, k, j in zip(todo.tolist(), shards.tolist(), slices.tolist(), strict=True):
+            locations[i] = (k, j)
+            restart[k] = min(restart.get(k, j), j)
+    return ForgetPlan(todo, np.sort(already), dict(sorted(restart.items())), locations)
+
+
+def _width_bucket(n: int, total: int) -> int:
+    """Pad the number of retrained shards to a power of two (<= S): few distinct compiles."""
+    w = 1
+    while w < n:
+        w *= 2
+    return min(w, max(total, n))
+
+
+@dataclasses.dataclass
+class ForgetReport:
+    """What a forget did and cost, next to the full-retrain figures."""
+
+    ids: list[int]
+    already_forgotten: list[int]
+    restart: dict[int, int]
+    cost: CostReport
+    full_retrain_examples: int
+    full_retrain_steps: int
+    generation: int
+    removed_files: list[str]
+
+    @property
+    def examples_ratio(self) -> float:
+        """Full-retrain examples / examples retrained (the speedup in examples)."""
+        return self.full_retrain_examples / max(self.cost.examples, 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["restart"] = {str(k): v for k, v in self.restart.items()}
+        d["examples_ratio"] = self.examples_ratio
+        return d
+
+
+def forget(run: SisaRun, ids: Any, *, progress: Progress = None) -> ForgetReport:
+    """Forget ``ids`` from ``run`` exactly. Several ids = one batched retrain.
+
+    Args:
+      run: an open run.
+      ids: training ids to forget (ids forgotten earlier are reported, not retrained).
+      progress: optional ``progress(description, total_steps) -> advance(n)`` factory.
+
+    Returns:
+      a :class:`ForgetReport`; the run is switched to the new state when this returns.
+    """
+    t0 = time.perf_counter()
+    test_ids = run.test_data()[0]
+    plan = plan_forget(run.partition, ids, test_ids)
+    sisa = run.config.sisa
+    full_ex, full_steps = full_retrain_cost(
+        len(run.partition.ids) - len(plan.ids), sisa.epochs, sisa.batch_size
+    )
+    if plan.is_noop:
+        cost = CostReport(wall_s=time.perf_counter() - t0)
+        return ForgetReport(
+            [], plan.already_forgotten.tolist(), {}, cost, full_ex, full_steps, run.generation, []
+        )
+    new_part = run.partition.drop(plan.ids)
+    shards = list(plan.restart)
+    starts = [plan.restart[k] for k in shards]
+    engine = run.engine
+
+    # restore: the state just before each shard's first affected slice
+    t_restore = time.perf_counter()
+    old_blocks = {k: run.restore_block(k) for k in shards}
+    data: list[ShardData] = []
+    start_states = []
+    for k, j in zip(shards, starts, strict=True):
+        old = run.shard_data(k)
+        keep = ~np.isin(old.ids, plan.ids)
+        data.append(ShardData(old.ids[keep], old.x[keep], old.y[keep], old.slices[keep]))
+        start_states.append(engine.init_state(k) if j == 0 else unstack_state(old_blocks[k], j - 1))
+    restore_s = time.perf_counter() - t_restore
+
+    # pad to a width bucket with inert entries (start slice R: never trained)
+    width = _width_bucket(len(shards), run.num_shards)
+    pad = width - len(shards)
+    all_shards = shards + [shards[0]] * pad
+    empty = ShardData(data[0].ids[:0], data[0].x[:0], data[0].y[:0], data[0].slices[:0])
+    all_data = data + [empty] * pad
+    all_starts = starts + [run.num_slices] * pad
+    all_states = stack_states(start_states + [start_states[0]] * pad)
+
+    per_slice: dict[int, Any] = {}
+    sizes = new_part.sizes()[shards]
+    total = slice_schedule_cost(sizes, sisa.epochs, sisa.batch_size, np.array(starts))[1]
+    advance = progress("forget", total) if progress else None
+    _, stats = engine.train_slices(
+        all_shards,
+        all_data,
+        all_states,
+        all_starts,
+        capacity=run.capacity,
+        on_slice=lambda j, st: per_slice.__setitem__(j, st),
+        progress=advance,
+    )
+
+    # save: new blocks = old rows before the restart slice + retrained rows
+    t_save = time.perf_counter()
+    gen = run.generation + 1
+    manifest = copy.deepcopy(run.manifest)
+    fp = run.manifest["config_fingerprint"]
+    for i, (k, j) in enumerate(zip(shards, starts, strict=True)):
+        rows = [
+            unstack_state(old_blocks[k], r) if r < j else unstack_state(per_slice[r], i)
+            for r in range(run.num_slices)
+        ]
+        entry = write_shard_files(
+            run, k, gen, data[i], stack_states(rows), run.store, fp, run.num_slices
+        )
+        manifest["shards"][str(k)] = entry
+    part_file = f"partition.g{gen:06d}.npz"
+    new_part.save(run.run_dir / part_file)
+    manifest["partition"] = {"file": part_file, "sha256": _sha256(run.run_dir / part_file)}
+    manifest["generation"] = gen
+    before = {str(p.relative_to(run.run_dir)) for p in run.run_dir.rglob("*") if p.is_file()}
+    run.commit(manifest)
+    after = {str(p.relative_to(run.run_dir)) for p in run.run_dir.rglob("*") if p.is_file()}
+    save_s = time.perf_counter() - t_save
+
+    cost = CostReport(
+        wall_s=time.perf_counter() - t0,
+        compile_s=stats.compile_s,
+        restore_s=restore_s,
+        retrain_s=stats.train_s,
+        save_s=save_s,
+        examples=stats.examples,
+        grad_steps=stats.grad_steps,
+        shard_slices=stats.shard_slices,
+        shards=len(shards),
+    )
+    return ForgetReport(
+        plan.ids.tolist(),
+        plan.already_forgotten.tolist(),
+        plan.restart,
+        cost,
+        full_ex,
+        full_steps,
+        gen,
+        sorted(before - after),
+    )
+
+
+def full_retrain(
+    run: SisaRun, run_dir: str | Path, *, progress: Progress = None
+) -> tuple[SisaRun, CostReport]:
+    """The full-retrain baseline: the same engine with one shard and one slice, trained from
+    scratch on the data ``run`` currently retains (same model, optimizer, epochs, batch, seed).
+    """
+    cfg = run.config.replace(sisa={"shards": 1, "slices": 1})
+    return train(cfg, run.retained_dataset(), run_dir, overwrite=True, progress=progress)

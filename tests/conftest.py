@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny data and configs, a persistent compile cache for the session."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import sisajax as sj
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compile_cache(tmp_path_factory):
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def tiny_digits(n_train: int = 360, n_test: int = 120) -> sj.Dataset:
+    """The first rows of the real digits data set (fast to train)."""
+    ds = sj.load_dataset("digits")
+    return sj.Dataset(
+        "digits",
+        ds.train_ids[:n_train],
+        ds.x_train[:n_train],
+        ds.y_train[:n_train],
+        ds.test_ids[:n_test],
+        ds.x_test[:n_test],
+        ds.y_test[:n_test],
+        10,
+    )
+
+
+def tiny_config(**sisa) -> sj.RunConfig:
+    base = {"shards": 3, "slices": 4, "epochs": 3, "batch_size": 8, "chunk_steps": 16}
+    base.update(sisa)
+    optim = base.pop("optim", {})
+    return sj.RunConfig(
+        model=sj.ModelConfig(hidden=(16,)),
+        optim=sj.OptimConfig(**optim) if optim else sj.OptimConfig(),
+        sisa=sj.SisaConfig(**base),
+    )
+
+
+def without(ds: sj.Dataset, ids) -> sj.Dataset:
+    keep = ~np.isin(ds.train_ids, np.asarray(ids))
+    return sj.Dataset(
+        ds.name,
+        ds.train_ids[keep],
+        ds.x_train[keep],
+        ds.y_train[keep],
+        ds.test_ids,
+        ds.x_test,
+        ds.y_test,
+        ds.num_classes,
+    )
+
+
+def assert_trees_equal(a, b) -> None:
+    """Bit-for-bit equality of two pytrees (structure, dtypes and values)."""
+    la, ta = jax.tree.flatten(a)
+    lb, tb = jax.tree.flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb, strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert x.tobytes() == y.tobytes(), "not bit-identical"

@@ -1,0 +1,158 @@
+"""Exactness: after forget, every stored state equals a from-scratch run on the retained ids."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import assert_trees_equal, tiny_config, tiny_digits, without
+
+import sisajax as sj
+
+
+def _assert_run_equals_scratch(run, cfg, ds, removed, tmp_path):
+    scratch, _ = sj.train(cfg, without(ds, removed), tmp_path / "scratch", overwrite=True)
+    for k in range(run.num_shards):
+        # every slice's checkpoint, not only the final model
+        assert_trees_equal(run.restore_block(k), scratch.restore_block(k))
+        assert run.shard_entry(k)["fingerprints"] == scratch.shard_entry(k)["fingerprints"]
+    assert np.array_equal(run.partition.ids, scratch.partition.ids)
+    return scratch
+
+
+def _ids_in(run, shard, slice_):
+    d = run.shard_data(shard)
+    return d.ids[d.slices == slice_]
+
+
+@pytest.fixture
+def trained(tmp_path):
+    ds = tiny_digits()
+    cfg = tiny_config()
+    run, _ = sj.train(cfg, ds, tmp_path / "run")
+    return run, cfg, ds
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_forget_one_id_is_exact(trained, tmp_path, where):
+    run, cfg, ds = trained
+    j = {"first": 0, "middle": 2, "last": cfg.sisa.slices - 1}[where]
+    target = int(_ids_in(run, 1, j)[0])
+    untouched = {k: run.shard_entry(k)["checkpoint"]["block"] for k in (0, 2)}
+    rep = sj.forget(run, [target])
+    assert rep.restart == {1: j}
+    assert rep.cost.shard_slices == cfg.sisa.slices - j
+    for k, block in untouched.items():  # other shards are not touched
+        assert run.shard_entry(k)["checkpoint"]["block"] == block
+    _assert_run_equals_scratch(run, cfg, ds, [target], tmp_path)
+
+
+def test_forget_several_shards_and_a_whole_slice(trained, tmp_path):
+    run, cfg, ds = trained
+    whole_slice = _ids_in(run, 0, 1)  # empties slice 1 of shard 0
+    others = [int(_ids_in(run, 2, 3)[0]), int(_ids_in(run, 1, 0)[1])]
+    ids = np.concatenate([whole_slice, others])
+    rep = sj.forget(run, ids)
+    assert rep.restart == {0: 1, 1: 0, 2: 3}
+    assert run.partition.sizes()[0, 1] == 0
+    _assert_run_equals_scratch(run, cfg, ds, ids, tmp_path)
+
+
+def test_sequential_forgets_equal_one_scratch_run(trained, tmp_path):
+    run, cfg, ds = trained
+    a = [int(_ids_in(run, 0, 2)[0])]
+    b = [int(_ids_in(run, 0, 1)[0]), int(_ids_in(run, 2, 0)[0])]
+    sj.forget(run, a)
+    sj.forget(run, b)
+    reopened = sj.open_run(run.run_dir)
+    _assert_run_equals_scratch(reopened, cfg, ds, a + b, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "sisa", [{"shard_exec": "vmap"}, {"optim": {"name": "adam", "learning_rate": 0.003}}]
+)
+def test_exact_with_vmap_and_adam(tmp_path, sisa):
+    ds = tiny_digits()
+    cfg = tiny_config(**sisa)
+    run, _ = sj.train(cfg, ds, tmp_path / "run")
+    ids = [int(_ids_in(run, 0, 1)[0]), int(_ids_in(run, 2, 2)[0])]
+    sj.forget(run, ids)
+    _assert_run_equals_scratch(run, cfg, ds, ids, tmp_path)
+
+
+def test_forget_changes_the_model(trained):
+    run, _, _ = trained
+    before = run.restore_block(1)
+    target = int(_ids_in(run, 1, 1)[0])
+    sj.forget(run, [target])
+    after = run.restore_block(1)
+    w0, w1 = (
+        before.params["params"]["Dense_0"]["kernel"],
+        after.params["params"]["Dense_0"]["kernel"],
+    )
+    assert np.array_equal(w0[0], w1[0])  # slice 0 checkpoint kept
+    assert not np.array_equal(w0[1], w1[1])  # slice 1 onwards retrained
+
+
+def test_bad_requests_change_nothing(trained):
+    run, _, ds = trained
+    manifest = json.dumps(run.manifest, sort_keys=True)
+    ok = int(run.partition.ids[0])
+    cases = [
+        ([10**9], "unknown ids"),
+        ([int(ds.test_ids[0])], "test split"),
+        ([ok, ok], "duplicate"),
+        ([], "no ids"),
+        ([[1, 2], [3, 4]], "flat list"),
+        (["a"], "integers"),
+        ([1.5], "integers"),
+    ]
+    for ids, msg in cases:
+        with pytest.raises(sj.ForgetError, match=msg):
+            sj.forget(run, ids)
+    assert json.dumps(sj.open_run(run.run_dir).manifest, sort_keys=True) == manifest
+
+
+def test_already_forgotten_is_idempotent(trained):
+    run, _, _ = trained
+    target = int(run.partition.ids[5])
+    sj.forget(run, [target])
+    gen = run.generation
+    rep = sj.forget(run, [target])
+    assert rep.ids == [] and rep.already_forgotten == [target] and run.generation == gen
+    assert rep.cost.examples == 0
+
+
+def test_no_residue_in_run_directory(trained):
+    run, _, _ = trained
+    targets = [int(_ids_in(run, 0, 0)[0]), int(_ids_in(run, 1, 2)[0])]
+    old_blocks = {run.shard_entry(k)["checkpoint"]["block"] for k in (0, 1)}
+    rep = sj.forget(run, targets)
+    # superseded checkpoints and data copies are gone
+    names = {p.name for p in (run.run_dir / "checkpoints").iterdir()}
+    assert not (old_blocks & names)
+    assert any("checkpoints/shard_000.g000000" in f for f in rep.removed_files)
+    # every stored data copy lacks the ids; every checkpoint's fingerprint names only retained ids
+    for path in (run.run_dir / "data").glob("shard_*.npz"):
+        with np.load(path) as z:
+            assert not np.isin(targets, z["ids"]).any()
+    for k in range(run.num_shards):
+        d = run.shard_data(k)
+        meta = run.store.read_meta(run.shard_entry(k)["checkpoint"])
+        for j, fp in enumerate(meta["fingerprints"]):
+            assert fp == sj.data.fingerprint_ids(d.ids[d.slices <= j])
+    # exactly one block and one data file per shard
+    assert len(list((run.run_dir / "checkpoints").iterdir())) == run.num_shards
+    assert len(list((run.run_dir / "data").glob("shard_*.npz"))) == run.num_shards
+
+
+def test_full_retrain_baseline(trained, tmp_path):
+    run, cfg, ds = trained
+    target = int(run.partition.ids[3])
+    sj.forget(run, [target])
+    full, cost = sj.full_retrain(run, tmp_path / "full")
+    assert full.num_shards == 1 and full.num_slices == 1
+    assert target not in full.partition.ids
+    assert len(full.partition.ids) == len(ds.train_ids) - 1
+    expected = sj.full_retrain_cost(len(ds.train_ids) - 1, cfg.sisa.epochs, cfg.sisa.batch_size)
+    assert (cost.examples, cost.grad_steps) == expected
+    assert full.evaluate().accuracy > 0.5

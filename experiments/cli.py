@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-RUN_GROUPS = ("data", "model", "optim", "sisa")
+RUN_GROUPS = ("data", "model", "optim", "sisa", "ledger")
 console = Console()
 
 
@@ -193,9 +193,10 @@ def cmd_evaluate(overrides: list[str]) -> int:
     cfg = compose(overrides)
     run = sj.open_run(cfg["run_dir"])
     check_against_run(overrides, cfg, run.manifest["config"], allowed=("sisa.aggregation",))
+    aggregation = None
     if "sisa.aggregation" in overridden_run_keys(overrides):
-        run.config = run.config.replace(sisa={"aggregation": cfg["sisa"]["aggregation"]})
-    ev = run.evaluate()
+        aggregation = cfg["sisa"]["aggregation"]
+    ev = run.evaluate(aggregation=aggregation)
     path = run.write_result("evaluate", ev.to_dict())
     rows = [
         (f"shard {k}", "dropped (empty)" if a != a else f"{a:.4f}")
@@ -218,16 +219,46 @@ def cmd_evaluate(overrides: list[str]) -> int:
 
 def cmd_forget(overrides: list[str]) -> int:
     import sisajax as sj
+    from sisajax.requests import sample_requests, serve_requests
 
     cfg = compose(overrides)
     run = sj.open_run(cfg["run_dir"])
-    check_against_run(overrides, cfg, run.manifest["config"])
-    ids = read_ids(cfg)
+    check_against_run(overrides, cfg, run.manifest["config"], allowed=("ledger.lock_timeout_s",))
+    req = cfg["requests"]
+    if req["k"] is not None:
+        if cfg.get("ids") is not None or cfg.get("ids_file") is not None:
+            raise UsageError("give either requests.k=... or ids/ids_file, not both")
+        ids = sample_requests(run.partition.ids, req["k"], req["distribution"], req["seed"])
+        ids = ids.tolist()
+    else:
+        ids = read_ids(cfg)
     factory, bar = progress_factory(cfg["progress"])
+    if req["mode"] == "sequential":
+        with bar:
+            stream = serve_requests(run, ids, "sequential", progress=factory)
+        path = run.write_result(f"forget_stream_g{run.generation:06d}", stream.to_dict())
+        t = stream.total
+        rows = [
+            ("requests (one retrain each)", str(len(stream.requests))),
+            ("examples retrained", f"{t.examples:,}"),
+            ("full retrains would take", f"{stream.full_retrain_examples:,} examples"),
+            ("examples ratio", f"{stream.full_retrain_examples / max(t.examples, 1):.1f}x"),
+            ("wall clock", fmt_cost(t)),
+        ]
+        console.print(
+            table(f"sequential forget -> generation {run.generation}", rows, ("", "value"))
+        )
+        console.print(f"result: {path}")
+        return 0
+    if req["mode"] != "batched":
+        raise UsageError(f"requests.mode must be batched or sequential, got {req['mode']!r}")
     with bar:
-        rep = sj.forget(run, ids, progress=factory)
-    name = f"forget_g{rep.generation:06d}"
-    path = run.write_result(name, rep.to_dict())
+        rep = sj.forget(run, ids, progress=factory, lock_timeout_s=cfg["ledger"]["lock_timeout_s"])
+    out = rep.to_dict()
+    if run.config.ledger.hash_ids:
+        out["ids"] = run.ledger.redact(rep.ids)
+        out["already_forgotten"] = run.ledger.redact(rep.already_forgotten)
+    path = run.write_result(f"forget_g{rep.generation:06d}", out)
     c = rep.cost
     rows = [
         ("ids forgotten", str(len(rep.ids))),
@@ -252,6 +283,89 @@ def cmd_forget(overrides: list[str]) -> int:
     return 0
 
 
+def cmd_resume(overrides: list[str]) -> int:
+    import sisajax as sj
+
+    cfg = compose(overrides)
+    run = sj.open_run(cfg["run_dir"])
+    pending = [r["request_id"] for r in run.ledger.pending()]
+    factory, bar = progress_factory(cfg["progress"])
+    with bar:
+        reports = sj.resume(run, progress=factory)
+    console.print(
+        f"finished {len(pending)} pending request(s) {pending}; retrained {len(reports)}; "
+        f"run is at generation {run.generation}"
+    )
+    return 0
+
+
+def cmd_status(overrides: list[str]) -> int:
+    import sisajax as sj
+
+    cfg = compose(overrides)
+    run = sj.open_run(cfg["run_dir"])
+    sizes = run.partition.sizes()
+    active = run.active_shards()
+    rows = [
+        (
+            str(k),
+            f"{sizes[k].sum():,}",
+            " ".join(str(int(v)) for v in sizes[k])
+            if run.num_slices <= 12
+            else f"{sizes[k].min()}..{sizes[k].max()}",
+            str(run.shard_entry(k)["generation"]),
+            "yes" if active[k] else "no (empty)",
+        )
+        for k in range(run.num_shards)
+    ]
+    console.print(
+        table(
+            f"{run.run_dir}: {run.num_shards} shards x {run.num_slices} slices, generation {run.generation}",
+            rows,
+            ("shard", "ids", "ids per slice", "checkpoint gen", "in ensemble"),
+        )
+    )
+    ledger = run.ledger
+    pending = ledger.pending()
+    status = {
+        "generation": run.generation,
+        "retained": int(sizes.sum()),
+        "forgotten": len(run.partition.removed),
+        "ledger_records": len(ledger.records()),
+        "pending_requests": [r["request_id"] for r in pending],
+        "sizes": sizes.tolist(),
+    }
+    console.print(
+        f"retained {status['retained']:,} ids, forgotten {status['forgotten']:,}, "
+        f"ledger records {status['ledger_records']}, pending requests {len(pending)}"
+        + (" -> run `sisajax resume`" if pending else "")
+    )
+    run.write_result("status", status)
+    return 0
+
+
+def cmd_audit(overrides: list[str]) -> int:
+    import sisajax as sj
+
+    cfg = compose(overrides)
+    run = sj.open_run(cfg["run_dir"])
+    rep = sj.audit(run)
+    rows = [
+        ("ledger chain", f"{'ok' if rep.chain.ok else 'BROKEN'} ({rep.chain.records} records)"),
+        ("pending requests", str(len(rep.pending_requests))),
+        ("checkpoints checked (shard x slice)", str(rep.checkpoints_checked)),
+        ("forgotten ids", str(rep.forgotten_ids)),
+        ("residual exposure", str(rep.residual_exposure)),
+        ("other problems", str(len(rep.problems))),
+        ("verdict", "[green]PASS[/]" if rep.ok else "[red]FAIL[/]"),
+    ]
+    console.print(table(f"audit of {run.run_dir}", rows, ("check", "result")))
+    for p in rep.chain.problems + rep.problems:
+        console.print(f"  [red]-[/] {p}")
+    run.write_result("audit", rep.to_dict())
+    return 0 if rep.ok else 1
+
+
 def cmd_demo(overrides: list[str]) -> int:
     from experiments.demo import run_demo
 
@@ -263,6 +377,9 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "forget": cmd_forget,
     "evaluate": cmd_evaluate,
+    "resume": cmd_resume,
+    "status": cmd_status,
+    "audit": cmd_audit,
     "demo": cmd_demo,
 }
 

@@ -12,10 +12,12 @@ Researcher-facing API::
 """
 
 from sisajax.aggregation import accuracy, aggregate, mean_prob, vote
+from sisajax.audit import AuditReport, audit
 from sisajax.checkpoint import CheckpointError, CheckpointStore
 from sisajax.config import (
     ConfigError,
     DataConfig,
+    LedgerConfig,
     ModelConfig,
     OptimConfig,
     RunConfig,
@@ -34,8 +36,10 @@ from sisajax.data import (
     register_dataset,
 )
 from sisajax.engine import Engine, ShardData, TrainState
+from sisajax.ledger import Ledger, LedgerError
 from sisajax.models import build_model, register_model
-from sisajax.run import EvalReport, RunError, SisaRun, open_run, train
+from sisajax.requests import sample_requests, serve_requests
+from sisajax.run import EvalReport, RunBusyError, RunError, SisaRun, open_run, train
 from sisajax.unlearning import (
     ForgetError,
     ForgetPlan,
@@ -43,11 +47,21 @@ from sisajax.unlearning import (
     forget,
     full_retrain,
     plan_forget,
+    resume,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditReport",
+    "Ledger",
+    "LedgerConfig",
+    "LedgerError",
+    "RunBusyError",
+    "audit",
+    "resume",
+    "sample_requests",
+    "serve_requests",
     "CheckpointError",
     "CheckpointStore",
     "ConfigError",

@@ -121,6 +121,24 @@ class SisaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LedgerConfig:
+    """How deletion requests are recorded (does not change trained bits).
+
+    Attributes:
+      hash_ids: store salted hashes of forgotten ids (ledger, results, removed-id list) instead of
+        the raw ids.
+      lock_timeout_s: how long a second writer (``forget``) waits for the run's lock before failing.
+    """
+
+    hash_ids: bool = False
+    lock_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.lock_timeout_s < 0:
+            raise ConfigError(f"ledger.lock_timeout_s must be >= 0, got {self.lock_timeout_s}")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a SISA run."""
 
@@ -128,11 +146,18 @@ class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     sisa: SisaConfig = dataclasses.field(default_factory=SisaConfig)
+    ledger: LedgerConfig = dataclasses.field(default_factory=LedgerConfig)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """Build from a nested plain dict (e.g. ``OmegaConf.to_container``); unknown keys fail."""
-        parts = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "sisa": SisaConfig}
+        parts = {
+            "data": DataConfig,
+            "model": ModelConfig,
+            "optim": OptimConfig,
+            "sisa": SisaConfig,
+            "ledger": LedgerConfig,
+        }
         unknown = set(d) - set(parts)
         if unknown:
             raise ConfigError(f"unknown config sections: {sorted(unknown)}")
@@ -164,5 +189,6 @@ class RunConfig:
         """sha256 of the canonical JSON of everything that determines the trained bits."""
         d = self.to_dict()
         d["sisa"].pop("aggregation")  # chosen at prediction time; does not change trained bits
+        d.pop("ledger")  # bookkeeping only
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()

@@ -46,6 +46,56 @@ class RunError(RuntimeError):
     """The run directory is missing, incomplete or inconsistent."""
 
 
+class RunBusyError(RunError):
+    """Another process holds the run's lock for longer than we were willing to wait."""
+
+
+class RunLock:
+    """An ``fcntl.flock`` on a file in the run directory (released on exit or process death).
+
+    The writer lock (``.writer.lock``, exclusive) serialises ``forget``/``resume``/``train``; the
+    reader lock (``.reader.lock``) is held shared while a reader loads a consistent generation and
+    exclusively while a writer switches generations and deletes superseded files.
+    """
+
+    def __init__(self, path: Path, *, exclusive: bool, timeout_s: float, what: str):
+        self.path, self.exclusive, self.timeout_s, self.what = path, exclusive, timeout_s, what
+        self._f = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        self._f = open(self.path, "a+")
+        mode = (fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                fcntl.flock(self._f, mode)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self._f.seek(0)
+                    holder = self._f.read().strip() or "another process"
+                    self._f.close()
+                    raise RunBusyError(
+                        f"{self.what}: {self.path.parent} is locked by {holder}; gave up after "
+                        f"{self.timeout_s:g}s (nothing was changed; try again when it finishes)"
+                    ) from None
+                time.sleep(0.05)
+        if self.exclusive:
+            self._f.seek(0)
+            self._f.truncate()
+            self._f.write(f"pid {os.getpid()}")
+            self._f.flush()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        fcntl.flock(self._f, fcntl.LOCK_UN)
+        self._f.close()
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -124,14 +174,42 @@ class SisaRun:
         path = self.run_dir / MANIFEST
         if not path.is_file():
             raise RunError(f"{self.run_dir} is not a sisajax run directory (no {MANIFEST})")
-        self.manifest: dict[str, Any] = json.loads(path.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise RunError(f"{path}: unsupported format {self.manifest.get('format')}")
-        self.config = RunConfig.from_dict(self.manifest["config"])
-        self.store = CheckpointStore(self.run_dir / "checkpoints")
-        self._partition: Partition | None = None
         self._engine: Engine | None = None
+        self.store = CheckpointStore(self.run_dir / "checkpoints")
+        self.reload()
+
+    def reload(self) -> None:
+        """Re-read the manifest (another process may have switched generations)."""
+        path = self.run_dir / MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RunError(f"{path} is unreadable: {e}") from e
+        if manifest.get("format") != FORMAT:
+            raise RunError(f"{path}: unsupported format {manifest.get('format')}")
+        self.manifest: dict[str, Any] = manifest
+        self.config = RunConfig.from_dict(manifest["config"])
+        self._partition: Partition | None = None
         self._final: PyTree | None = None
+        self._final_manifest: dict[str, Any] | None = None
+
+    def writer_lock(self, timeout_s: float | None = None) -> RunLock:
+        t = self.config.ledger.lock_timeout_s if timeout_s is None else timeout_s
+        return RunLock(self.run_dir / ".writer.lock", exclusive=True, timeout_s=t, what="writer")
+
+    def reader_lock(self, exclusive: bool = False) -> RunLock:
+        return RunLock(
+            self.run_dir / ".reader.lock",
+            exclusive=exclusive,
+            timeout_s=self.config.ledger.lock_timeout_s,
+            what="reader",
+        )
+
+    @property
+    def ledger(self):
+        from sisajax.ledger import Ledger
+
+        return Ledger(self.run_dir, hash_ids=self.config.ledger.hash_ids)
 
     # -- basic facts ----------------------------------------------------------------------------
     @property
@@ -173,7 +251,8 @@ class SisaRun:
 
     def active_shards(self) -> np.ndarray:
         """``[S]`` bool: shards that still hold training data (the others drop out)."""
-        return np.array([self.shard_entry(k)["n_ids"][-1] > 0 for k in range(self.num_shards)])
+        m = self._final_manifest or self.manifest
+        return np.array([m["shards"][str(k)]["n_ids"][-1] > 0 for k in range(self.num_shards)])
 
     def _check_file(self, path: Path, sha: str) -> None:
         if not path.is_file():
@@ -210,10 +289,17 @@ class SisaRun:
         return self.store.restore(self.shard_entry(k)["checkpoint"], self.block_template())
 
     def final_states(self) -> PyTree:
-        """Stacked ``[S, ...]`` states after the last slice (numpy)."""
+        """Stacked ``[S, ...]`` states after the last slice (numpy).
+
+        Loaded under the shared reader lock from the latest committed generation, so a reader sees
+        the models either before or after a concurrent ``forget``, never a mix.
+        """
         if self._final is None:
-            rows = [unstack_state(self.restore_block(k), -1) for k in range(self.num_shards)]
-            self._final = stack_states(rows)
+            with self.reader_lock():
+                self.reload()
+                rows = [unstack_state(self.restore_block(k), -1) for k in range(self.num_shards)]
+                self._final = stack_states(rows)
+                self._final_manifest = self.manifest
         return self._final
 
     def final_params(self) -> PyTree:
@@ -233,8 +319,17 @@ class SisaRun:
         """Mean probability ``[M, C]`` over active shards."""
         return agg.mean_prob(self.logits(x), self.active_shards())
 
-    def evaluate(self, x: np.ndarray | None = None, y: np.ndarray | None = None) -> EvalReport:
-        """Accuracy per shard and aggregated (both ways); defaults to the run's test split."""
+    def evaluate(
+        self,
+        x: np.ndarray | None = None,
+        y: np.ndarray | None = None,
+        aggregation: str | None = None,
+    ) -> EvalReport:
+        """Accuracy per shard and aggregated (both ways); defaults to the run's test split.
+
+        ``aggregation`` names which of the two ``EvalReport.accuracy`` reports (default: the
+        run's configured one).
+        """
         if x is None or y is None:
             _, x, y = self.test_data()
         logits = self.logits(x)
@@ -247,7 +342,7 @@ class SisaRun:
             shard_acc,
             agg.accuracy(agg.vote(logits, active), y),
             agg.accuracy(agg.mean_prob(logits, active).argmax(-1), y),
-            self.config.sisa.aggregation,
+            aggregation or self.config.sisa.aggregation,
             len(y),
             int(active.sum()),
         )
@@ -277,13 +372,19 @@ class SisaRun:
         return path
 
     # -- committing a new generation ----------------------------------------------------------
-    def commit(self, manifest: dict[str, Any]) -> None:
-        """Make ``manifest`` live (atomic rename), then delete files no longer referenced."""
-        write_json_atomic(self.run_dir / MANIFEST, manifest)
-        self.manifest = manifest
-        self._partition = None
-        self._final = None
-        self.collect_garbage()
+    def commit(self, manifest: dict[str, Any]) -> list[str]:
+        """Make ``manifest`` live (atomic rename), then delete files no longer referenced.
+
+        Holds the reader lock exclusively, so no reader is mid-load while files go away.
+        Returns the removed files (relative paths).
+        """
+        from sisajax.faults import fault
+
+        with self.reader_lock(exclusive=True):
+            write_json_atomic(self.run_dir / MANIFEST, manifest)
+            fault("after_commit")
+            self.reload()
+            return self.collect_garbage()
 
     def live_files(self) -> set[Path]:
         m = self.manifest
@@ -294,13 +395,17 @@ class SisaRun:
 
     def collect_garbage(self) -> list[str]:
         """Delete data, partition and checkpoint files the live manifest does not name."""
-        removed = self.store.remove_unreferenced(
-            {e["checkpoint"]["block"] for e in self.manifest["shards"].values()}
-        )
+        removed = [
+            f"checkpoints/{name}"
+            for name in self.store.remove_unreferenced(
+                {e["checkpoint"]["block"] for e in self.manifest["shards"].values()}
+            )
+        ]
         live = self.live_files()
         candidates = list(self.run_dir.glob("partition.*")) + list(
             (self.run_dir / "data").iterdir()
         )
+        candidates += list(self.run_dir.glob("*.tmp"))
         for p in candidates:
             if p not in live:
                 p.unlink()
@@ -335,7 +440,8 @@ def write_shard_files(
     n_ids = [int((data.slices <= j).sum()) for j in range(num_slices)]
     fps = [fingerprint_ids(data.ids[data.slices <= j]) for j in range(num_slices)]
     meta = {"generation": generation, "config_fingerprint": config_fp, "n_ids": n_ids}
-    meta["fingerprints"] = fps
+    # a checkpoint says exactly which ids it was trained on: row j saw ids with slice <= j
+    meta.update(fingerprints=fps, ids=data.ids.tolist(), slices=data.slices.tolist())
     ckpt = store.write_block(k, generation, block, meta)
     return {
         "data": rel,

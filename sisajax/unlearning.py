@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ import numpy as np
 from sisajax.costs import CostReport, full_retrain_cost, slice_schedule_cost
 from sisajax.data.partition import Partition, PartitionError
 from sisajax.engine import ShardData, stack_states, unstack_state
+from sisajax.faults import fault
 from sisajax.run import Progress, SisaRun, _sha256, train, write_shard_files
 
 
@@ -139,35 +142,130 @@ class ForgetReport:
         return d
 
 
-def forget(run: SisaRun, ids: Any, *, progress: Progress = None) -> ForgetReport:
+def forget(
+    run: SisaRun, ids: Any, *, progress: Progress = None, lock_timeout_s: float | None = None
+) -> ForgetReport:
     """Forget ``ids`` from ``run`` exactly. Several ids = one batched retrain.
+
+    Takes the run's writer lock (a concurrent ``forget`` waits up to ``lock_timeout_s``, default
+    the run's ``ledger.lock_timeout_s``, then fails with :class:`RunBusyError`), first finishes any
+    request an earlier crash left pending, then records this request as ``pending`` in the ledger,
+    retrains, switches the run to the new files atomically and records ``done``.
 
     Args:
       run: an open run.
       ids: training ids to forget (ids forgotten earlier are reported, not retrained).
       progress: optional ``progress(description, total_steps) -> advance(n)`` factory.
+      lock_timeout_s: override of the lock wait.
 
     Returns:
       a :class:`ForgetReport`; the run is switched to the new state when this returns.
+
+    Raises:
+      ForgetError: bad ids (unknown, test ids, duplicates, malformed, all ids); nothing changes.
+      CheckpointError / RunError: corrupt or missing files; nothing changes.
     """
-    t0 = time.perf_counter()
-    test_ids = run.test_data()[0]
-    plan = plan_forget(run.partition, ids, test_ids)
-    sisa = run.config.sisa
-    full_ex, full_steps = full_retrain_cost(
-        len(run.partition.ids) - len(plan.ids), sisa.epochs, sisa.batch_size
+    with run.writer_lock(lock_timeout_s):
+        run.reload()
+        resume(run, progress=progress, _locked=True)
+        return _forget_locked(run, ids, progress=progress)
+
+
+def resume(run: SisaRun, *, progress: Progress = None, _locked: bool = False) -> list[ForgetReport]:
+    """Finish every request an interrupted ``forget`` left pending; clean up partial files.
+
+    The result is identical to an uninterrupted run: an interrupted request either committed its
+    new manifest (then only the clean-up and the ``done`` record are left) or did not (then its
+    partial files are deleted and it is redone from the committed state, deterministically).
+    """
+    if not _locked:
+        with run.writer_lock():
+            run.reload()
+            return resume(run, progress=progress, _locked=True)
+    ledger = run.ledger
+    reports = []
+    for rec in ledger.pending():
+        ids = ledger.pending_ids(rec["request_id"])
+        run.collect_garbage()
+        if not run.partition.contains(np.asarray(ids, np.int64)).any():
+            # committed before the crash: record it as done
+            fault("before_done")
+            ledger.append(
+                rec["request_id"],
+                "done",
+                resumed=True,
+                generation=run.generation,
+                model_fingerprints=_model_fingerprints(run, rec.get("restart", {})),
+                files_removed=[],
+            )
+            ledger.clear_pending_ids(rec["request_id"])
+            continue
+        reports.append(_forget_locked(run, ids, progress=progress, pending=rec))
+    for orphan in ledger.orphan_pending_files():
+        orphan.unlink()
+    run.collect_garbage()
+    return reports
+
+
+def _removed_keys(run: SisaRun, ids: np.ndarray) -> np.ndarray:
+    """How forgotten ids are kept in the partition: raw, or salted hashes (``hash_ids``)."""
+    if not run.config.ledger.hash_ids:
+        return np.asarray(ids, np.int64)
+    ledger = run.ledger
+    return np.array(
+        [int(ledger.id_hash(int(i))[:16], 16) & 0x7FFFFFFFFFFFFFFF for i in ids], dtype=np.int64
     )
+
+
+def _model_fingerprints(run: SisaRun, restart: dict) -> dict[str, str]:
+    """sha256 over each retrained shard's checkpoint file checksums (what the ledger records)."""
+    out = {}
+    for k in restart:
+        files = run.shard_entry(int(k))["checkpoint"]["files"]
+        out[str(k)] = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    return out
+
+
+def _forget_locked(
+    run: SisaRun, ids: Any, *, progress: Progress, pending: dict[str, Any] | None = None
+) -> ForgetReport:
+    t0 = time.perf_counter()
+    ledger = run.ledger
+    test_ids = run.test_data()[0]
+    arr = normalise_ids(ids)
+    keys = _removed_keys(run, arr)
+    already_mask = np.isin(keys, run.partition.removed)
+    already = np.sort(arr[already_mask])
+    if already_mask.all():
+        plan = ForgetPlan(np.zeros(0, np.int64), already, {}, {})
+    else:
+        plan = plan_forget(run.partition, arr[~already_mask], test_ids)
+        plan = dataclasses.replace(plan, already_forgotten=already)
+    sisa = run.config.sisa
+    n_left = len(run.partition.ids) - len(plan.ids)
+    full_ex, full_steps = full_retrain_cost(n_left, sisa.epochs, sisa.batch_size)
     if plan.is_noop:
         cost = CostReport(wall_s=time.perf_counter() - t0)
+        ledger.append(
+            ledger.new_request_id(),
+            "done",
+            ids=[],
+            already_forgotten=ledger.redact(plan.already_forgotten.tolist()),
+            generation=run.generation,
+        )
         return ForgetReport(
             [], plan.already_forgotten.tolist(), {}, cost, full_ex, full_steps, run.generation, []
         )
-    new_part = run.partition.drop(plan.ids)
+    if n_left == 0:
+        raise ForgetError(
+            "this request would forget every remaining training id; train a new run instead"
+        )
+    new_part = run.partition.drop(plan.ids, removed_keys=_removed_keys(run, plan.ids))
     shards = list(plan.restart)
     starts = [plan.restart[k] for k in shards]
     engine = run.engine
 
-    # restore: the state just before each shard's first affected slice
+    # restore (checksums verified) before anything is written: corrupt files change nothing
     t_restore = time.perf_counter()
     old_blocks = {k: run.restore_block(k) for k in shards}
     data: list[ShardData] = []
@@ -179,6 +277,30 @@ def forget(run: SisaRun, ids: Any, *, progress: Progress = None) -> ForgetReport
         start_states.append(engine.init_state(k) if j == 0 else unstack_state(old_blocks[k], j - 1))
     restore_s = time.perf_counter() - t_restore
 
+    if pending is None:
+        request_id = ledger.new_request_id()
+        ledger.write_pending_ids(request_id, plan.ids.tolist())
+        ledger.append(
+            request_id,
+            "pending",
+            ids=ledger.redact(plan.ids.tolist()),
+            locations={
+                str(i): loc
+                for i, loc in zip(
+                    ledger.redact(plan.ids.tolist()), plan.locations.values(), strict=True
+                )
+            },
+            restart={str(k): j for k, j in plan.restart.items()},
+            checkpoints_restored=[
+                {"shard": k, "block": run.shard_entry(k)["checkpoint"]["block"], "row": j - 1}
+                for k, j in plan.restart.items()
+            ],
+            generation_before=run.generation,
+        )
+    else:
+        request_id = pending["request_id"]
+    fault("after_pending")
+
     # pad to a width bucket with inert entries (start slice R: never trained)
     width = _width_bucket(len(shards), run.num_shards)
     pad = width - len(shards)
@@ -189,6 +311,11 @@ def forget(run: SisaRun, ids: Any, *, progress: Progress = None) -> ForgetReport
     all_states = stack_states(start_states + [start_states[0]] * pad)
 
     per_slice: dict[int, Any] = {}
+
+    def on_slice(j: int, st: Any) -> None:
+        per_slice[j] = st
+        fault("mid_retrain")
+
     sizes = new_part.sizes()[shards]
     total = slice_schedule_cost(sizes, sisa.epochs, sisa.batch_size, np.array(starts))[1]
     advance = progress("forget", total) if progress else None
@@ -198,11 +325,11 @@ def forget(run: SisaRun, ids: Any, *, progress: Progress = None) -> ForgetReport
         all_states,
         all_starts,
         capacity=run.capacity,
-        on_slice=lambda j, st: per_slice.__setitem__(j, st),
+        on_slice=on_slice,
         progress=advance,
     )
 
-    # save: new blocks = old rows before the restart slice + retrained rows
+    # save: new blocks = old rows before the restart slice + retrained rows, under new names
     t_save = time.perf_counter()
     gen = run.generation + 1
     manifest = copy.deepcopy(run.manifest)
@@ -212,17 +339,16 @@ def forget(run: SisaRun, ids: Any, *, progress: Progress = None) -> ForgetReport
             unstack_state(old_blocks[k], r) if r < j else unstack_state(per_slice[r], i)
             for r in range(run.num_slices)
         ]
-        entry = write_shard_files(
+        manifest["shards"][str(k)] = write_shard_files(
             run, k, gen, data[i], stack_states(rows), run.store, fp, run.num_slices
         )
-        manifest["shards"][str(k)] = entry
+        fault("mid_save")
     part_file = f"partition.g{gen:06d}.npz"
     new_part.save(run.run_dir / part_file)
     manifest["partition"] = {"file": part_file, "sha256": _sha256(run.run_dir / part_file)}
     manifest["generation"] = gen
-    before = {str(p.relative_to(run.run_dir)) for p in run.run_dir.rglob("*") if p.is_file()}
-    run.commit(manifest)
-    after = {str(p.relative_to(run.run_dir)) for p in run.run_dir.rglob("*") if p.is_file()}
+    fault("before_commit")
+    removed = run.commit(manifest)
     save_s = time.perf_counter() - t_save
 
     cost = CostReport(
@@ -236,6 +362,17 @@ def forget(run: SisaRun, ids: Any, *, progress: Progress = None) -> ForgetReport
         shard_slices=stats.shard_slices,
         shards=len(shards),
     )
+    fault("before_done")
+    ledger.append(
+        request_id,
+        "done",
+        generation=gen,
+        model_fingerprints=_model_fingerprints(run, plan.restart),
+        files_removed=removed,
+        cost=cost.to_dict(),
+        resumed=pending is not None,
+    )
+    ledger.clear_pending_ids(request_id)
     return ForgetReport(
         plan.ids.tolist(),
         plan.already_forgotten.tolist(),
@@ -244,7 +381,7 @@ def forget(run: SisaRun, ids: Any, *, progress: Progress = None) -> ForgetReport
         full_ex,
         full_steps,
         gen,
-        sorted(before - after),
+        removed,
     )
 
 

@@ -25,6 +25,8 @@ def test_every_config_group_option_composes_and_validates(group, option):
     assert isinstance(rc, sj.RunConfig)
     if group == "sisa":
         assert rc.sisa.shards >= 1 and (option != "full" or rc.sisa.shards == rc.sisa.slices == 1)
+    elif group == "ledger":
+        assert rc.ledger.lock_timeout_s >= 0
     else:
         assert getattr(rc, group).name == option  # options are named after what they select
 

@@ -175,6 +175,10 @@ def test_purchase_label_offset(tmp_path):
     np.testing.assert_array_equal(ds.y_train, [0, 1, 2, 1])  # min is 0: auto keeps labels
     ds = load_dataset("purchase", path=str(p), num_features=4, test_fraction=0.0, label_offset=-1)
     np.testing.assert_array_equal(ds.y_train, [1, 2, 3, 2])
+    gz = tmp_path / "p.txt.gz"
+    gz.write_bytes(gzip.compress(p.read_bytes()))
+    ds_gz = load_dataset("purchase", path=str(gz), num_features=4, test_fraction=0.0)
+    np.testing.assert_array_equal(ds_gz.x_train, ds.x_train)
 
 
 def test_purchase_wrong_columns(tmp_path):
@@ -185,6 +189,12 @@ def test_purchase_wrong_columns(tmp_path):
     p.write_text("1,0,1,0\n2,1,0\n")  # ragged rows
     with pytest.raises(DataError, match=r"p\.txt: cannot parse"):
         load_dataset("purchase", path=str(p), num_features=3)
+    p.write_text("1,0,1\n2,1,0\n3,1,1,1\n")  # column count changes in a later chunk
+    with pytest.raises(DataError, match=r"p\.txt: 4 columns in lines 3\.\.3, 3 before"):
+        loaders._read_label_rows(p, "test", chunk_rows=2)
+    p.write_text("1,0,300\n")
+    with pytest.raises(DataError, match=r"p\.txt: features outside \[0, 255\]"):
+        load_dataset("purchase", path=str(p), num_features=2)
 
 
 def test_purchase_missing(tmp_path):

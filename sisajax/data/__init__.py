@@ -25,3 +25,4 @@ __all__ = [
     "slice_step_batches",
     "steps_for",
 ]
+from sisajax.data import loaders as _loaders  # noqa: E402, F401  (registers file-format data sets)

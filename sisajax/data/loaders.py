@@ -304,36 +304,47 @@ def _loadtxt(path: Path, what: str, **kw: Any) -> np.ndarray:
         raise DataError(f"{path}: cannot parse {what}: {e}") from e
 
 
-def _read_int_rows(path: Path, what: str, chunk_rows: int = 16384) -> np.ndarray:
-    """``[N, C]`` int32 from a comma-separated integer text file (``.gz`` ok), in row chunks.
+def _read_label_rows(
+    path: Path, what: str, chunk_rows: int = 16384
+) -> tuple[np.ndarray, np.ndarray]:
+    """Read ``label,f1,...,fK`` integer lines (``.gz`` ok) in chunks of rows.
 
-    Chunking keeps the peak near the size of the result (int32) rather than a full int64 copy.
+    Each chunk is parsed as int32 and cast to uint8 features at once, so the peak memory stays
+    near the uint8 result rather than a full integer copy of the file.
+
+    Returns:
+      ``labels [N]`` int64 and ``features [N, K]`` uint8.
     """
-    chunks: list[np.ndarray] = []
+    ys: list[np.ndarray] = []
+    xs: list[np.ndarray] = []
     start = 0
     try:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8") as f:
             while lines := list(itertools.islice(f, chunk_rows)):
+                where = f"lines {start + 1}..{start + len(lines)}"
                 try:
                     block = np.loadtxt(lines, delimiter=",", dtype=np.int32, ndmin=2)
                 except ValueError as e:
                     raise DataError(
-                        f"{path}: cannot parse {what} in lines {start + 1}..{start + len(lines)} "
+                        f"{path}: cannot parse {what} in {where} "
                         f"(row numbers below count from line {start + 1}): {e}"
                     ) from e
-                if chunks and block.shape[1] != chunks[0].shape[1]:
+                if xs and block.shape[1] != xs[0].shape[1] + 1:
                     raise DataError(
-                        f"{path}: {block.shape[1]} columns near line {start + 1}, "
-                        f"{chunks[0].shape[1]} before"
+                        f"{path}: {block.shape[1]} columns in {where}, {xs[0].shape[1] + 1} before"
                     )
-                chunks.append(block)
+                feats = block[:, 1:]
+                if feats.size and (feats.min() < 0 or feats.max() > 255):
+                    raise DataError(f"{path}: features outside [0, 255] in {where}")
+                ys.append(block[:, 0].astype(np.int64))
+                xs.append(feats.astype(np.uint8))
                 start += len(lines)
     except (OSError, EOFError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read {what}: {e}") from e
-    if not chunks:
-        return np.zeros((0, 0), np.int32)
-    return np.concatenate(chunks)
+    if not xs:
+        raise DataError(f"{path}: no rows")
+    return np.concatenate(ys), np.concatenate(xs)
 
 
 @register_dataset("purchase")
@@ -364,17 +375,12 @@ def load_purchase(
     if p.is_dir():
         p = p / "dataset_purchase"
     _require_file(p, "purchase", _PURCHASE_HINT)
-    data = _read_int_rows(p, "Purchase-100 text (label,f1,...,fK per line)")
-    if data.size == 0:
-        raise DataError(f"{p}: no rows")
-    if num_features is not None and data.shape[1] != num_features + 1:
+    y, x = _read_label_rows(p, "Purchase-100 text (label,f1,...,fK per line)")
+    if num_features is not None and x.shape[1] != num_features:
         raise DataError(
             f"{p}: expected {num_features + 1} columns (label + {num_features} features), "
-            f"got {data.shape[1]}"
+            f"got {x.shape[1] + 1}"
         )
-    y, x = data[:, 0], data[:, 1:]
-    if x.size and (x.min() < 0 or x.max() > 255):
-        raise DataError(f"{p}: features outside [0, 255] cannot be stored as uint8")
     if label_offset is None:
         label_offset = 1 if y.min() == 1 else 0
     y = y - label_offset
@@ -382,9 +388,7 @@ def load_purchase(
         num_classes = int(y.max()) + 1
     _check_labels(y, num_classes, f"{p} (label_offset={label_offset})")
     ids = np.arange(len(y), dtype=np.int64)
-    return _hash_split(
-        "purchase", ids, x.astype(np.uint8), y, num_classes, test_fraction, split_seed
-    )
+    return _hash_split("purchase", ids, x, y, num_classes, test_fraction, split_seed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -142,18 +142,23 @@ class Partition:
         return out
 
     # -- changes ----------------------------------------------------------------------------
-    def drop(self, ids: np.ndarray) -> Partition:
-        """A new partition without ``ids`` (which must all be retained); nobody else moves."""
+    def drop(self, ids: np.ndarray, removed_keys: np.ndarray | None = None) -> Partition:
+        """A new partition without ``ids`` (which must all be retained); nobody else moves.
+
+        ``removed_keys`` is what to remember of them (default: the ids themselves; a run that
+        keeps no raw ids passes salted hashes).
+        """
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         self.locate(ids)
         keep = ~np.isin(self.ids, ids)
+        keys = ids if removed_keys is None else np.asarray(removed_keys, np.int64)
         return Partition(
             self.ids[keep],
             self.shard[keep],
             self.slice[keep],
             self.num_shards,
             self.num_slices,
-            np.union1d(self.removed, ids),
+            np.union1d(self.removed, keys),
         )
 
     # -- persistence ------------------------------------------------------------------------

@@ -65,6 +65,25 @@ def fsync_tree(root: Path) -> None:
     fsync_dir(root.parent)
 
 
+def sync_filesystem(path: Path) -> None:
+    """Make everything written under ``path`` durable with one ``syncfs`` (Linux), instead of an
+    fsync per file (~3.5 ms each here); falls back to :func:`fsync_tree` elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if libc.syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    except (OSError, AttributeError):
+        pass
+    fsync_tree(Path(path))
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -89,8 +108,8 @@ class CheckpointStore:
     ) -> dict[str, Any]:
         """Write a new block (stacked states ``[R, ...]``) and return its manifest entry.
 
-        The block is durable (fsynced) when this returns, but not live until the run's manifest
-        names it.
+        The block is not durable until :func:`sync_filesystem` runs (callers batch that into one
+        call before switching the manifest) and not live until the run's manifest names it.
         """
         name = self.block_name(shard, generation)
         path = self.root / name
@@ -98,8 +117,7 @@ class CheckpointStore:
             shutil.rmtree(path)
         self._ckptr.save(path, jax.tree.map(np.asarray, states))
         self._ckptr.wait_until_finished()
-        (path / META_FILE).write_text(json.dumps({"shard": shard, **meta}, indent=1))
-        fsync_tree(path)
+        (path / META_FILE).write_text(json.dumps({"shard": shard, **meta}))
         return {"block": name, "files": checksum_tree(path)}
 
     def verify(self, entry: dict[str, Any]) -> None:

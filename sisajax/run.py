@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from sisajax import aggregation as agg
-from sisajax.checkpoint import CheckpointError, CheckpointStore, fsync_dir
+from sisajax.checkpoint import CheckpointError, CheckpointStore, fsync_dir, sync_filesystem
 from sisajax.config import ConfigError, RunConfig
 from sisajax.costs import CostReport
 from sisajax.data.datasets import Dataset
@@ -115,13 +115,15 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     fsync_dir(path.parent)
 
 
-def save_npz_atomic(path: Path, **arrays: np.ndarray) -> str:
-    """Write an npz durably and atomically; return its sha256."""
+def save_npz_atomic(path: Path, durable: bool = True, **arrays: np.ndarray) -> str:
+    """Write an npz atomically (temp + rename; fsynced unless ``durable=False``, for callers that
+    make a whole batch of files durable with one ``sync_filesystem``); return its sha256."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.savez(f, **arrays)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.replace(tmp, path)
     return _sha256(path)
 
@@ -436,7 +438,9 @@ def write_shard_files(
     """Write shard ``k``'s data copy and checkpoint block; return its manifest entry (not live)."""
     run_dir = run.run_dir if isinstance(run, SisaRun) else run
     rel = f"data/shard_{k:03d}.g{generation:06d}.npz"
-    sha = save_npz_atomic(run_dir / rel, ids=data.ids, x=data.x, y=data.y, slices=data.slices)
+    sha = save_npz_atomic(
+        run_dir / rel, durable=False, ids=data.ids, x=data.x, y=data.y, slices=data.slices
+    )
     n_ids = [int((data.slices <= j).sum()) for j in range(num_slices)]
     fps = [fingerprint_ids(data.ids[data.slices <= j]) for j in range(num_slices)]
     meta = {"generation": generation, "config_fingerprint": config_fp, "n_ids": n_ids}
@@ -460,6 +464,7 @@ def train(
     *,
     overwrite: bool = False,
     progress: Progress = None,
+    partition: Partition | None = None,
 ) -> tuple[SisaRun, CostReport]:
     """Train all S constituent models together, checkpointing every slice of every shard.
 
@@ -468,6 +473,9 @@ def train(
       dataset: training ids/features/labels and the held-out split.
       run_dir: a new (or empty) directory; ``overwrite=True`` replaces an existing run.
       progress: optional ``progress(description, total_steps) -> advance(n)`` factory.
+      partition: an explicit id -> (shard, slice) assignment (e.g. distribution-aware sharding);
+        default: :func:`hash_partition` by ``config.sisa.seed``. Its ids must be exactly the
+        dataset's training ids and its shape must match ``config.sisa``.
 
     Returns:
       (the opened :class:`SisaRun`, its :class:`CostReport`).
@@ -483,7 +491,16 @@ def train(
             raise RunError(f"{run_dir} is not empty; pass overwrite=True to replace it")
         if not (run_dir / MANIFEST).is_file():
             raise RunError(f"refusing to overwrite {run_dir}: it is not a sisajax run directory")
-    partition = hash_partition(dataset.train_ids, sisa.shards, sisa.slices, sisa.seed)
+    if partition is None:
+        partition = hash_partition(dataset.train_ids, sisa.shards, sisa.slices, sisa.seed)
+    else:
+        if (partition.num_shards, partition.num_slices) != (sisa.shards, sisa.slices):
+            raise ConfigError(
+                f"the partition has {partition.num_shards} shards x {partition.num_slices} slices "
+                f"but the config asks for {sisa.shards} x {sisa.slices}"
+            )
+        if not np.array_equal(partition.ids, np.sort(dataset.train_ids)):
+            raise PartitionError("the partition's ids are not the dataset's training ids")
     sizes = partition.sizes()
     empty = np.flatnonzero(sizes.sum(1) == 0)
     if len(empty) and not sisa.allow_empty_shards:
@@ -552,6 +569,7 @@ def train(
         "versions": library_versions(),
     }
     write_json_atomic(run_dir / "config.json", resolved.to_dict())
+    sync_filesystem(run_dir)
     write_json_atomic(run_dir / MANIFEST, manifest)
     save_s = time.perf_counter() - t_save
     cost = CostReport(

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from sisajax.checkpoint import sync_filesystem
 from sisajax.costs import CostReport, full_retrain_cost, slice_schedule_cost
 from sisajax.data.partition import Partition, PartitionError
 from sisajax.engine import ShardData, stack_states, unstack_state
@@ -347,6 +348,7 @@ def _forget_locked(
     new_part.save(run.run_dir / part_file)
     manifest["partition"] = {"file": part_file, "sha256": _sha256(run.run_dir / part_file)}
     manifest["generation"] = gen
+    sync_filesystem(run.run_dir)  # every new file durable before the manifest names it
     fault("before_commit")
     removed = run.commit(manifest)
     save_s = time.perf_counter() - t_save

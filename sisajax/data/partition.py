@@ -201,3 +201,46 @@ def hash_partition(ids: np.ndarray, num_shards: int, num_slices: int, seed: int)
     shard = np.floor(uniform_hash(ids, seed, stream=1) * num_shards).astype(np.int32)
     sl = np.floor(uniform_hash(ids, seed, stream=2) * num_slices).astype(np.int32)
     return Partition(ids, shard, sl, num_shards, num_slices)
+
+
+def distribution_aware_partition(
+    ids: np.ndarray, probs: np.ndarray, bound: float, num_slices: int, seed: int
+) -> Partition:
+    """The paper's Algorithm 1: shards sized by expected deletions.
+
+    Points are sorted by deletion probability (highest first, ties by keyed hash) and a shard is
+    filled until the sum of its points' probabilities reaches ``bound`` (C <= 1, the expected
+    number of deletions per shard); then the next shard starts. High-risk points land in small
+    shards that are cheap to retrain. Slices within a shard are assigned by keyed hash.
+
+    Unlike :func:`hash_partition` the shard of an id depends on the other ids, so the partition
+    is computed once, persisted with the run, and deletions only remove ids from it (a from-scratch
+    reference run must be given the same, reduced, partition).
+
+    Args:
+      ids: ``[N]`` int64 training ids.
+      probs: ``[N]`` deletion probability of each id (any non-negative scale).
+      bound: C, expected deletions per shard, in the units of ``probs``.
+      num_slices: R.
+      seed: keys tie-breaking and the slice hash.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if len(ids) != len(probs) or (probs < 0).any():
+        raise PartitionError("probs must be one non-negative probability per id")
+    if not bound > 0:
+        raise PartitionError(f"bound must be > 0, got {bound}")
+    tie = hash64(ids, seed, 3).astype(np.float64)
+    order = np.lexsort((tie, -probs))
+    shard_of_sorted = np.zeros(len(ids), np.int32)
+    k, acc = 0, 0.0
+    for pos, i in enumerate(order):
+        if acc >= bound:
+            k, acc = k + 1, 0.0
+        shard_of_sorted[pos] = k
+        acc += probs[i]
+    shard = np.empty(len(ids), np.int32)
+    shard[order] = shard_of_sorted
+    sort = np.argsort(ids)
+    sl = np.floor(uniform_hash(ids, seed, stream=2) * num_slices).astype(np.int32)
+    return Partition(ids[sort], shard[sort], sl[sort], int(shard.max()) + 1, num_slices)

@@ -373,6 +373,18 @@ def cmd_demo(overrides: list[str]) -> int:
     return run_demo(cfg)
 
 
+def cmd_verify(overrides: list[str]) -> int:
+    from experiments.cmd_verify import cmd_verify as _cmd
+
+    return _cmd(overrides)
+
+
+def cmd_mia(overrides: list[str]) -> int:
+    from experiments.mia_experiment import cmd_mia as _cmd
+
+    return _cmd(overrides)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "forget": cmd_forget,
@@ -380,6 +392,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "resume": cmd_resume,
     "status": cmd_status,
     "audit": cmd_audit,
+    "verify": cmd_verify,
+    "mia": cmd_mia,
     "demo": cmd_demo,
 }
 

@@ -49,10 +49,14 @@ from sisajax.unlearning import (
     plan_forget,
     resume,
 )
+from sisajax.verify import VerifyError, VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "VerifyError",
+    "VerifyReport",
+    "verify",
     "AuditReport",
     "Ledger",
     "LedgerConfig",

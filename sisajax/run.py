@@ -496,6 +496,7 @@ def train(
             raise RunError(f"{run_dir} is not empty; pass overwrite=True to replace it")
         if not (run_dir / MANIFEST).is_file():
             raise RunError(f"refusing to overwrite {run_dir}: it is not a sisajax run directory")
+    explicit_partition = partition is not None
     if partition is None:
         partition = hash_partition(dataset.train_ids, sisa.shards, sisa.slices, sisa.seed)
     else:
@@ -568,7 +569,11 @@ def train(
             "num_train": len(dataset.train_ids),
             "num_test": len(dataset.test_ids),
         },
-        "partition": {"file": part_file, "sha256": _sha256(run_dir / part_file)},
+        "partition": {
+            "file": part_file,
+            "sha256": _sha256(run_dir / part_file),
+            "kind": "explicit" if explicit_partition else "hash",
+        },
         "test_data": {"file": "data/test.npz", "sha256": test_sha},
         "shards": shards,
         "versions": library_versions(),

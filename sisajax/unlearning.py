@@ -346,7 +346,11 @@ def _forget_locked(
         fault("mid_save")
     part_file = f"partition.g{gen:06d}.npz"
     new_part.save(run.run_dir / part_file)
-    manifest["partition"] = {"file": part_file, "sha256": _sha256(run.run_dir / part_file)}
+    manifest["partition"] = {
+        **manifest["partition"],
+        "file": part_file,
+        "sha256": _sha256(run.run_dir / part_file),
+    }
     manifest["generation"] = gen
     sync_filesystem(run.run_dir)  # every new file durable before the manifest names it
     fault("before_commit")

@@ -110,8 +110,16 @@ def plan_forget(partition: Partition, ids: Any, test_ids: np.ndarray | None = No
     return ForgetPlan(todo, np.sort(already), dict(sorted(restart.items())), locations)
 
 
-def _width_bucket(n: int, total: int) -> int:
-    """Pad the number of retrained shards to a power of two (<= S): few distinct compiles."""
+def _width_bucket(n: int, total: int, shard_exec: str = "map") -> int:
+    """How many shards the retraining program runs (the extra ones are inert).
+
+    ``lax.map`` runs each shard by the same sequential program whatever the width, so the width
+    is padded to a power of two (<= S): few distinct compiles. Under ``vmap`` the bits depend on
+    the width on CPU once matrices are large (measured: a 600-128-100 MLP at width 8 differs from
+    widths 1 and 2), so a vmapped run always retrains at its training width S.
+    """
+    if shard_exec == "vmap":
+        return max(total, n)
     w = 1
     while w < n:
         w *= 2
@@ -303,7 +311,7 @@ def _forget_locked(
     fault("after_pending")
 
     # pad to a width bucket with inert entries (start slice R: never trained)
-    width = _width_bucket(len(shards), run.num_shards)
+    width = _width_bucket(len(shards), run.num_shards, run.engine.shard_exec)
     pad = width - len(shards)
     all_shards = shards + [shards[0]] * pad
     empty = ShardData(data[0].ids[:0], data[0].x[:0], data[0].y[:0], data[0].slices[:0])

@@ -281,7 +281,7 @@ def _snapshot(run: SisaRun, chosen: list[int]) -> _Snapshot:
 def _retrain_in_memory(run: SisaRun, shards: list[int], data: list[ShardData]) -> PyTree:
     """Every slice's state of ``shards`` trained from scratch: stacked ``[R, W, ...]`` (numpy)."""
     engine = run.engine
-    width = _width_bucket(len(shards), run.num_shards)
+    width = _width_bucket(len(shards), run.num_shards, run.engine.shard_exec)
     pad = width - len(shards)
     empty = ShardData(data[0].ids[:0], data[0].x[:0], data[0].y[:0], data[0].slices[:0])
     all_shards = shards + [shards[0]] * pad

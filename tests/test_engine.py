@@ -96,3 +96,27 @@ def test_no_recompilation_when_shards_shrink(tmp_path):
     sj.forget(run, run.partition.shard_ids(0)[3:5])
     assert eng._compiled.keys() == compiled_after_first.keys()
     assert all(eng._compiled[k] is v for k, v in compiled_after_first.items())
+
+
+def test_vmap_width_changes_last_bits_but_not_the_model():
+    """Why a vmapped run retrains at its training width: on CPU a 600-128-100 MLP vmapped at
+    width 8 differs in the last bits from the same shard alone (width 1); the models agree to
+    float32 rounding. (lax.map is bit-identical at any width: see the test above.)"""
+    ds = sj.load_dataset("purchase_synthetic", n_train=1600, n_test=10)
+    cfg = sj.RunConfig(
+        model=sj.ModelConfig(hidden=(128,)),
+        optim=sj.OptimConfig(learning_rate=0.01),
+        sisa=sj.SisaConfig(shards=8, slices=1, epochs=1, batch_size=16, shard_exec="vmap"),
+    )
+    eng = _engine(cfg, ds)
+    data = _shards(ds, cfg)
+    cap = max(len(d) for d in data)
+    wide, _ = eng.train_slices(
+        range(8), data, stack_states([eng.init_state(k) for k in range(8)]), [0] * 8, capacity=cap
+    )
+    alone, _ = eng.train_slices([0], data[:1], stack_states([eng.init_state(0)]), [0], capacity=cap)
+    a = jax.tree.leaves(unstack_state(wide, 0).params)
+    b = jax.tree.leaves(unstack_state(alone, 0).params)
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)

@@ -156,3 +156,19 @@ def test_full_retrain_baseline(trained, tmp_path):
     expected = sj.full_retrain_cost(len(ds.train_ids) - 1, cfg.sisa.epochs, cfg.sisa.batch_size)
     assert (cost.examples, cost.grad_steps) == expected
     assert full.evaluate().accuracy > 0.5
+
+
+def test_vmap_forget_is_exact_at_realistic_width(tmp_path):
+    """On CPU the bits of a vmapped shard depend on the vmap width once matrices are large enough
+    (measured: width 8 vs 1 or 2 differ for a 600-128-100 MLP), so a vmap run must retrain at the
+    width it was trained at."""
+    ds = sj.load_dataset("purchase_synthetic", n_train=1600, n_test=50)
+    cfg = sj.RunConfig(
+        model=sj.ModelConfig(hidden=(128,)),
+        optim=sj.OptimConfig(learning_rate=0.01),
+        sisa=sj.SisaConfig(shards=8, slices=2, epochs=1, batch_size=16, shard_exec="vmap"),
+    )
+    run, _ = sj.train(cfg, ds, tmp_path / "run")
+    target = [int(run.partition.shard_ids(3)[0])]
+    sj.forget(run, target)
+    _assert_run_equals_scratch(run, cfg, ds, target, tmp_path)

@@ -27,8 +27,12 @@ def test_every_config_group_option_composes_and_validates(group, option):
         assert rc.sisa.shards >= 1 and (option != "full" or rc.sisa.shards == rc.sisa.slices == 1)
     elif group == "ledger":
         assert rc.ledger.lock_timeout_s >= 0
+    elif group == "data":
+        assert rc.data.name in sj.available_datasets()
+    elif group == "model":
+        assert sj.build_model(rc.model, 10) is not None
     else:
-        assert getattr(rc, group).name == option  # options are named after what they select
+        assert rc.optim.name == option
 
 
 def test_invalid_values_give_clear_errors():

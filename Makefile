@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test lint format bench clean paper experiments
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,18 @@ test: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+PAPER_PRESETS ?= shards slices requests dist_aware transfer
+experiments: paper
+paper: $(STAMP)
+	@if [ ! -f $(FASHION_MNIST) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or pass data.params.path=DIR"; exit 1; fi; \
+	fi
+	for p in $(PAPER_PRESETS); do $(BIN)/python -m experiments.paper experiment=$$p experiment.out_dir=outputs/paper/$$p || exit 1; done
+	$(BIN)/python -m experiments.cmd_paper report outputs/paper
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

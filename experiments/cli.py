@@ -6,6 +6,10 @@ library function, print a table, write a JSON result into the run directory.
     sisajax train    run_dir=runs/a data=digits sisa.shards=8 sisa.slices=4
     sisajax forget   run_dir=runs/a ids=[3,17,256]        (or ids_file=ids.txt)
     sisajax evaluate run_dir=runs/a [sisa.aggregation=mean_prob]
+    sisajax status / audit / resume / verify run_dir=runs/a
+    sisajax paper experiment=shards                       (presets in conf/experiment/)
+    sisajax sweep -m sisa.shards=1,2,5                    (Hydra multirun)
+    sisajax report outputs/paper
     sisajax demo                                          (what `make demo` runs)
 """
 
@@ -385,6 +389,24 @@ def cmd_mia(overrides: list[str]) -> int:
     return _cmd(overrides)
 
 
+def cmd_paper(overrides: list[str]) -> int:
+    from experiments.cmd_paper import cmd_paper as _cmd
+
+    return _cmd(overrides)
+
+
+def cmd_sweep(overrides: list[str]) -> int:
+    from experiments.cmd_paper import cmd_sweep as _cmd
+
+    return _cmd(overrides)
+
+
+def cmd_report(overrides: list[str]) -> int:
+    from experiments.cmd_paper import cmd_report as _cmd
+
+    return _cmd(overrides)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train,
     "forget": cmd_forget,
@@ -394,6 +416,9 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "audit": cmd_audit,
     "verify": cmd_verify,
     "mia": cmd_mia,
+    "paper": cmd_paper,
+    "sweep": cmd_sweep,
+    "report": cmd_report,
     "demo": cmd_demo,
 }
 

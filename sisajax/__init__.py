@@ -36,6 +36,14 @@ from sisajax.data import (
     register_dataset,
 )
 from sisajax.engine import Engine, ShardData, TrainState
+from sisajax.features import (
+    Extractor,
+    ExtractorConfig,
+    extract_features,
+    pretrain_extractor,
+    split_public,
+    transfer_dataset,
+)
 from sisajax.ledger import Ledger, LedgerError
 from sisajax.models import build_model, register_model
 from sisajax.requests import sample_requests, serve_requests
@@ -54,6 +62,12 @@ from sisajax.verify import VerifyError, VerifyReport, verify
 __version__ = "0.1.0"
 
 __all__ = [
+    "Extractor",
+    "ExtractorConfig",
+    "extract_features",
+    "pretrain_extractor",
+    "split_public",
+    "transfer_dataset",
     "VerifyError",
     "VerifyReport",
     "verify",

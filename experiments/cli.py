@@ -168,7 +168,14 @@ def cmd_train(overrides: list[str]) -> int:
     console.print(f"[bold]data[/]: {ds.summary()}")
     factory, bar = progress_factory(cfg["progress"])
     with bar:
-        run, cost = sj.train(rc, ds, cfg["run_dir"], overwrite=cfg["overwrite"], progress=factory)
+        run, cost = sj.train(
+            rc,
+            ds,
+            cfg["run_dir"],
+            overwrite=cfg["overwrite"],
+            progress=factory,
+            devices=cfg.get("devices"),
+        )
     ev = run.evaluate()
     sizes = run.partition.sizes()
     result = {"cost": cost.to_dict(), "evaluation": ev.to_dict(), "sizes": sizes.tolist()}
@@ -178,6 +185,10 @@ def cmd_train(overrides: list[str]) -> int:
             f"trained {rc.sisa.shards} shards x {rc.sisa.slices} slices -> {run.run_dir}",
             [
                 ("examples per shard", f"{sizes.sum(1).min()}..{sizes.sum(1).max()}"),
+                (
+                    "devices",
+                    "{num_devices} {platform} ({partitioning})".format(**run.manifest["layout"]),
+                ),
                 ("examples trained", f"{cost.examples:,}"),
                 ("gradient steps", f"{cost.grad_steps:,}"),
                 ("wall clock", fmt_cost(cost)),

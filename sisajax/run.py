@@ -34,7 +34,15 @@ from sisajax.config import ConfigError, RunConfig
 from sisajax.costs import CostReport
 from sisajax.data.datasets import Dataset
 from sisajax.data.partition import Partition, PartitionError, fingerprint_ids, hash_partition
-from sisajax.engine import Engine, ShardData, resolve_shard_exec, stack_states, unstack_state
+from sisajax.engine import (
+    Engine,
+    LayoutError,
+    ShardData,
+    layout_options,
+    resolve_shard_exec,
+    stack_states,
+    unstack_state,
+)
 
 MANIFEST = "MANIFEST.json"
 FORMAT = 1
@@ -177,6 +185,7 @@ class SisaRun:
         if not path.is_file():
             raise RunError(f"{self.run_dir} is not a sisajax run directory (no {MANIFEST})")
         self._engine: Engine | None = None
+        self._layout_error: LayoutError | None = None
         self._block_template: PyTree | None = None
         self.store = CheckpointStore(self.run_dir / "checkpoints")
         self.reload()
@@ -247,10 +256,21 @@ class SisaRun:
         if self._engine is None:
             ds = self.manifest["dataset"]
             cfg = self.config.replace(sisa={"shard_exec": self.manifest["shard_exec"]})
-            self._engine = Engine(
-                cfg, tuple(ds["feature_shape"]), np.dtype(ds["x_dtype"]), ds["num_classes"]
-            )
+            args = (cfg, tuple(ds["feature_shape"]), np.dtype(ds["x_dtype"]), ds["num_classes"])
+            try:
+                self._engine = Engine(*args, **layout_options(self.manifest.get("layout")))
+            except LayoutError as e:
+                # predict/evaluate still work on any layout; forget/verify must refuse
+                self._layout_error = e
+                self._engine = Engine(*args)
         return self._engine
+
+    def check_layout(self) -> None:
+        """Raise :class:`LayoutError` unless this process can reproduce the run's device layout
+        (needed for exact unlearning; see ``engine.layout_options``)."""
+        _ = self.engine
+        if self._layout_error is not None:
+            raise self._layout_error
 
     def active_shards(self) -> np.ndarray:
         """``[S]`` bool: shards that still hold training data (the others drop out)."""
@@ -470,6 +490,7 @@ def train(
     overwrite: bool = False,
     progress: Progress = None,
     partition: Partition | None = None,
+    devices: int | None = None,
 ) -> tuple[SisaRun, CostReport]:
     """Train all S constituent models together, checkpointing every slice of every shard.
 
@@ -481,6 +502,8 @@ def train(
       partition: an explicit id -> (shard, slice) assignment (e.g. distribution-aware sharding);
         default: :func:`hash_partition` by ``config.sisa.seed``. Its ids must be exactly the
         dataset's training ids and its shape must match ``config.sisa``.
+      devices: how many local devices to spread the shards over (default: all); recorded in the
+        manifest so later forgets reproduce the layout.
 
     Returns:
       (the opened :class:`SisaRun`, its :class:`CostReport`).
@@ -520,7 +543,9 @@ def train(
             "use fewer slices or fewer shards"
         )
     resolved = config.replace(sisa={"shard_exec": resolve_shard_exec(sisa.shard_exec)})
-    engine = Engine(resolved, dataset.feature_shape, dataset.x_train.dtype, dataset.num_classes)
+    engine = Engine(
+        resolved, dataset.feature_shape, dataset.x_train.dtype, dataset.num_classes, devices=devices
+    )
     data = [_shard_data_from(partition, dataset, k) for k in range(sisa.shards)]
     capacity = int(-(-max(len(d) for d in data) // 8) * 8)
 
@@ -560,6 +585,7 @@ def train(
         "config": resolved.to_dict(),
         "config_fingerprint": fp,
         "shard_exec": engine.shard_exec,
+        "layout": engine.layout(),
         "capacity": capacity,
         "dataset": {
             "name": dataset.name,

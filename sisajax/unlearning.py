@@ -250,6 +250,7 @@ def _forget_locked(
     else:
         plan = plan_forget(run.partition, arr[~already_mask], test_ids)
         plan = dataclasses.replace(plan, already_forgotten=already)
+    run.check_layout()  # exact only on the device layout the run was trained on
     sisa = run.config.sisa
     n_left = len(run.partition.ids) - len(plan.ids)
     full_ex, full_steps = full_retrain_cost(n_left, sisa.epochs, sisa.batch_size)

@@ -26,6 +26,9 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run_all
+
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PAPER_PRESETS ?= shards slices requests dist_aware transfer
 experiments: paper

@@ -1,0 +1,69 @@
+"""Run every benchmark, each in its own process, then collect their markdown into SUMMARY.md.
+
+    python -m benchmarks.run_all [--quick] [--only train,forget,cli,scaling,profile]
+
+What ``make bench`` runs. Full size takes about 25 minutes on 2 CPU cores (the scaling sweep ~10
+of them); ``--quick`` about a minute. Options after ``--`` go to every benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+from benchmarks import common as C
+
+BENCHMARKS = {
+    "train": "bench_train",
+    "forget": "bench_forget",
+    "cli": "bench_cli",
+    "scaling": "bench_scaling",
+    "profile": "profile_phases",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    passthrough: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, passthrough = argv[:i], argv[i + 1 :]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--only", default=",".join(BENCHMARKS))
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    common = (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
+    out = C.RESULTS / "quick" if args.quick and not args.out else (args.out or C.RESULTS)
+    failed, done = [], []
+    t0 = time.perf_counter()
+    for key in args.only.split(","):
+        mod = BENCHMARKS[key]
+        cmd = [sys.executable, "-m", f"benchmarks.{mod}", *common, *passthrough]
+        C.log(" ".join(cmd))
+        t = time.perf_counter()
+        rc = subprocess.run(cmd, cwd=C.REPO, check=False).returncode
+        (failed if rc else done).append(f"{mod} ({time.perf_counter() - t:.0f} s)")
+    summary = [
+        "# sisajax benchmarks",
+        "",
+        f"`python -m benchmarks.run_all {' '.join(argv)}`: {len(done)} ran, {len(failed)} failed, "
+        f"{time.perf_counter() - t0:.0f} s. Each section comes from `<name>.md` next to this file.",
+        "",
+    ]
+    from pathlib import Path
+
+    for key in args.only.split(","):
+        md = Path(out) / f"{BENCHMARKS[key]}.md"
+        if md.is_file():
+            summary += [md.read_text(), ""]
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "SUMMARY.md").write_text("\n".join(summary))
+    print(f"ran: {', '.join(done)}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

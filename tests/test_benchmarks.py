@@ -1,0 +1,90 @@
+"""The benchmarks run end to end at ``--quick`` size and write their result files.
+
+These are not timed tests: they check that every benchmark command works (and a few facts that
+hold at any size), so `make bench` does not break silently. Each benchmark's ``main`` runs
+in-process (the CLI and scaling benchmarks start their own subprocesses, as at full size).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """``run(module, *args)``: run ``benchmarks.<module>.main`` at quick size into a temp dir."""
+    base = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT))
+        import importlib
+
+        def run(module: str, *args: str) -> dict:
+            mod = importlib.import_module(f"benchmarks.{module}")
+            argv = ["--quick", "--out", str(base / "out"), "--work", str(base / "work")]
+            argv += ["--cache", str(base / "cache"), *args]
+            assert mod.main(argv) == 0
+            payload = json.loads((base / "out" / f"{module}.json").read_text())
+            assert (base / "out" / f"{module}.md").read_text().startswith(f"## {module}")
+            assert payload["machine"]["cpu"] and payload["machine"]["cores"] >= 1
+            assert payload["versions"]["jax"] and payload["workload"]["quick"] is True
+            assert payload["tables"] and all(t["rows"] for t in payload["tables"])
+            return payload
+
+        run.out = base / "out"
+        yield run
+
+
+def test_bench_train(bench):
+    res = bench("bench_train", "--configs", "4x3", "--execs", "map,vmap")["results"]
+    assert res["single"]["shards"] == 1 and res["single"]["cost"]["examples"] > 0
+    by_exec = {e["sisa"]["shard_exec"]: e for e in res["configs"]}
+    assert set(by_exec) == {"map", "vmap"}
+    for e in by_exec.values():
+        c = e["sisa"]["cost"]
+        assert c["shard_slices"] == 4 * 3 and c["save_s"] > 0 and e["sisa"]["checkpoint_bytes"] > 0
+        assert e["loop"]["examples"] == c["examples"]  # same work, one shard at a time
+    # lax.map gives every shard the same bits whatever the width (exact unlearning relies on it)
+    assert by_exec["map"]["loop"]["bit_identical_to_sisa"]
+
+
+def test_bench_forget(bench):
+    from sisajax.costs import expected_speedup_single
+
+    res = bench("bench_forget", "--ids", "2", "--ks", "1,3")["results"]
+    assert len(res["singles"]) == 2 and [b["k"] for b in res["batched"]] == [1, 3]
+    assert all(len(s["ids"]) == 1 and len(s["restart"]) == 1 for s in res["singles"])
+    assert res["summary"]["analytic_speedup"] == pytest.approx(expected_speedup_single(4, 3))
+    assert res["summary"]["forget_steady_mean_s"] > 0 and res["full_retrain"][0]["steady_s"] > 0
+
+
+def test_bench_cli(bench):
+    res = bench("bench_cli")["results"]
+    assert [c["cache"] for c in res["calls"]] == ["cold", "warm"]
+    for c in res["calls"]:
+        assert c["imports_s"] > 0 and c["total_s"] > c["cost"]["wall_s"] > 0
+
+
+def test_bench_scaling(bench):
+    res = bench("bench_scaling")["results"]
+    points = res["points"]
+    assert {(p["S"], p["R"]) for p in points} == {(1, 1), (2, 2)}
+    assert all("error" not in p and p["peak_rss_mb"] > 0 for p in points)
+    assert all(p["measured_speedup"] > 0 for p in points)
+    assert (bench.out / "bench_scaling.png").stat().st_size > 0
+
+
+def test_profile_phases(bench):
+    rows = dict(
+        bench("profile_phases", "--what", "forget", "--forgets", "1")["results"]["forget"]["rows"]
+    )
+    assert rows["sj.forget total"] > 0
+
+
+def test_gpu_script_parses():
+    subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)

@@ -470,7 +470,8 @@ def target(value: float | None, limit: float, *, at_most: bool) -> str:
 def machine_line(head: dict[str, Any]) -> str:
     m, v = head["machine"], head["versions"]
     return (
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['backend']}: {', '.join(m['devices'])}), "
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['backend']} backend, {len(m['devices'])} "
+        f"device(s): {', '.join(sorted(set(m['devices'])))}), "
         f"load average at start {m['loadavg_start']}. jax {v['jax']}, flax {v['flax']}, "
         f"optax {v['optax']}, orbax {v['orbax-checkpoint']}; sisajax sources "
         f"{v['sisajax_source_sha']} (git {head['git']['commit']}, "

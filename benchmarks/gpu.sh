@@ -30,6 +30,8 @@ if [[ ${#quick[@]} -eq 0 && "$backend" != "gpu" ]]; then
 fi
 tag=gpu
 [[ "$backend" == "gpu" ]] || tag="gpu-script-on-$backend"
+out=benchmarks/results
+[[ ${#quick[@]} -eq 0 ]] || out=benchmarks/results/quick
 "$PY" -c 'import jax; print("devices:", jax.devices())'
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 
@@ -41,4 +43,4 @@ start=$SECONDS
 # Item 2: forget latency vs full retrain vs the analytic speedups (run trained with vmap).
 "$PY" -m benchmarks.bench_forget ${quick[@]+"${quick[@]}"} --exec vmap --tag "$tag" \
   --cache runs/bench-cache-gpu ${extra[@]+"${extra[@]}"}
-echo "gpu.sh: done in $((SECONDS - start)) s; results in benchmarks/results/bench_{train,forget}_$tag.md"
+echo "gpu.sh: done in $((SECONDS - start)) s; results in $out/bench_{train,forget}_$tag.md"

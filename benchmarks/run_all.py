@@ -34,12 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--only", default=",".join(BENCHMARKS))
     p.add_argument("--out", default=None)
+    p.add_argument(
+        "--summary-only", action="store_true", help="only rebuild SUMMARY.md from the .md files"
+    )
     args = p.parse_args(argv)
     common = (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
     out = C.RESULTS / "quick" if args.quick and not args.out else (args.out or C.RESULTS)
     failed, done = [], []
     t0 = time.perf_counter()
-    for key in args.only.split(","):
+    for key in [] if args.summary_only else args.only.split(","):
         mod = BENCHMARKS[key]
         cmd = [sys.executable, "-m", f"benchmarks.{mod}", *common, *passthrough]
         C.log(" ".join(cmd))

@@ -355,7 +355,7 @@ def count_files(path: Path) -> int:
 def cache_root(args: argparse.Namespace) -> Path | None:
     if args.cache is not None and str(args.cache).lower() == "none":
         return None
-    return args.cache or (REPO / "runs" / "bench-cache")
+    return args.cache or (REPO / "runs" / ("bench-cache-quick" if args.quick else "bench-cache"))
 
 
 def _run_key(cfg) -> str:
@@ -371,6 +371,19 @@ def _run_key(cfg) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+KEEP_CACHED_RUNS = 3
+
+
+def _prune_cache(root: Path, keep: int) -> None:
+    """Delete all but the ``keep`` most recently used cached runs (a full-size run is ~380 MB)."""
+    runs = sorted(
+        (p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True
+    )
+    for p in runs[keep:]:
+        shutil.rmtree(p, ignore_errors=True)
+        p.with_name(f"{p.name}.json").unlink(missing_ok=True)
 
 
 def trained_run(args: argparse.Namespace, cfg, dataset, dest: Path) -> tuple[Any, dict[str, Any]]:
@@ -392,6 +405,7 @@ def trained_run(args: argparse.Namespace, cfg, dataset, dest: Path) -> tuple[Any
         if src.exists():
             shutil.rmtree(src)
         src.parent.mkdir(parents=True, exist_ok=True)
+        _prune_cache(root, keep=KEEP_CACHED_RUNS - 1)
         with span() as sp:
             _, cost = sj.train(cfg, dataset, src)
         (src.parent / f"{src.name}.json").write_text(
@@ -400,6 +414,7 @@ def trained_run(args: argparse.Namespace, cfg, dataset, dest: Path) -> tuple[Any
         cached = False
     else:
         cached = True
+        os.utime(src)  # most recently used
     shutil.copytree(src, dest, dirs_exist_ok=False)
     info = json.loads((src.parent / f"{src.name}.json").read_text())
     info["cached"] = cached

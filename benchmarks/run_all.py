@@ -49,13 +49,16 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         rc = subprocess.run(cmd, cwd=C.REPO, check=False).returncode
         (failed if rc else done).append(f"{mod} ({time.perf_counter() - t:.0f} s)")
-    summary = [
-        "# sisajax benchmarks",
-        "",
-        f"`python -m benchmarks.run_all {' '.join(argv)}`: {len(done)} ran, {len(failed)} failed, "
-        f"{time.perf_counter() - t0:.0f} s. Each section comes from `<name>.md` next to this file.",
-        "",
-    ]
+    if args.summary_only:
+        line = "Collected from the `<name>.md` files next to this one (each names its command, "
+        line += "machine and load)."
+    else:
+        line = (
+            f"`python -m benchmarks.run_all {' '.join(argv)}`: {len(done)} ran, {len(failed)} "
+            f"failed, {time.perf_counter() - t0:.0f} s. Each section comes from `<name>.md` next "
+            "to this file."
+        )
+    summary = ["# sisajax benchmarks", "", line, "", "Findings: `docs/performance.md`.", ""]
     from pathlib import Path
 
     for key in args.only.split(","):

@@ -1,21 +1,22 @@
-# Two commands do all set-up: `make demo` and `make test` (each builds/refreshes .venv from pyproject).
+# Two commands do all set-up: `make demo` and `make test` (each builds/refreshes .venv from
+# pyproject.toml with the exact versions in constraints.txt).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench clean paper experiments
+.PHONY: venv demo test lint format bench paper experiments clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,cluster]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,cluster]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m experiments.demo
+	$(BIN)/sisajax demo
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -26,8 +27,9 @@ format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# `make bench` runs every benchmark (~25 min); `make bench QUICK=1` a smoke run (~1 min).
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/python -m benchmarks.run_all $(if $(QUICK),--quick,)
 
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PAPER_PRESETS ?= shards slices requests dist_aware transfer
@@ -38,8 +40,8 @@ paper: $(STAMP)
 	    apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or pass data.params.path=DIR"; exit 1; fi; \
 	fi
-	for p in $(PAPER_PRESETS); do $(BIN)/python -m experiments.paper experiment=$$p experiment.out_dir=outputs/paper/$$p || exit 1; done
-	$(BIN)/python -m experiments.cmd_paper report outputs/paper
+	for p in $(PAPER_PRESETS); do $(BIN)/sisajax paper experiment=$$p experiment.out_dir=outputs/paper/$$p || exit 1; done
+	$(BIN)/sisajax report dir=outputs/paper
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs multirun outputs .pytest_cache

@@ -46,7 +46,7 @@ def import_seconds(stderr: str) -> tuple[float, list[tuple[str, float]]]:
 
 def sisajax_command() -> list[str]:
     exe = Path(sys.executable).parent / "sisajax"
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "experiments.cli"]
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "sisajax.cli"]
 
 
 def run_cli(run_dir: Path, ids: list[int], cache: Path, importtime: bool = True) -> dict[str, Any]:
@@ -59,12 +59,12 @@ def run_cli(run_dir: Path, ids: list[int], cache: Path, importtime: bool = True)
         f"ids=[{','.join(map(str, ids))}]",
         "progress=false",
     ]
-    before = set((run_dir / "results").glob("forget_g*.json"))
+    before = set((run_dir / "results").glob("forget-g*.json"))
     with C.span() as sp:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=C.REPO, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr[-3000:]}")
-    new = sorted(set((run_dir / "results").glob("forget_g*.json")) - before)
+    new = sorted(set((run_dir / "results").glob("forget-g*.json")) - before)
     cost = json.loads(new[-1].read_text())["cost"]
     imports, slowest = import_seconds(proc.stderr) if importtime else (None, [])
     total = sp.wall_s
@@ -89,7 +89,7 @@ def bare_imports(repeats: int) -> dict[str, float]:
     out = {}
     for name, code in (
         ("python_startup_s", "pass"),
-        ("import_stack_s", "import experiments.cli, sisajax, hydra, omegaconf, orbax.checkpoint"),
+        ("import_stack_s", "import sisajax.cli.app, sisajax, hydra, omegaconf"),
     ):
         best = float("inf")
         for _ in range(repeats):

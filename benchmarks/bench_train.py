@@ -49,7 +49,7 @@ def train_one(wl: C.Workload, ds, shards: int, slices: int, shard_exec: str, pat
     m = {
         "shards": shards,
         "slices": slices,
-        "shard_exec": run.manifest.get("shard_exec", shard_exec),
+        "shard_exec": run.manifest.layout.get("shard_exec", shard_exec),
         "cost": cost.to_dict(),
         "span": sp.to_dict(),
         "examples_per_s": cost.examples / cost.retrain_s if cost.retrain_s else None,
@@ -67,6 +67,7 @@ def shard_loop(run) -> dict[str, Any]:
     import numpy as np
 
     import sisajax as sj
+    from sisajax.engine import ShardJob
 
     fresh = sj.open_run(run.run_dir)  # a new Engine: nothing compiled yet
     engine = fresh.engine
@@ -76,15 +77,11 @@ def shard_loop(run) -> dict[str, Any]:
     C.log(f"per-shard loop S={fresh.num_shards} {engine.shard_exec}")
     with C.span() as sp:
         for k, d in enumerate(data):
-            start = jax.tree.map(lambda a: np.asarray(a)[None], engine.init_state(k))
-            per_slice: list[Any] = []
-            final, st = engine.train_slices(
-                [k],
-                [d],
-                start,
-                [0],
+            rows: list[Any] = []
+            (final,), st = engine.run(
+                [ShardJob(k, d)],
                 capacity=fresh.capacity,
-                on_slice=lambda j, s, per_slice=per_slice: per_slice.append(s),
+                on_slice=lambda out, rows=rows: rows.append(out.fetch()),
             )
             for key in stats:
                 stats[key] += getattr(st, key)
@@ -96,7 +93,7 @@ def shard_loop(run) -> dict[str, Any]:
         a = jax.tree.leaves(f.params)
         b = jax.tree.leaves(jax.tree.map(lambda x, k=k: x[k], saved.params))
         same &= all(
-            np.asarray(x)[0].tobytes() == np.asarray(y).tobytes() for x, y in zip(a, b, strict=True)
+            np.asarray(x).tobytes() == np.asarray(y).tobytes() for x, y in zip(a, b, strict=True)
         )
     return {
         "shards": fresh.num_shards,

@@ -37,8 +37,8 @@ def run_point(n_devices: int, partitioning: str, args) -> dict[str, Any]:
     import numpy as np
 
     from sisajax.data.partition import hash_partition
-    from sisajax.engine import Engine, stack_states
-    from sisajax.run import _shard_data_from
+    from sisajax.engine import Engine, ShardJob
+    from sisajax.training import shard_data_from
 
     assert jax.local_device_count() == n_devices, jax.local_devices()
     wl = C.workload(args)
@@ -47,7 +47,7 @@ def run_point(n_devices: int, partitioning: str, args) -> dict[str, Any]:
     cfg = wl.config(shards, slices, "map", epochs=epochs, n_train=n_train)
     ds = wl.dataset(n_train)
     part = hash_partition(ds.train_ids, shards, slices, cfg.sisa.seed)
-    data = [_shard_data_from(part, ds, k) for k in range(shards)]
+    data = [shard_data_from(part, ds, k) for k in range(shards)]
     capacity = -(-max(len(d) for d in data) // 8) * 8
     eng = Engine(
         cfg,
@@ -57,10 +57,10 @@ def run_point(n_devices: int, partitioning: str, args) -> dict[str, Any]:
         devices=n_devices,
         partitioning=partitioning,
     )
-    starts = stack_states([eng.init_state(k) for k in range(shards)])
+    jobs = [ShardJob(k, d) for k, d in enumerate(data)]
 
     def train():
-        return eng.train_slices(range(shards), data, starts, [0] * shards, capacity=capacity)
+        return eng.run(jobs, capacity=capacity)
 
     t0 = time.perf_counter()
     final, first = train()  # compiles

@@ -9,12 +9,19 @@ Researcher-facing API::
     print(run.evaluate().accuracy)
     report = sj.forget(run, [3, 17, 256])
     labels = run.predict(ds.x_test)
+
+On a CPU, importing sisajax before jax gives XLA one device per core (the fastest layout for
+SISA's independent shards; see :mod:`sisajax.layout`). Set ``SISAJAX_CPU_DEVICES=1`` to keep
+XLA's single default device.
 """
 
-from sisajax.aggregation import accuracy, aggregate, mean_prob, vote
-from sisajax.audit import AuditReport, audit
-from sisajax.checkpoint import CheckpointError, CheckpointStore
-from sisajax.config import (
+from sisajax.layout import configure_cpu_devices
+
+configure_cpu_devices()
+
+from sisajax.aggregation import accuracy, aggregate, mean_prob, vote  # noqa: E402
+from sisajax.audit import AuditReport, audit  # noqa: E402
+from sisajax.config import (  # noqa: E402
     ConfigError,
     DataConfig,
     LedgerConfig,
@@ -23,8 +30,8 @@ from sisajax.config import (
     RunConfig,
     SisaConfig,
 )
-from sisajax.costs import CostReport, expected_speedup_single, full_retrain_cost
-from sisajax.data import (
+from sisajax.costs import CostReport, expected_speedup_single, full_retrain_cost  # noqa: E402
+from sisajax.data import (  # noqa: E402
     DataError,
     Dataset,
     Partition,
@@ -35,8 +42,16 @@ from sisajax.data import (
     load_dataset,
     register_dataset,
 )
-from sisajax.engine import Engine, ShardData, TrainState
-from sisajax.features import (
+from sisajax.engine import Engine, ShardData, ShardJob, TrainState  # noqa: E402
+from sisajax.errors import (  # noqa: E402
+    NotARunError,
+    RunError,
+    RunStateError,
+    SisajaxError,
+    StorageError,
+    UserInputError,
+)
+from sisajax.features import (  # noqa: E402
     Extractor,
     ExtractorConfig,
     extract_features,
@@ -44,11 +59,16 @@ from sisajax.features import (
     split_public,
     transfer_dataset,
 )
-from sisajax.ledger import Ledger, LedgerError
-from sisajax.models import build_model, register_model
-from sisajax.requests import sample_requests, serve_requests
-from sisajax.run import EvalReport, RunBusyError, RunError, SisaRun, open_run, train
-from sisajax.unlearning import (
+from sisajax.layout import LayoutError  # noqa: E402
+from sisajax.models import build_model, register_model  # noqa: E402
+from sisajax.requests import sample_requests, serve_requests  # noqa: E402
+from sisajax.run import EvalReport, HostWarning, SisaRun, open_run  # noqa: E402
+from sisajax.store.files import UnsafeRunError  # noqa: E402
+from sisajax.store.ledger import Ledger, LedgerError  # noqa: E402
+from sisajax.store.locks import RunBusyError  # noqa: E402
+from sisajax.store.rows import RowError  # noqa: E402
+from sisajax.training import train  # noqa: E402
+from sisajax.unlearning import (  # noqa: E402
     ForgetError,
     ForgetPlan,
     ForgetReport,
@@ -57,31 +77,12 @@ from sisajax.unlearning import (
     plan_forget,
     resume,
 )
-from sisajax.verify import VerifyError, VerifyReport, verify
+from sisajax.verify import VerifyError, VerifyReport, verify  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "Extractor",
-    "ExtractorConfig",
-    "extract_features",
-    "pretrain_extractor",
-    "split_public",
-    "transfer_dataset",
-    "VerifyError",
-    "VerifyReport",
-    "verify",
     "AuditReport",
-    "Ledger",
-    "LedgerConfig",
-    "LedgerError",
-    "RunBusyError",
-    "audit",
-    "resume",
-    "sample_requests",
-    "serve_requests",
-    "CheckpointError",
-    "CheckpointStore",
     "ConfigError",
     "CostReport",
     "DataConfig",
@@ -89,24 +90,44 @@ __all__ = [
     "Dataset",
     "Engine",
     "EvalReport",
+    "Extractor",
+    "ExtractorConfig",
     "ForgetError",
     "ForgetPlan",
     "ForgetReport",
+    "HostWarning",
+    "LayoutError",
+    "Ledger",
+    "LedgerConfig",
+    "LedgerError",
     "ModelConfig",
+    "NotARunError",
     "OptimConfig",
     "Partition",
     "PartitionError",
+    "RowError",
+    "RunBusyError",
     "RunConfig",
     "RunError",
+    "RunStateError",
     "ShardData",
+    "ShardJob",
     "SisaConfig",
     "SisaRun",
+    "SisajaxError",
+    "StorageError",
     "TrainState",
+    "UnsafeRunError",
+    "UserInputError",
+    "VerifyError",
+    "VerifyReport",
     "accuracy",
     "aggregate",
+    "audit",
     "available_datasets",
     "build_model",
     "expected_speedup_single",
+    "extract_features",
     "forget",
     "from_arrays",
     "full_retrain",
@@ -116,8 +137,15 @@ __all__ = [
     "mean_prob",
     "open_run",
     "plan_forget",
+    "pretrain_extractor",
     "register_dataset",
     "register_model",
+    "resume",
+    "sample_requests",
+    "serve_requests",
+    "split_public",
     "train",
+    "transfer_dataset",
+    "verify",
     "vote",
 ]

@@ -8,6 +8,17 @@ from __future__ import annotations
 
 import numpy as np
 
+METHODS = ("vote", "mean_prob")
+
+
+def check_method(method: str) -> str:
+    """``method`` if it is an aggregation sisajax knows, else a :class:`ConfigError`."""
+    if method not in METHODS:
+        from sisajax.config import ConfigError
+
+        raise ConfigError(f"sisa.aggregation must be one of {', '.join(METHODS)}; got {method!r}")
+    return method
+
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Softmax over the last axis (float64 for stable averaging)."""
@@ -44,11 +55,9 @@ def mean_prob(logits: np.ndarray, active: np.ndarray | None = None) -> np.ndarra
 
 def aggregate(logits: np.ndarray, method: str, active: np.ndarray | None = None) -> np.ndarray:
     """Labels ``[M]`` by ``method`` (``vote`` or ``mean_prob``)."""
-    if method == "vote":
+    if check_method(method) == "vote":
         return vote(logits, active)
-    if method == "mean_prob":
-        return mean_prob(logits, active).argmax(-1)
-    raise ValueError(f"unknown aggregation {method!r} (use 'vote' or 'mean_prob')")
+    return mean_prob(logits, active).argmax(-1)
 
 
 def accuracy(pred: np.ndarray, y: np.ndarray) -> float:

@@ -1,40 +1,50 @@
 """Audit a run directory: is every forgotten id really gone from everything we store?
 
-Checks, each reported separately:
-  * the deletion ledger's hash chain and head anchor;
-  * no request left ``pending`` (an interrupted ``forget``: run ``sisajax resume``);
-  * every live file's checksum (checkpoint blocks, data copies, partition);
-  * **residual exposure**: the number of stored checkpoints (shard, slice) whose recorded training
-    ids include a forgotten id (must be 0); each block records exactly which ids every row saw,
-    and its fingerprints must match them;
-  * every data copy and the partition are free of forgotten ids, and each checkpoint was trained
-    on exactly the ids of its shard's data copy;
-  * every id of a ``done`` ledger request is in the removed list;
-  * no stray files (superseded checkpoints or data copies) are left behind.
+Read-only (works on a read-only run directory). Checks, each reported separately:
+  * the ledger's hash chain and head anchor (an interrupted append is reported as such: ``resume``
+    completes or drops it; edits, removals and reordering are reported as damage);
+  * no request left ``pending`` (an interrupted command: run ``sisajax resume``);
+  * the ledger agrees with the run: every forgotten id has a ``done`` request and every done
+    request's ids are forgotten; a run past generation 0 names the request that made it (so a
+    deleted or truncated ledger is noticed);
+  * every live file exists, is a regular file and matches its checksum (slice checkpoints, data
+    copies, the held-out split, the partition);
+  * **residual exposure**: the number of stored (shard, slice) checkpoints trained on a forgotten
+    id, or whose training ids cannot be established (each checkpoint's header names the exact ids
+    it saw by fingerprint, which must match its shard's data copy and the manifest); must be 0;
+  * every data copy and the partition are free of forgotten ids;
+  * no superseded file of ours is left behind; foreign entries (links, folders, other files) in
+    ``data/`` and ``checkpoints/`` are listed as warnings, never touched.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 from typing import Any
 
 import numpy as np
 
-from sisajax.checkpoint import CheckpointError
 from sisajax.data.partition import fingerprint_ids
-from sisajax.ledger import ChainReport
-from sisajax.run import RunError, SisaRun
+from sisajax.errors import RunError
+from sisajax.run import SisaRun
+from sisajax.store.files import sha256_file
+from sisajax.store.ledger import ChainReport, LedgerError, id_key
+from sisajax.store.manifest import row_file
+from sisajax.store.rows import RowError, read_row
 
 
 @dataclasses.dataclass
 class AuditReport:
-    """Outcome of :func:`audit`; ``ok`` only if every check passed."""
+    """Outcome of :func:`audit`; ``ok`` only if every check passed (warnings do not fail)."""
 
     chain: ChainReport
     pending_requests: list[str]
     residual_exposure: int
     exposures: list[dict[str, Any]]
     problems: list[str]
+    warnings: list[str]
     checkpoints_checked: int
     forgotten_ids: int
 
@@ -53,91 +63,157 @@ class AuditReport:
         return d
 
 
+def _forgotten_by_ledger(run: SisaRun, records: list[dict[str, Any]]) -> tuple[set[Any], list[str]]:
+    """Ids (as stored) of done forget requests since the last history-discarding retrain."""
+    first: dict[str, dict[str, Any]] = {}
+    last: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    for r in records:
+        rid = str(r.get("request_id"))
+        if rid not in first:
+            first[rid] = r
+            order.append(rid)
+        last[rid] = r
+    done: set[Any] = set()
+    for rid in order:
+        kind, state = first[rid].get("kind", "forget"), last[rid].get("state")
+        if kind == "retrain" and state == "done" and first[rid].get("discard_deletion_history"):
+            done = set()
+        elif kind == "forget" and state == "done":
+            done.update(first[rid].get("ids", []))
+            done.update(first[rid].get("already_forgotten", []))
+    return done, order
+
+
 def audit(run: SisaRun) -> AuditReport:
     """Run every check on ``run`` (read-only) and report."""
-    from sisajax.unlearning import _removed_keys
-
     run.reload()
     ledger = run.ledger
     chain = ledger.verify()
     problems: list[str] = []
-    pending = [r["request_id"] for r in ledger.pending()] if chain.records else []
+    warnings: list[str] = []
+    try:
+        records = ledger.records()
+    except LedgerError as e:
+        records = []
+        problems.append(str(e))
+    requests = {}
+    for r in records:
+        requests[str(r.get("request_id"))] = r
+    pending = [rid for rid, r in requests.items() if r.get("state") == "pending"]
+    m = run.manifest
+    hashed = run.config.ledger.hash_ids
+
+    # the ledger agrees with the run
+    origin = m.origin.get("request_id")
+    if m.generation > 0 and origin not in requests:
+        problems.append(
+            f"generation {m.generation} was made by request {origin!r}, which the ledger does not "
+            "record (ledger deleted or truncated?)"
+        )
     try:
         part = run.partition
-    except RunError as e:
-        return AuditReport(chain, pending, 0, [], [str(e)], 0, 0)
-    removed = part.removed
-    hashed = run.config.ledger.hash_ids
-    if np.isin(_removed_keys(run, part.ids), removed).any():
+    except (RunError, OSError) as e:
+        problems.append(str(e))
+        return AuditReport(chain, pending, 0, [], problems, warnings, 0, 0)
+    removed = set(part.removed.tolist())
+    done_ids, _ = _forgotten_by_ledger(run, records)
+    salt_ok = True
+    if hashed:
+        try:
+            ledger.check_salt((m.id_hashing or {}).get("salt_fingerprint"))
+        except LedgerError as e:
+            salt_ok = False
+            problems.append(str(e))
+        salt = run.files.path("ledger.salt")
+        if salt.exists() and stat.S_IMODE(os.lstat(salt).st_mode) & 0o077:
+            warnings.append("ledger.salt is readable by other users (expected mode 0600)")
+    done_keys = {id_key(i) if hashed else int(i) for i in done_ids}
+    if done_keys - removed:
+        problems.append(f"{len(done_keys - removed)} id(s) of done requests are not forgotten")
+    if removed - done_keys:
+        problems.append(
+            f"{len(removed - done_keys)} forgotten id(s) have no done request in the ledger "
+            "(ledger deleted, truncated or replaced?)"
+        )
+
+    def keys_of(ids: np.ndarray) -> np.ndarray:
+        if not hashed:
+            return np.asarray(ids, np.int64)
+        if not salt_ok:
+            return np.full(len(ids), -1, np.int64)
+        return ledger.removed_keys(ids)
+
+    removed_arr = part.removed
+    if np.isin(keys_of(part.ids), removed_arr).any():
         problems.append("the partition still lists forgotten ids as training ids")
 
+    # live files
+    for ref in (m.partition, m.test_data):
+        _check_file(run, ref.path, ref.sha256, problems)
+    spec = run.row_spec()
     exposures: list[dict[str, Any]] = []
     checked = 0
-    for k in range(run.num_shards):
-        entry = run.shard_entry(k)
-        try:
-            run.store.verify(entry["checkpoint"])
-            meta = run.store.read_meta(entry["checkpoint"])
-        except (CheckpointError, OSError, ValueError) as e:
-            problems.append(f"shard {k}: {e}")
-            continue
-        ids = np.asarray(meta["ids"], np.int64)
-        slices = np.asarray(meta["slices"], np.int64)
-        keys = _removed_keys(run, ids)
-        for j in range(run.num_slices):
-            checked += 1
-            seen = slices <= j
-            hit = np.isin(keys[seen], removed)
-            if hit.any():
-                bad = ids[seen][hit]
-                exposures.append(
-                    {
-                        "shard": k,
-                        "slice": j,
-                        "ids": [] if hashed else bad.tolist(),
-                        "count": int(hit.sum()),
-                    }
-                )
-            fp = fingerprint_ids(ids[seen])
-            if fp != meta["fingerprints"][j] or fp != entry["fingerprints"][j]:
-                problems.append(f"shard {k} slice {j}: fingerprint does not match its recorded ids")
+    for k, entry in enumerate(m.shards):
         try:
             data = run.shard_data(k)
-        except RunError as e:
+        except (RunError, OSError) as e:
             problems.append(f"shard {k}: {e}")
-            continue
-        if np.isin(_removed_keys(run, data.ids), removed).any():
-            problems.append(f"shard {k}: the stored data copy still holds forgotten ids")
-        if not (np.array_equal(data.ids, ids) and np.array_equal(data.slices, slices)):
-            problems.append(f"shard {k}: checkpoint ids differ from the shard's data copy")
-
-    if chain.ok:
-        first: dict[str, dict[str, Any]] = {}
-        for r in ledger.records():
-            first.setdefault(r["request_id"], r)
-        removed_set = set(removed.tolist())
-        for rid, last in ledger.requests().items():
-            if last["state"] != "done":
-                continue
-            for i in first[rid].get("ids", []):
-                key = int(i[:16], 16) & 0x7FFFFFFFFFFFFFFF if hashed else int(i)
-                if key not in removed_set:
-                    problems.append(f"ledger request {rid}: id {i} is marked done but not removed")
-                    break
-
-    live_blocks = {e["checkpoint"]["block"] for e in run.manifest["shards"].values()}
-    stray = [p.name for p in run.store.root.iterdir() if p.name not in live_blocks]
-    live = {p.name for p in run.live_files()}
-    stray += [p.name for p in (run.run_dir / "data").iterdir() if p.name not in live]
-    stray += [p.name for p in run.run_dir.glob("partition.*") if p.name not in live]
-    if stray:
-        problems.append(f"stray files not referenced by the manifest: {sorted(stray)}")
+            data = None
+        if data is not None:
+            if np.isin(keys_of(data.ids), removed_arr).any():
+                problems.append(f"shard {k}: the stored data copy still holds forgotten ids")
+            if part.shard_ids(k).tolist() != data.ids.tolist():
+                problems.append(f"shard {k}: the data copy and the partition disagree")
+        for j, ref in enumerate(entry.rows):
+            checked += 1
+            rel = row_file(k, j, ref.generation)
+            exposed, why = 0, None
+            try:
+                header, _ = read_row(run.files.path(rel), ref.sha256, spec, rel)
+            except (RowError, OSError) as e:
+                problems.append(f"shard {k} slice {j}: {e}")
+                header = None
+            if header is not None and header.get("ids_fingerprint") != entry.fingerprints[j]:
+                why = "its recorded training ids differ from the manifest's"
+            elif data is not None:
+                seen = data.ids[data.slices <= j]
+                if fingerprint_ids(seen) != entry.fingerprints[j]:
+                    why = "its training ids do not match the shard's data copy"
+                else:
+                    exposed = int(np.isin(keys_of(seen), removed_arr).sum())
+            if why is not None or exposed:
+                exposures.append({"shard": k, "slice": j, "count": exposed, "why": why})
+    foreign_hosts = run.foreign_hosts()
+    for h, diff in foreign_hosts.items():
+        warnings.append(f"rows made on another host {h}: {'; '.join(diff)}")
+    superseded, foreign = run.files.scan(m.files())
+    if superseded:
+        problems.append(f"superseded files not deleted: {superseded[:10]}")
+    if foreign:
+        warnings.append(f"foreign entries left alone (not sisajax's): {foreign[:10]}")
+    if chain.interrupted:
+        problems.append(
+            f"the ledger has an interrupted append ({chain.interrupted}): run `sisajax resume`"
+        )
     return AuditReport(
         chain,
         pending,
-        sum(e["count"] for e in exposures),
+        sum(max(e["count"], 1) for e in exposures),
         exposures,
         problems,
+        warnings,
         checked,
         len(removed),
     )
+
+
+def _check_file(run: SisaRun, rel: str, sha: str, problems: list[str]) -> None:
+    try:
+        path = run.files.path(rel)
+        if not path.is_file():
+            problems.append(f"{rel} is missing")
+        elif sha256_file(path) != sha:
+            problems.append(f"{rel} is corrupt (checksum mismatch)")
+    except OSError as e:
+        problems.append(f"{rel}: {e.strerror}")

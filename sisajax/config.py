@@ -1,8 +1,9 @@
 """Typed, self-validating configuration for a SISA run.
 
-Plain dataclasses (no Hydra here): the Hydra layer in ``experiments/`` composes YAML from ``conf/``
-and hands a plain dict to :func:`RunConfig.from_dict`. Every field that changes the trained bits is
-part of :meth:`RunConfig.fingerprint`, which checkpoints record.
+Plain frozen dataclasses (no Hydra here): the command line composes YAML and hands a plain dict to
+:meth:`RunConfig.from_dict`. Every value is checked on construction (type and range; a bad value
+names the key and what is allowed), and every field that changes the trained bits is part of
+:meth:`RunConfig.fingerprint`, which checkpoints record.
 """
 
 from __future__ import annotations
@@ -10,14 +11,64 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from typing import Any, Literal
+
+from sisajax.errors import UserInputError
 
 ShardExec = Literal["auto", "vmap", "map"]
 Aggregation = Literal["vote", "mean_prob"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserInputError, ValueError):
     """A configuration value is invalid or conflicts with a stored run."""
+
+
+def _int(v: Any, key: str, lo: int | None = None) -> int:
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, int | float)
+        or (isinstance(v, float) and not v.is_integer())
+    ):
+        raise ConfigError(f"{key} must be an integer, got {v!r}")
+    v = int(v)
+    if lo is not None and v < lo:
+        raise ConfigError(f"{key} must be >= {lo}, got {v}")
+    return v
+
+
+def _float(v: Any, key: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ConfigError(f"{key} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _bool(v: Any, key: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(f"{key} must be true or false, got {v!r}")
+    return v
+
+
+def _choice(v: Any, key: str, allowed: tuple[str, ...]) -> str:
+    if v not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {v!r}")
+    return v
+
+
+def _str(v: Any, key: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{key} must be a non-empty string, got {v!r}")
+    return v
+
+
+def _dict(v: Any, key: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ConfigError(f"{key} must be a mapping, got {v!r}")
+    return dict(v)
+
+
+def _set(obj: Any, name: str, value: Any) -> None:
+    object.__setattr__(obj, name, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,13 +79,13 @@ class DataConfig:
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise ConfigError("data.name must be a non-empty data set name")
+        _set(self, "name", _str(self.name, "data.name"))
+        _set(self, "params", _dict(self.params, "data.params"))
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A model from the registry in :mod:`sisajax.models`."""
+    """A model from the registry in :mod:`sisajax.models` (or a plug-in's)."""
 
     name: str = "mlp"
     hidden: tuple[int, ...] = (128,)
@@ -42,27 +93,53 @@ class ModelConfig:
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        if any(h <= 0 for h in self.hidden):
-            raise ConfigError(f"model.hidden sizes must be positive, got {self.hidden}")
+        _set(self, "name", _str(self.name, "model.name"))
+        if not isinstance(self.hidden, list | tuple):
+            raise ConfigError(f"model.hidden must be a list of layer sizes, got {self.hidden!r}")
+        _set(self, "hidden", tuple(_int(h, "model.hidden sizes", 1) for h in self.hidden))
+        _set(self, "activation", _str(self.activation, "model.activation"))
+        _set(self, "params", _dict(self.params, "model.params"))
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """An optax optimizer: ``sgd`` (optionally with momentum) or ``adam``."""
+    """An optax optimizer and the training recipe's exact extras.
+
+    Attributes:
+      name: ``sgd`` (optionally with momentum) or ``adam``.
+      learning_rate: the base learning rate.
+      momentum: SGD momentum (0: none).
+      weight_decay: decoupled weight decay (0: none).
+      averaging: ``none``, ``ema`` (exponential moving average of the weights, decay
+        ``ema_decay`` per step) or ``polyak`` (running mean of all iterates); the average is
+        carried in the state and checkpoints and used for prediction.
+      ema_decay: decay of ``averaging=ema``.
+    """
 
     name: Literal["sgd", "adam"] = "sgd"
     learning_rate: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+    averaging: Literal["none", "ema", "polyak"] = "none"
+    ema_decay: float = 0.999
 
     def __post_init__(self) -> None:
-        if self.name not in ("sgd", "adam"):
-            raise ConfigError(f"optim.name must be 'sgd' or 'adam', got {self.name!r}")
+        _set(self, "name", _choice(self.name, "optim.name", ("sgd", "adam")))
+        _set(self, "learning_rate", _float(self.learning_rate, "optim.learning_rate"))
         if not self.learning_rate > 0:
             raise ConfigError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
+        _set(self, "momentum", _float(self.momentum, "optim.momentum"))
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
+        _set(self, "weight_decay", _float(self.weight_decay, "optim.weight_decay"))
+        if self.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _set(
+            self, "averaging", _choice(self.averaging, "optim.averaging", ("none", "ema", "polyak"))
+        )
+        _set(self, "ema_decay", _float(self.ema_decay, "optim.ema_decay"))
+        if not 0 < self.ema_decay < 1:
+            raise ConfigError(f"optim.ema_decay must be in (0, 1), got {self.ema_decay}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +152,10 @@ class SisaConfig:
       epochs: e, the epoch budget of an equivalent unsliced run. The R slice steps together run
         e' = 2R/(R+1) * e epochs, each step ``2e/(R+1)`` epochs over its prefix (counted in steps).
       batch_size: examples per gradient step per constituent model.
-      seed: the root of every key (partition hash, init, batch order).
+      seed: the root of every key (partition hash, init, batch order, dropout).
       aggregation: ``vote`` (majority of labels) or ``mean_prob`` (mean of probabilities).
-      shard_exec: how shards run inside the one compiled program: ``vmap``, ``map`` (``lax.map``,
-        faster on CPU) or ``auto`` (``map`` on CPU, ``vmap`` on accelerators). The bits depend on
-        it, so a run stores the resolved choice and unlearning reuses it.
+      shard_exec: how shards run inside one compiled program: ``vmap``, ``map`` (``lax.map``,
+        faster on CPU) or ``auto`` (``map`` on CPU, ``vmap`` on accelerators).
       chunk_steps: gradient steps per call of the compiled program (a fixed shape: one compile).
       allow_empty_shards: permit shards with no training ids (they drop out of aggregation).
     """
@@ -95,24 +171,23 @@ class SisaConfig:
     allow_empty_shards: bool = False
 
     def __post_init__(self) -> None:
-        if self.shards < 1:
-            raise ConfigError(f"sisa.shards must be >= 1, got {self.shards}")
-        if self.slices < 1:
-            raise ConfigError(f"sisa.slices must be >= 1, got {self.slices}")
+        _set(self, "shards", _int(self.shards, "sisa.shards", 1))
+        _set(self, "slices", _int(self.slices, "sisa.slices", 1))
+        _set(self, "epochs", _float(self.epochs, "sisa.epochs"))
         if not self.epochs > 0:
             raise ConfigError(f"sisa.epochs must be > 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ConfigError(f"sisa.batch_size must be >= 1, got {self.batch_size}")
-        if self.aggregation not in ("vote", "mean_prob"):
-            raise ConfigError(
-                f"sisa.aggregation must be 'vote' or 'mean_prob', got {self.aggregation!r}"
-            )
-        if self.shard_exec not in ("auto", "vmap", "map"):
-            raise ConfigError(
-                f"sisa.shard_exec must be 'auto', 'vmap' or 'map', got {self.shard_exec!r}"
-            )
-        if self.chunk_steps < 1:
-            raise ConfigError(f"sisa.chunk_steps must be >= 1, got {self.chunk_steps}")
+        _set(self, "batch_size", _int(self.batch_size, "sisa.batch_size", 1))
+        _set(self, "seed", _int(self.seed, "sisa.seed", 0))
+        _set(
+            self,
+            "aggregation",
+            _choice(self.aggregation, "sisa.aggregation", ("vote", "mean_prob")),
+        )
+        _set(
+            self, "shard_exec", _choice(self.shard_exec, "sisa.shard_exec", ("auto", "vmap", "map"))
+        )
+        _set(self, "chunk_steps", _int(self.chunk_steps, "sisa.chunk_steps", 1))
+        _set(self, "allow_empty_shards", _bool(self.allow_empty_shards, "sisa.allow_empty_shards"))
 
     @property
     def epochs_per_slice_step(self) -> float:
@@ -127,15 +202,31 @@ class LedgerConfig:
     Attributes:
       hash_ids: store salted hashes of forgotten ids (ledger, results, removed-id list) instead of
         the raw ids.
-      lock_timeout_s: how long a second writer (``forget``) waits for the run's lock before failing.
+      salt_file: a file outside the run holding the salt for ``hash_ids`` (default: the salt is
+        made in the run directory; see :mod:`sisajax.store.ledger` for what that reveals).
+      lock_timeout_s: how long a second writer waits for the run's lock before failing.
     """
 
     hash_ids: bool = False
+    salt_file: str | None = None
     lock_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        _set(self, "hash_ids", _bool(self.hash_ids, "ledger.hash_ids"))
+        if self.salt_file is not None:
+            _set(self, "salt_file", _str(self.salt_file, "ledger.salt_file"))
+        _set(self, "lock_timeout_s", _float(self.lock_timeout_s, "ledger.lock_timeout_s"))
         if self.lock_timeout_s < 0:
             raise ConfigError(f"ledger.lock_timeout_s must be >= 0, got {self.lock_timeout_s}")
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "sisa": SisaConfig,
+    "ledger": LedgerConfig,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,25 +242,20 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """Build from a nested plain dict (e.g. ``OmegaConf.to_container``); unknown keys fail."""
-        parts = {
-            "data": DataConfig,
-            "model": ModelConfig,
-            "optim": OptimConfig,
-            "sisa": SisaConfig,
-            "ledger": LedgerConfig,
-        }
-        unknown = set(d) - set(parts)
+        if not isinstance(d, dict):
+            raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
+        unknown = set(d) - set(SECTIONS)
         if unknown:
             raise ConfigError(f"unknown config sections: {sorted(unknown)}")
         kwargs = {}
-        for key, typ in parts.items():
-            sub = dict(d.get(key) or {})
+        for key, typ in SECTIONS.items():
+            sub = d.get(key) or {}
+            if not isinstance(sub, dict):
+                raise ConfigError(f"{key} must be a mapping, got {sub!r}")
             names = {f.name for f in dataclasses.fields(typ)}
             bad = set(sub) - names
             if bad:
                 raise ConfigError(f"unknown keys in {key}: {sorted(bad)} (known: {sorted(names)})")
-            if "hidden" in sub:
-                sub["hidden"] = tuple(sub["hidden"])
             kwargs[key] = typ(**sub)
         return cls(**kwargs)
 
@@ -192,3 +278,15 @@ class RunConfig:
         d.pop("ledger")  # bookkeeping only
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+RUN_GROUPS = tuple(SECTIONS)
+
+
+def run_config_from(cfg: dict[str, Any]) -> RunConfig:
+    """The :class:`RunConfig` of a composed command config: its run groups (``data``, ``model``,
+    ``optim``, ``sisa``, ``ledger``) with the top-level ``seed`` as the run's seed."""
+    parts = {k: dict(cfg.get(k) or {}) for k in RUN_GROUPS}
+    if "seed" in cfg:
+        parts["sisa"]["seed"] = cfg["seed"]
+    return RunConfig.from_dict(parts)

@@ -17,7 +17,15 @@ from sisajax.data.schedule import steps_for
 
 @dataclasses.dataclass
 class CostReport:
-    """Measured cost of one operation (train, forget, or a full retrain)."""
+    """Measured cost of one operation (train, forget, or a full retrain).
+
+    Attributes:
+      wall_s: everything the caller waited for. compile_s: compiling programs. restore_s: reading
+        the rows and data a forget starts from. retrain_s: the training loop. save_s: waiting
+        for checkpoint writes after the loop, plus committing (the writes themselves overlap with
+        training on a background thread that was busy ``writer_busy_s``).
+      examples / grad_steps / shard_slices / shards: work done.
+    """
 
     wall_s: float = 0.0
     compile_s: float = 0.0
@@ -28,6 +36,7 @@ class CostReport:
     grad_steps: int = 0
     shard_slices: int = 0
     shards: int = 0
+    writer_busy_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -106,3 +115,46 @@ def expected_cost_batched(n: int, shards: int, slices: int, k: int) -> float:
 def expected_shards_hit(shards: int, k: int) -> float:
     """Expected number of shards hit by K uniform requests: S(1 - (1 - 1/S)^K)."""
     return shards * (1 - (1 - 1 / shards) ** k)
+
+
+def expected_cost_sequential(n: int, shards: int, slices: int, k: int, epochs: float) -> float:
+    """Expected sample-epochs of K uniform requests served one at a time (one retrain each):
+    ``K * e * (N/S) * (2R+1) / (3R)``."""
+    return k * epochs * (n / shards) * (2 * slices + 1) / (3 * slices)
+
+
+def expected_single_request(sizes: np.ndarray, epochs: float, batch_size: int) -> float:
+    """Expected examples retrained by one uniformly drawn request on an actual partition.
+
+    Args:
+      sizes: ``[S, R]`` ids per (shard, slice) (``Partition.sizes()``).
+      epochs, batch_size: the run's e and B.
+
+    Returns:
+      sum over (shard k, slice j) of ``n_kj / N * cost(restart shard k at slice j without the
+      point)``, with the exact step schedule (rounding included).
+    """
+    n = sizes.sum()
+    total = 0.0
+    for k in range(sizes.shape[0]):
+        for j in range(sizes.shape[1]):
+            if sizes[k, j]:
+                left = sizes[k : k + 1].copy()
+                left[0, j] -= 1  # the request's point is gone
+                ex, _ = slice_schedule_cost(left, epochs, batch_size, np.array([j]))
+                total += sizes[k, j] / n * ex
+    return float(total)
+
+
+def expected_cost_partition(
+    sizes: np.ndarray, share: np.ndarray, k: int, epochs: float, mode: str
+) -> tuple[float, float]:
+    """``(expected sample-epochs, expected shard retrains)`` of K requests drawn with per-shard
+    request shares ``share [S]`` on a partition of ``sizes [S]`` ids, R = 1 (each retrain costs
+    its whole shard): batched ``e * sum n_k (1 - (1 - p_k)^K)``, sequential ``K e sum p_k n_k``."""
+    sizes = np.asarray(sizes, np.float64)
+    share = np.asarray(share, np.float64)
+    if mode == "batched":
+        hit = 1 - (1 - share) ** k
+        return float(epochs * (sizes * hit).sum()), float(hit.sum())
+    return float(k * epochs * (share * sizes).sum()), float(k)

@@ -1,24 +1,18 @@
 """Training one SISA run with several processes (hosts), each training the shards it holds.
 
 Shards are assigned to processes round-robin (shard ``k`` -> process ``k % P``). Every process
-computes the same partition from the same data set and trains its own shards with a local
-:class:`~sisajax.engine.Engine` on its own devices, then hands each shard's states after every
-slice (``[R, ...]``) to process 0 as a checksummed npz in ``run_dir/.parts/``. After a barrier,
-process 0 writes every shard's data copy and Orbax block, the partition, the test split,
-``config.json`` and the manifest (the run is live once that file exists), and removes the
-hand-off files; a last barrier lets every process return the opened run.
-
-Why process 0 writes the Orbax blocks: in a multi-process JAX job Orbax writes numpy leaves from
-process 0 only (other processes' saves silently hold no data) and refuses single-device arrays,
-so a process cannot save blocks of its own. Process 0 saves with itself as the only process of
-each save (no cross-process barriers). Training, the expensive part, is spread; the writes are
-~50 ms per shard.
+computes the same partition from the same data set, trains its own shards with a local
+:class:`~sisajax.engine.Engine` on its own devices and writes their slice checkpoints and data
+copies itself (each row is its own file, so no process waits for another), then hands its shard
+entries (file checksums) to process 0 as a small JSON file in ``run_dir/.parts/``. After a
+barrier, process 0 writes the partition, the held-out split, ``config.json`` and the manifest
+(the run is live once that file exists) and removes the hand-off files; a last barrier lets every
+process return the opened run.
 
 Bits: with ``shard_exec=map`` (required here) each shard's computation does not depend on the
 process, device or number of shards it runs with (see :mod:`sisajax.engine`), so a multi-process
-run's blocks equal a one-process run's bit for bit (tested), and the run is unlearned by
-:func:`sisajax.forget` in one process like any other run. (Under ``vmap`` the bits can depend on
-the shards per device, which a later one-process forget would change.)
+run's checkpoints equal a one-process run's bit for bit (tested), and the run is unlearned by
+:func:`sisajax.forget` in one process like any other run.
 
 Usage, on every process (before any other JAX call)::
 
@@ -26,43 +20,31 @@ Usage, on every process (before any other JAX call)::
     distributed.initialize("host0:12345", num_processes=2, process_id=rank)  # or no args on Slurm
     run, cost = distributed.train_multiprocess(config, dataset, "shared/runs/a")
 
-Needs a run directory every process can see (a shared file system).
+Needs a run directory every process can see (a shared file system), new or empty.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from sisajax.checkpoint import CheckpointStore, sync_filesystem
 from sisajax.config import ConfigError, RunConfig
-from sisajax.costs import CostReport, slice_schedule_cost
+from sisajax.costs import CostReport
 from sisajax.data.datasets import Dataset
-from sisajax.data.partition import Partition, PartitionError, hash_partition
-from sisajax.engine import Engine, resolve_shard_exec, stack_states
-from sisajax.run import (
-    FORMAT,
-    MANIFEST,
-    Progress,
-    RunError,
-    SisaRun,
-    _sha256,
-    _shard_data_from,
-    library_versions,
-    save_npz_atomic,
-    write_json_atomic,
-    write_shard_files,
-)
+from sisajax.errors import RunError, UserInputError
+from sisajax.run import SisaRun
+from sisajax.store.files import read_json, write_json
+from sisajax.store.ledger import Ledger
+from sisajax.store.manifest import parse_shard_entry, shard_entry_json
+from sisajax.store.run_dir import RunDir
+from sisajax.training import Progress, make_manifest, plan_training, train_generation
 
-PARTS_DIR = ".parts"  # per-process manifest entries, removed once the manifest is written
+PARTS_DIR = ".parts"  # per-process shard entries, removed once the manifest is written
 
 
 def initialize(
@@ -99,41 +81,6 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _process_local_store(root: Path, process_id: int) -> CheckpointStore:
-    """A :class:`CheckpointStore` whose Orbax saves involve this process only.
-
-    Orbax's default makes every process of the job meet at barriers inside each save.
-    """
-    store = CheckpointStore(root)
-    if jax.process_count() > 1:  # CheckpointStore has no option for this yet: swap its checkpointer
-        store._ckptr.close()
-        store._ckptr = ocp.StandardCheckpointer(
-            multiprocessing_options=ocp.options.MultiprocessingOptions(
-                primary_host=process_id,
-                active_processes={process_id},
-                barrier_sync_key_prefix=f"sisajax_p{process_id}",
-            )
-        )
-    return store
-
-
-def _check_partition(partition: Partition, config: RunConfig, num_train: int) -> None:
-    """The checks :func:`sisajax.run.train` makes before writing anything."""
-    sisa = config.sisa
-    sizes = partition.sizes()
-    empty = np.flatnonzero(sizes.sum(1) == 0)
-    if len(empty) and not sisa.allow_empty_shards:
-        raise PartitionError(
-            f"shards {empty.tolist()} received no training examples "
-            f"({num_train} ids over {sisa.shards} shards); use fewer shards"
-        )
-    if sisa.slices > sizes.sum(1).min() and not sisa.allow_empty_shards:
-        raise ConfigError(
-            f"{sisa.slices} slices but the smallest shard has {sizes.sum(1).min()} examples; "
-            "use fewer slices or fewer shards"
-        )
-
-
 def train_multiprocess(
     config: RunConfig,
     dataset: Dataset,
@@ -141,7 +88,6 @@ def train_multiprocess(
     *,
     process_id: int | None = None,
     num_processes: int | None = None,
-    overwrite: bool = False,
     devices: int | None = None,
     progress: Progress = None,
 ) -> tuple[SisaRun, CostReport]:
@@ -150,8 +96,7 @@ def train_multiprocess(
     Args:
       config: the run configuration (the same on every process).
       dataset: the full data set (the same on every process).
-      run_dir: a new (or empty) directory on a file system shared by all processes;
-        ``overwrite=True`` replaces an existing run.
+      run_dir: a new (or empty) directory on a file system shared by all processes.
       process_id / num_processes: checked against ``jax.process_index()`` /
         ``jax.process_count()`` when given.
       devices: how many of this process's devices to use (default: all).
@@ -160,12 +105,12 @@ def train_multiprocess(
 
     Returns:
       (the opened run, on every process; this process's :class:`CostReport`). Process 0's
-      ``results/train.json`` holds the whole job's cost (times: the slowest process, plus
-      process 0's writing; counts: summed) and each process's report.
+      result file holds the whole job's cost and each process's report.
 
     Raises:
-      ConfigError, PartitionError, RunError: on every process, before anything is written
-        (also ConfigError for ``shard_exec=vmap`` with several processes).
+      ConfigError, PartitionError, UserInputError: on every process, before anything is written
+        (also for ``shard_exec=vmap`` with several processes, and for a non-empty ``run_dir``:
+        retrain an existing run in one process, which keeps its deletion history).
     """
     t_start = time.perf_counter()
     pid, nproc = jax.process_index(), jax.process_count()
@@ -176,167 +121,118 @@ def train_multiprocess(
             f"this is process {pid} of {nproc} for JAX, not {process_id} of {num_processes}: "
             "call sisajax.distributed.initialize(...) first"
         )
-    run_dir = Path(run_dir).absolute()
-    sisa = config.sisa
-    if run_dir.exists() and any(p.name != PARTS_DIR for p in run_dir.iterdir()):
-        if not overwrite:
-            raise RunError(f"{run_dir} is not empty; pass overwrite=True to replace it")
-        if not (run_dir / MANIFEST).is_file():
-            raise RunError(f"refusing to overwrite {run_dir}: it is not a sisajax run directory")
-    partition = hash_partition(dataset.train_ids, sisa.shards, sisa.slices, sisa.seed)
-    _check_partition(partition, config, len(dataset.train_ids))
-    resolved = config.replace(sisa={"shard_exec": resolve_shard_exec(sisa.shard_exec)})
-    if resolved.sisa.shard_exec != "map" and nproc > 1:
+    files = RunDir(run_dir, must_exist=False)
+    root = files.root
+    if root.exists() and any(p.name != PARTS_DIR for p in root.iterdir()):
+        raise UserInputError(
+            f"{run_dir} is not empty: multi-process training writes a new run (retrain an "
+            "existing run with sisajax.train(..., overwrite=True), which keeps its tombstones)"
+        )
+    plan = plan_training(config, dataset, None, devices, np.zeros(0, np.int64))
+    if plan.config.sisa.shard_exec != "map" and nproc > 1:
         raise ConfigError(
             "multi-process training needs sisa.shard_exec=map: under vmap a shard's bits depend "
             "on how many shards its device runs, which differs between the processes here and a "
             "later forget in one process, so unlearning would not be exact"
         )
-    engine = Engine(
-        resolved, dataset.feature_shape, dataset.x_train.dtype, dataset.num_classes, devices=devices
-    )
-    sizes = partition.sizes()
-    capacity = int(-(-int(sizes.sum(1).max()) // 8) * 8)  # as run.train: the same for all
-    mine = process_shards(sisa.shards, pid, nproc)
+    mine = process_shards(config.sisa.shards, pid, nproc)
 
     barrier("sisajax_train_checked")
     if pid == 0:
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        (run_dir / "data").mkdir(parents=True)
-        (run_dir / PARTS_DIR).mkdir()
+        root.mkdir(parents=True, exist_ok=True)
+        (root / PARTS_DIR).mkdir(exist_ok=True)
+        files.make_dirs()
     barrier("sisajax_train_dir_ready")
 
-    parts = run_dir / PARTS_DIR
-    handoff: dict[str, str] = {}
-    cost = CostReport(shards=len(mine))
-    if mine:
-        data = [_shard_data_from(partition, dataset, k) for k in mine]
-        per_slice: list[Any] = []
-        total = slice_schedule_cost(sizes[mine], sisa.epochs, sisa.batch_size)[1]
-        _, stats = engine.train_slices(
-            mine,
-            data,
-            stack_states([engine.init_state(k) for k in mine]),
-            [0] * len(mine),
-            capacity=capacity,
-            on_slice=lambda j, st: per_slice.append(st),
-            progress=progress(f"train (process {pid})", total) if progress else None,
-        )
-        t_save = time.perf_counter()
-        leaves = jax.tree.leaves(stack_states(per_slice))  # each [R, W, ...]
-        for i, k in enumerate(mine):
-            rows = {f"leaf_{n:03d}": leaf[:, i] for n, leaf in enumerate(leaves)}
-            handoff[str(k)] = save_npz_atomic(parts / f"shard_{k:03d}.npz", **rows)
-        cost = CostReport(
-            compile_s=stats.compile_s,
-            retrain_s=stats.train_s,
-            save_s=time.perf_counter() - t_save,
-            examples=stats.examples,
-            grad_steps=stats.grad_steps,
-            shard_slices=stats.shard_slices,
-            shards=len(mine),
-        )
-    cost.wall_s = time.perf_counter() - t_start
-    write_json_atomic(
-        parts / f"process_{pid:05d}.json",
-        {"process": pid, "shards": handoff, "cost": cost.to_dict()},
+    out = train_generation(
+        plan,
+        files,
+        0,
+        shards=mine,
+        shared=(pid == 0),
+        progress=progress,
+        label=f"train (process {pid})",
+    )
+    write_json(
+        root / PARTS_DIR / f"process_{pid:05d}.json",
+        {
+            "process": pid,
+            "entries": {str(k): shard_entry_json(e) for k, e in out.entries.items()},
+            "hosts": out.hosts,
+            "cost": out.cost.to_dict(),
+        },
     )
     barrier("sisajax_train_shards_trained")
 
+    cost = out.cost
     if pid == 0:
         t_save = time.perf_counter()
-        _write_run(run_dir, resolved, engine, dataset, partition, capacity, nproc)
+        _write_run(files, plan, out, nproc)
         cost.save_s += time.perf_counter() - t_save
-        cost.wall_s = time.perf_counter() - t_start
+    cost.wall_s = time.perf_counter() - t_start
     barrier("sisajax_train_manifest_written")
-    return SisaRun(run_dir), cost
+    return SisaRun(root), cost
 
 
-def _write_run(
-    run_dir: Path,
-    resolved: RunConfig,
-    engine: Engine,
-    dataset: Dataset,
-    partition: Partition,
-    capacity: int,
-    num_processes: int,
-) -> None:
-    """Process 0: write every shard's files from the hand-offs, then the manifest (run live)."""
-    t0 = time.perf_counter()
-    sisa = resolved.sisa
+def _write_run(files: RunDir, plan, out, num_processes: int) -> None:
+    """Process 0: gather every process's shard entries and write the manifest (run live)."""
     parts = [
-        json.loads((run_dir / PARTS_DIR / f"process_{p:05d}.json").read_text())
-        for p in range(num_processes)
+        read_json(files.root / PARTS_DIR / f"process_{p:05d}.json") for p in range(num_processes)
     ]
-    handoff = {int(k): sha for part in parts for k, sha in part["shards"].items()}
-    missing = sorted(set(range(sisa.shards)) - set(handoff))
+    r = plan.config.sisa.slices
+    entries, hosts = {}, {}
+    for part in parts:
+        hosts.update(part["hosts"])
+        for k, e in part["entries"].items():
+            entries[int(k)] = parse_shard_entry(e, f"process {part['process']} shard {k}", r, 0)
+    missing = sorted(set(range(plan.config.sisa.shards)) - set(entries))
     if missing:
         raise RunError(f"no process trained shards {missing}")
-    template = engine.state_template()
-    treedef = jax.tree.structure(template)
-    store = _process_local_store(run_dir / "checkpoints", 0)
-    fp = resolved.fingerprint()
-    shards = {}
-    for k in range(sisa.shards):
-        path = run_dir / PARTS_DIR / f"shard_{k:03d}.npz"
-        if _sha256(path) != handoff[k]:
-            raise RunError(f"{path} is corrupt (checksum mismatch)")
-        with np.load(path) as z:
-            block = jax.tree.unflatten(treedef, [z[f"leaf_{n:03d}"] for n in range(len(z.files))])
-        data = _shard_data_from(partition, dataset, k)
-        shards[str(k)] = write_shard_files(run_dir, k, 0, data, block, store, fp, sisa.slices)
-    store.close()
-    part_file = "partition.g000000.npz"
-    partition.save(run_dir / part_file)
-    test_sha = save_npz_atomic(
-        run_dir / "data/test.npz", ids=dataset.test_ids, x=dataset.x_test, y=dataset.y_test
+    layout = {**plan.engine.layout(), "num_processes": num_processes, "assignment": "round_robin"}
+    id_hashing = None
+    lc = plan.config.ledger
+    if lc.hash_ids:
+        ledger = Ledger(files.root, hash_ids=True, salt_file=lc.salt_file)
+        ledger.load_salt(create=True)
+        id_hashing = {
+            "salt_fingerprint": ledger.salt_fingerprint(),
+            "salt_source": ledger.salt_source(),
+        }
+    manifest = make_manifest(
+        plan,
+        0,
+        entries,
+        out.partition,
+        out.test_data,
+        hosts,
+        origin={"op": "train", "processes": num_processes},
+        id_hashing=id_hashing,
+        layout=layout,
     )
-    manifest = {
-        "format": FORMAT,
-        "generation": 0,
-        "config": resolved.to_dict(),
-        "config_fingerprint": fp,
-        "shard_exec": engine.shard_exec,
-        "capacity": capacity,
-        "dataset": {
-            "name": dataset.name,
-            "feature_shape": list(dataset.feature_shape),
-            "x_dtype": str(dataset.x_train.dtype),
-            "num_classes": dataset.num_classes,
-            "num_train": len(dataset.train_ids),
-            "num_test": len(dataset.test_ids),
-        },
-        "partition": {"file": part_file, "sha256": _sha256(run_dir / part_file)},
-        "test_data": {"file": "data/test.npz", "sha256": test_sha},
-        "shards": shards,
-        "layout": {**engine.layout(), "num_processes": num_processes, "assignment": "round_robin"},
-        "versions": library_versions(),
-    }
-    write_json_atomic(run_dir / "config.json", resolved.to_dict())
-    sync_filesystem(run_dir)  # every shard's files durable before the manifest names them
-    write_json_atomic(run_dir / MANIFEST, manifest)
-    shutil.rmtree(run_dir / PARTS_DIR)
+    files.write_config(plan.config.to_dict())
+    files.write_manifest(manifest)
+    shutil.rmtree(files.root / PARTS_DIR)
     costs = [CostReport(**p["cost"]) for p in parts]
-    written_s = time.perf_counter() - t0  # process 0 writing every shard's files
     total = CostReport(
-        wall_s=max(c.wall_s for c in costs) + written_s,
+        wall_s=max(c.wall_s for c in costs),
         compile_s=max(c.compile_s for c in costs),
         retrain_s=max(c.retrain_s for c in costs),
-        save_s=max(c.save_s for c in costs) + written_s,
+        save_s=max(c.save_s for c in costs),
         examples=sum(c.examples for c in costs),
         grad_steps=sum(c.grad_steps for c in costs),
         shard_slices=sum(c.shard_slices for c in costs),
-        shards=sisa.shards,
+        shards=plan.config.sisa.shards,
     )
-    SisaRun(run_dir).write_result(
-        "train",
+    from sisajax.metrics import MetricsLog
+
+    MetricsLog(files.root)(
         {
-            "cost": total.to_dict(),
+            "event": "train",
+            "generation": 0,
+            **total.to_dict(),
             "per_process": [c.to_dict() for c in costs],
-            "sizes": partition.sizes().tolist(),
             "num_processes": num_processes,
-        },
+        }
     )
 
 

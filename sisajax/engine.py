@@ -1,40 +1,31 @@
-"""The training engine: one pure train step for ONE shard, run for all shards in one program.
+"""The training engine: one pure train step for ONE shard, run for many shards in one program.
 
-Structure (inside a single ``jax.jit``, state donated):
+Structure (one compiled program per (width, capacity); nothing recompiles when deletions shrink
+a shard):
   * ``_shard_step``: one gradient step of one constituent model on a masked batch.
-  * ``_train_shard``: ``lax.fori_loop`` over up to ``C`` steps of one shard (``C`` = chunk_steps,
-    a fixed shape; the shard's own step count is a traced scalar, so nothing recompiles when a
-    deletion shortens a shard).
-  * ``_program``: all shards at once, by ``jax.vmap`` (accelerators) or ``lax.map`` (CPU; see
-    STACK-NOTES). Both are exact no-ops for a shard past its step count, optimizer counters
-    included (``lax.cond`` on "batch has an example"; under vmap it becomes a select).
+  * ``_train_shard``: ``lax.fori_loop`` over up to ``C`` steps of one shard (``C`` =
+    ``sisa.chunk_steps``; the shard's own step count is a traced scalar).
+  * ``_program``: many shards at once, by ``jax.vmap`` (accelerators) or ``lax.map`` (CPU, see
+    STACK-NOTES). A shard past its step count is an exact no-op (``lax.cond`` on "batch has an
+    example"), optimizer counters included.
 
-Devices: with several local devices the shard axis ``[W]`` of the state and of every per-shard
-array is split over a 1-D :class:`jax.sharding.Mesh` with axis ``"shard"`` (``NamedSharding``,
-``W`` padded to a multiple of the device count with inert zero-step shards), and each device runs
-the one-device ``_program`` on its own block of ``W / n_devices`` shards. Two ways to run it:
-
-  * ``per_device`` (the default): the one-device program (width ``W / n``) is compiled for each
-    device and all are dispatched asynchronously: a device runs exactly what a one-device engine
-    runs for its block. With ``map`` a shard's bits do not depend on the width, so they equal the
-    one-device bits at any device count. With ``vmap`` they can depend on the width (on CPU:
-    600-128-100 MLP, 8 shards on 1 device vs 2 per device on 4 devices, 1.5e-8 apart), so a
-    vmapped run is continued on the device count it was trained on (:func:`layout_options`).
-  * ``shard_map``: one SPMD program (:func:`jax.shard_map`, one compile). Its optimised HLO is not
-    the one-device HLO: with ``vmap`` XLA fused Adam differently (6e-8 apart) and the bits changed
-    with the per-device width even on a fixed device count, which would break exact unlearning, so
-    it is only allowed with ``map``, where it measured bit-identical to one device.
-
-Neither has a cross-device collective (a test checks the compiled HLO). :meth:`Engine.layout`
-records what a run used; :func:`layout_options` rebuilds an engine for it, or says why not.
+:meth:`Engine.run` is the one training recipe every caller uses (``train``, ``forget``,
+``verify``, membership-inference shadows, multi-process training, benchmarks): it takes
+:class:`ShardJob` s (a shard, its data, the slice to start from and the state before it), places
+them on the devices (:mod:`sisajax.layout`), pads the width with inert shards, runs every slice
+step, and hands each slice's states to ``on_slice`` as soon as the slice is done (device arrays;
+nothing waits for them), so checkpoint writing overlaps with the next slice.
 
 Randomness: parameter init uses ``fold_in(PRNGKey(seed), shard)``; batch order comes from
-:mod:`sisajax.data.schedule` (keys: seed, shard, slice, epoch). Nothing reads global RNG state.
+:mod:`sisajax.data.schedule` (keys: seed, shard, slice, epoch); dropout keys are
+``fold_in(fold_in(fold_in(PRNGKey(seed), shard), slice), step within the slice step)``. Nothing
+reads global RNG state, so a retrain replays exactly what training from scratch does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -46,34 +37,39 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from sisajax.config import ConfigError, OptimConfig, RunConfig
+from sisajax.config import OptimConfig, RunConfig
 from sisajax.data.schedule import slice_step_batches
+from sisajax.layout import (
+    SHARD_AXIS,
+    LayoutError,
+    PerDeviceProgram,
+    device_blocks,
+    resolve_shard_exec,
+    select_devices,
+)
 from sisajax.models import build_model
 
 PyTree = Any
 Partitioning = Literal["auto", "single", "per_device", "shard_map"]
-SHARD_AXIS = "shard"
-COLLECTIVE_OPS = (
-    "all-reduce",
-    "all-gather",
-    "all-to-all",
-    "ragged-all-to-all",
-    "reduce-scatter",
-    "collective-permute",
-    "collective-broadcast",
-)
-
-
-class LayoutError(ConfigError):
-    """The devices at hand cannot reproduce the layout a run was trained with."""
 
 
 class TrainState(NamedTuple):
-    """State of one constituent model (or a stack ``[S, ...]`` of them)."""
+    """State of one constituent model (or a stack ``[W, ...]`` of them).
+
+    Attributes:
+      params: the model's parameters.
+      opt_state: the optimizer's state.
+      step: int32 scalar, gradient steps taken (masked steps do not count).
+      model_state: the model's other variable collections (e.g. BatchNorm ``batch_stats``);
+        ``{}`` for models without any.
+      avg_params: averaged parameters used for prediction when weight averaging is on, else None.
+    """
 
     params: PyTree
     opt_state: PyTree
-    step: jax.Array  # int32 scalar: gradient steps taken
+    step: jax.Array
+    model_state: PyTree
+    avg_params: PyTree
 
 
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
@@ -87,109 +83,6 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
     return tx
 
 
-def resolve_shard_exec(choice: str) -> str:
-    """``auto`` -> ``map`` on CPU, ``vmap`` on accelerators."""
-    if choice != "auto":
-        return choice
-    return "map" if jax.default_backend() == "cpu" else "vmap"
-
-
-def select_devices(devices: int | Sequence[jax.Device] | None = None) -> tuple[jax.Device, ...]:
-    """The devices an :class:`Engine` spreads shards over (this process's devices only).
-
-    Args:
-      devices: ``None`` -> all local devices of the default backend; an int ``n`` -> the first
-        ``n`` of them; or an explicit sequence of devices of one platform.
-
-    Raises:
-      LayoutError: fewer devices than asked for, none, or mixed platforms.
-    """
-    local = jax.local_devices()
-    if devices is None:
-        chosen = tuple(local)
-    elif isinstance(devices, int):
-        if not 1 <= devices <= len(local):
-            raise LayoutError(
-                f"{devices} devices requested but this process has {len(local)} "
-                f"{local[0].platform} device(s){_cpu_hint(local[0].platform, devices)}"
-            )
-        chosen = tuple(local[:devices])
-    else:
-        chosen = tuple(devices)
-    if not chosen:
-        raise LayoutError("no devices given")
-    if len({d.platform for d in chosen}) > 1:
-        raise LayoutError(f"devices of mixed platforms: {sorted({d.platform for d in chosen})}")
-    return chosen
-
-
-def _cpu_hint(platform: str, n: int) -> str:
-    if platform != "cpu" or n < 1:
-        return ""
-    return (
-        f"; on a CPU start the process with XLA_FLAGS=--xla_force_host_platform_device_count={n}"
-        " (set before jax is imported)"
-    )
-
-
-def layout_options(layout: dict[str, Any] | None, *, strict: bool = False) -> dict[str, Any]:
-    """Engine keyword arguments (``devices``, ``partitioning``) to continue a run on its layout.
-
-    The platform and device kind must match the run's (other hardware gives other bits, so
-    unlearning could not be exact). The stored device count is used when this process has that
-    many devices. With fewer: a ``map`` run's bits do not depend on the device count (tested), so
-    ``strict=False`` uses the devices at hand (``strict=True`` refuses); a ``vmap`` run's bits can
-    depend on the shards per device, so it always needs its device count.
-
-    Args:
-      layout: a stored :meth:`Engine.layout`, or ``None`` for a run from before layouts were
-        recorded (one device).
-      strict: require the stored device count.
-
-    Returns:
-      ``{"devices": tuple of devices, "partitioning": str}`` for :class:`Engine`.
-
-    Raises:
-      LayoutError: the platform or device kind differs, or too few devices (strict or vmap).
-    """
-    local = jax.local_devices()
-    if layout is None:
-        return {"devices": (local[0],), "partitioning": "single"}
-    here = local[0]
-    platform, kind = layout.get("platform"), layout.get("device_kind")
-    if platform is not None and platform != here.platform:
-        raise LayoutError(
-            f"this run was trained on {platform} devices but this process runs on "
-            f"{here.platform}; exact unlearning needs the run's platform (or retrain it here)"
-        )
-    if kind is not None and kind != here.device_kind:
-        raise LayoutError(
-            f"this run was trained on {kind!r} devices but this process has "
-            f"{here.device_kind!r}; exact unlearning needs the same kind of device"
-        )
-    want = int(layout.get("num_devices", 1))
-    vmap = layout.get("shard_exec") == "vmap"
-    if (strict or vmap) and want > len(local):
-        why = " (vmap: its bits depend on the shards per device)" if vmap else ""
-        raise LayoutError(
-            f"this run was trained on {want} {platform} devices but this process has "
-            f"{len(local)}{why}{_cpu_hint(here.platform, want)}"
-        )
-    n = min(want, len(local))
-    partitioning = layout.get("partitioning", "single") if n > 1 else "single"
-    return {"devices": tuple(local[:n]), "partitioning": partitioning}
-
-
-def collectives_in(hlo_text: str) -> list[str]:
-    """Cross-device collective ops named in HLO text (e.g. ``compiled.as_text()``), sorted."""
-    found = set()
-    for line in hlo_text.splitlines():
-        for op in COLLECTIVE_OPS:
-            if f" {op}(" in line or f" {op}-start(" in line:
-                found.add(op)
-    return sorted(found)
-
-
 def pad_rows(tree: PyTree, width: int) -> PyTree:
     """Pad axis 0 of every leaf to ``width`` with copies of row 0 (numpy; inert filler)."""
 
@@ -200,45 +93,6 @@ def pad_rows(tree: PyTree, width: int) -> PyTree:
         return np.concatenate([a, np.repeat(a[:1], width - len(a), axis=0)])
 
     return jax.tree.map(pad, tree)
-
-
-class PerDeviceProgram:
-    """The one-device program compiled once per device, run on each device's block of shards.
-
-    Called like the one-device program but with global arrays sharded along axis 0 over
-    ``devices`` (numpy inputs are placed first); returns global arrays sharded the same way.
-    Dispatch is asynchronous, so the devices run concurrently.
-    """
-
-    def __init__(self, executables: Sequence[Any], devices: Sequence[jax.Device], sharding):
-        self.executables = list(executables)
-        self.devices = tuple(devices)
-        self.sharding = sharding
-
-    def __call__(self, *args: PyTree) -> PyTree:
-        args = jax.device_put(args, self.sharding)
-        flat, tree = jax.tree.flatten(args)
-        blocks = [_blocks(a, self.devices) for a in flat]
-        outs = [
-            ex(*jax.tree.unflatten(tree, [b[i] for b in blocks]))
-            for i, ex in enumerate(self.executables)
-        ]
-        leaves = [jax.tree.leaves(o) for o in outs]
-        out_tree = jax.tree.structure(outs[0])
-        merged = []
-        for parts in zip(*leaves, strict=True):
-            shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-            merged.append(jax.make_array_from_single_device_arrays(shape, self.sharding, parts))
-        return jax.tree.unflatten(out_tree, merged)
-
-    def as_text(self) -> str:
-        """The compiled HLO of every device's program (identical up to device assignment)."""
-        return "\n".join(ex.as_text() for ex in self.executables)
-
-
-def _blocks(a: jax.Array, devices: Sequence[jax.Device]) -> list[jax.Array]:
-    by_device = {s.device: s.data for s in a.addressable_shards}
-    return [by_device[d] for d in devices]
 
 
 def stack_states(states: Sequence[PyTree]) -> PyTree:
@@ -272,7 +126,7 @@ class ShardData:
     """The retained training data of one shard, sorted by id.
 
     Attributes:
-      ids: ``[n]`` int64.  x: ``[n, *feat]``.  y: ``[n]`` int32.  slices: ``[n]`` int32 slice of each id.
+      ids: ``[n]`` int64.  x: ``[n, *feat]``.  y: ``[n]`` int32.  slices: ``[n]`` int32.
     """
 
     ids: np.ndarray
@@ -283,12 +137,69 @@ class ShardData:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def without(self, ids: np.ndarray) -> ShardData:
+        keep = ~np.isin(self.ids, ids)
+        return ShardData(self.ids[keep], self.x[keep], self.y[keep], self.slices[keep])
+
+    def empty(self) -> ShardData:
+        return ShardData(self.ids[:0], self.x[:0], self.y[:0], self.slices[:0])
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+    """One shard to train: from ``start_slice`` to the last slice.
+
+    Attributes:
+      shard: the shard index (keys its init, batch order and dropout).
+      data: its retained data.
+      start_slice: first slice to (re)train (0-based); ``R`` trains nothing.
+      start_state: its state just before ``start_slice`` (one shard, numpy); None = its initial
+        state (requires ``start_slice == 0``).
+    """
+
+    shard: int
+    data: ShardData
+    start_slice: int = 0
+    start_state: PyTree | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceOutput:
+    """The states after one slice step, handed to ``on_slice`` (nothing has waited for them).
+
+    Attributes:
+      slice: the slice index ``j``.
+      states: stacked ``[W, ...]`` device arrays of every position (inert ones included).
+      positions: ``{job index: position in states}`` of the jobs trained up to slice ``j``.
+      losses: per program call of the slice step, the summed training loss ``[W]`` (device).
+      examples: ``[W]`` real examples each position trained on in this slice step.
+    """
+
+    slice: int
+    states: PyTree
+    positions: dict[int, int]
+    losses: list[Any] = dataclasses.field(default_factory=list)
+    examples: np.ndarray | None = None
+
+    def fetch(self) -> dict[int, PyTree]:
+        """``{job index: one-shard numpy state}`` (waits for the slice to be computed)."""
+        host = jax.device_get(self.states)
+        return {
+            i: jax.tree.map(lambda a, p=p: np.asarray(a[p]), host)
+            for i, p in self.positions.items()
+        }
+
+    def mean_loss(self) -> dict[int, float]:
+        """``{job index: mean training loss per example over this slice step}``."""
+        if not self.losses:
+            return {i: float("nan") for i in self.positions}
+        total = sum(np.asarray(x, np.float64) for x in jax.device_get(self.losses))
+        n = self.examples if self.examples is not None else np.zeros(len(total))
+        return {i: float(total[p] / max(n[p], 1)) for i, p in self.positions.items()}
+
 
 class Engine:
     """Compiled programs for one (model, optimizer, batch size, chunk) configuration.
-
-    Compiled executables are cached per (width, capacity) and compile time is measured apart from
-    training time (ahead-of-time ``lower().compile()``).
 
     Args:
       config: the run configuration (``sisa.shard_exec`` resolved or ``auto``).
@@ -296,9 +207,14 @@ class Engine:
       x_dtype: dtype of the stored features.
       num_classes: number of output classes.
       devices: local devices to spread shards over: ``None`` = all of this process's devices, an
-        int = the first that many, or explicit devices. One device = the one-device program.
+        int = the first that many, or explicit devices.
       partitioning: ``auto`` (``per_device`` with several devices), ``per_device``,
-        ``shard_map`` (``map`` only; see the module docstring) or ``single`` (one device).
+        ``shard_map`` (``map`` only) or ``single`` (one device).
+      vmap_width: the run's program width (its shard count; default ``config.sisa.shards``):
+        every program of a run has this width, so forgets reuse training's compiled program
+        (and under ``vmap``, where a shard's bits can depend on the width, they must).
+      preprocessing: the data set's input map ``{"scale": s, "shift": b}`` (``float32(x) * s + b``),
+        applied inside the programs; empty or None: the stored features as they are.
 
     Raises:
       LayoutError: devices unavailable, or ``shard_map`` with ``vmap``.
@@ -313,8 +229,11 @@ class Engine:
         *,
         devices: int | Sequence[jax.Device] | None = None,
         partitioning: Partitioning = "auto",
+        vmap_width: int | None = None,
+        preprocessing: dict[str, float] | None = None,
     ):
         self.config = config
+        self.preprocessing = dict(preprocessing or {})
         self.model = build_model(config.model, num_classes)
         self.tx = make_optimizer(config.optim)
         self.feature_shape = tuple(feature_shape)
@@ -335,14 +254,16 @@ class Engine:
         if partitioning == "shard_map" and self.shard_exec != "map":
             raise LayoutError(
                 "partitioning='shard_map' needs shard_exec='map': with vmap its bits differ from "
-                "one device's and change with the number of shards per device even on a fixed "
-                "layout; use partitioning='per_device'"
+                "one device's and change with the number of shards per device; use per_device"
             )
         self.partitioning: str = partitioning
+        self.vmap_width = self.padded_width(vmap_width or config.sisa.shards)
         self.mesh = Mesh(np.array(self.devices), (SHARD_AXIS,)) if len(self.devices) > 1 else None
         self._compiled: dict[tuple[int, int], Any] = {}
         self._init_fn = jax.jit(self._init_one)
         self._predict_fn = jax.jit(self._predict_stack)
+        self._template: PyTree | None = None
+        self._call_kwargs = _call_kwargs(self.model)
 
     # -- layout -------------------------------------------------------------------------------
     @property
@@ -350,12 +271,7 @@ class Engine:
         return len(self.devices)
 
     def layout(self) -> dict[str, Any]:
-        """Where this engine runs shards, as JSON for a run's manifest.
-
-        Keys: ``num_devices`` (this process's devices used), ``platform`` (``cpu``/``gpu``/
-        ``tpu``), ``device_kind``, ``partitioning`` (``single``/``per_device``/``shard_map``),
-        ``shard_exec`` (``map``/``vmap``), ``num_processes`` (``jax.process_count()``).
-        """
+        """Where this engine runs shards, as JSON for a run's manifest."""
         d = self.devices[0]
         return {
             "num_devices": self.num_devices,
@@ -381,14 +297,21 @@ class Engine:
         """Place a pytree of ``[W, ...]`` arrays (``W`` a multiple of the device count)."""
         return jax.device_put(tree, self.shard_sharding())
 
-    # -- init ---------------------------------------------------------------------------------
-    def _init_one(self, key: jax.Array) -> TrainState:
+    # -- state --------------------------------------------------------------------------------
+    def _variables(self, key: jax.Array) -> dict[str, Any]:
         dummy = jnp.zeros((1, *self.feature_shape), jnp.float32)
-        params = self.model.init(key, dummy)
-        return TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32))
+        p_key, d_key = jax.random.split(key)
+        variables = self.model.init({"params": p_key, "dropout": d_key}, dummy, **self._kw(False))
+        return dict(variables)
+
+    def _init_one(self, key: jax.Array) -> TrainState:
+        variables = self._variables(key)
+        params = variables.pop("params")
+        avg = params if self.config.optim.averaging != "none" else None
+        return TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32), variables, avg)
 
     def init_state(self, shard: int) -> PyTree:
-        """Initial state of shard ``shard`` (numpy pytree), from ``fold_in(PRNGKey(seed), shard)``.
+        """Initial state of ``shard`` (numpy), from ``fold_in(PRNGKey(seed), shard)``.
 
         Always built by the same width-1 program, so its bits never depend on which shards are
         initialised together.
@@ -397,49 +320,95 @@ class Engine:
         return jax.device_get(self._init_fn(key))
 
     def state_template(self) -> PyTree:
-        """Abstract (shape/dtype) pytree of one shard's state."""
-        return jax.eval_shape(self._init_one, jax.random.PRNGKey(0))
+        """Abstract (shape/dtype) pytree of one shard's state (computed once)."""
+        if self._template is None:
+            self._template = jax.eval_shape(self._init_one, jax.random.PRNGKey(0))
+        return self._template
+
+    def leaf_paths(self) -> list[str]:
+        """``jax.tree_util.keystr`` of every leaf of the state, in flatten order."""
+        flat = jax.tree_util.tree_flatten_with_path(self.state_template())[0]
+        return [jax.tree_util.keystr(p) for p, _ in flat]
 
     # -- the step -----------------------------------------------------------------------------
-    def _shard_step(self, state: TrainState, xb, yb, mask) -> TrainState:
+    def prepare(self, x: jax.Array) -> jax.Array:
+        """Stored features -> model input (the data set's preprocessing)."""
+        if not self.preprocessing:
+            return x
+        x = x.astype(jnp.float32) * jnp.float32(self.preprocessing.get("scale", 1.0))
+        return x + jnp.float32(self.preprocessing.get("shift", 0.0))
+
+    def _kw(self, train: bool, mask: jax.Array | None = None) -> dict[str, Any]:
+        kw = {}
+        if "train" in self._call_kwargs:
+            kw["train"] = train
+        if mask is not None and "mask" in self._call_kwargs:
+            kw["mask"] = mask
+        return kw
+
+    def _shard_step(self, state: TrainState, xb, yb, mask, key) -> tuple[TrainState, jax.Array]:
+        """One step; returns the new state and the summed (masked) loss of the batch."""
         w = mask.astype(jnp.float32)
+        mutable = list(state.model_state)
 
         def loss_fn(params):
-            logits = self.model.apply(params, xb)
+            variables = {"params": params, **state.model_state}
+            kw = self._kw(True, mask)
+            if mutable:
+                logits, new_state = self.model.apply(
+                    variables, xb, rngs={"dropout": key}, mutable=mutable, **kw
+                )
+            else:
+                logits, new_state = self.model.apply(variables, xb, rngs={"dropout": key}, **kw), {}
             ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-            return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
+            total = jnp.sum(ce * w)
+            return total / jnp.maximum(jnp.sum(w), 1.0), (new_state, total)
 
-        grads = jax.grad(loss_fn)(state.params)
+        grads, (new_model_state, total) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1)
+        step = state.step + 1
+        avg = _average(self.config.optim, state.avg_params, params, step)
+        return TrainState(params, opt_state, step, dict(new_model_state), avg), total
 
-    def _train_shard(self, state, x, y, rows, mask, n_steps):
-        """Run ``n_steps`` (<= C) steps of one shard. x: ``[Ncap, *feat]``, rows/mask: ``[C, B]``."""
+    def _train_shard(self, state, x, y, rows, mask, n_steps, meta):
+        """Run ``n_steps`` (<= C) steps of one shard. x: ``[Ncap, *feat]``, rows/mask: ``[C, B]``,
+        meta: ``[3]`` int32 (shard, slice, index of the chunk's first step in the slice step).
 
-        def body(t, st):
+        Returns ``(state, summed loss over the chunk's real examples)``.
+        """
+        base = jax.random.PRNGKey(self.config.sisa.seed)
+        key = jax.random.fold_in(jax.random.fold_in(base, meta[0]), meta[1])
+        offset = meta[2]
+
+        def body(t, carry):
+            st, loss = carry
             r, m = rows[t], mask[t]
-            xb = x[r]
+            xb = self.prepare(x[r])
             xb = jnp.where(m.reshape((-1,) + (1,) * (xb.ndim - 1)), xb, jnp.zeros_like(xb))
             yb = jnp.where(m, y[r], 0)
-            return jax.lax.cond(
-                jnp.any(m), lambda s: self._shard_step(s, xb, yb, m), lambda s: s, st
+            k = jax.random.fold_in(key, offset + t)
+            st, total = jax.lax.cond(
+                jnp.any(m),
+                lambda s: self._shard_step(s, xb, yb, m, k),
+                lambda s: (s, _zero_like_step(s)),
+                st,
             )
+            return st, loss + total
 
-        return jax.lax.fori_loop(0, n_steps, body, state)
+        return jax.lax.fori_loop(0, n_steps, body, (state, _zero_like_step(state)))
 
-    def _program(self, states, x, y, rows, mask, n_steps):
-        """All shards: states ``[W]``, x ``[W, Ncap, *feat]``, y ``[W, Ncap]``, rows/mask ``[W, C, B]``."""
+    def _program(self, states, x, y, rows, mask, n_steps, meta):
+        """Shards ``[W]``: x ``[W, Ncap, *feat]``, y ``[W, Ncap]``, rows/mask ``[W, C, B]``,
+        n_steps ``[W]``, meta ``[W, 3]``."""
+        args = (states, x, y, rows, mask, n_steps, meta)
         if self.shard_exec == "vmap":
-            return jax.vmap(self._train_shard)(states, x, y, rows, mask, n_steps)
-        return jax.lax.map(lambda a: self._train_shard(*a), (states, x, y, rows, mask, n_steps))
+            return jax.vmap(self._train_shard)(*args)
+        return jax.lax.map(lambda a: self._train_shard(*a), args)
 
-    def _shard_map_program(self, states, x, y, rows, mask, n_steps):
-        """``_program`` on every device's block of shards, as one SPMD program."""
+    def _shard_map_program(self, *args):
         spec = PartitionSpec(SHARD_AXIS)
-        return jax.shard_map(self._program, mesh=self.mesh, in_specs=spec, out_specs=spec)(
-            states, x, y, rows, mask, n_steps
-        )
+        return jax.shard_map(self._program, mesh=self.mesh, in_specs=spec, out_specs=spec)(*args)
 
     def _lower(self, fn, width: int, capacity: int, sharding) -> jax.stages.Lowered:
         def spec(shape, dtype):
@@ -454,16 +423,16 @@ class Engine:
             spec((width, c, b), jnp.int32),
             spec((width, c, b), jnp.bool_),
             spec((width,), jnp.int32),
+            spec((width, 3), jnp.int32),
         )
-        return jax.jit(fn, donate_argnums=0).lower(*args)
+        return jax.jit(fn).lower(*args)
 
     def compiled(self, width: int, capacity: int, stats: TrainStats | None = None):
         """The compiled program for ``width`` shards of ``capacity`` rows (cached).
 
         It takes states ``[W, ...]``, x ``[W, Ncap, *feat]``, y ``[W, Ncap]``, rows/mask
-        ``[W, C, B]`` and n_steps ``[W]`` placed by :meth:`shard_sharding`, returns the states
-        (donating the input states), and has ``as_text()``. With several devices ``W`` must be a
-        multiple of the device count (:meth:`padded_width`).
+        ``[W, C, B]``, n_steps ``[W]`` and meta ``[W, 3]`` (shard, slice, first step index: they
+        key dropout), placed by :meth:`shard_sharding`, returns the states, and has ``as_text()``.
         """
         if width % self.num_devices:
             raise ValueError(f"width {width} is not a multiple of {self.num_devices} devices")
@@ -471,11 +440,12 @@ class Engine:
         if key not in self._compiled:
             t0 = time.perf_counter()
             if self.partitioning == "single":
-                sharding = self.shard_sharding()
-                program = self._lower(self._program, width, capacity, sharding).compile()
+                program = self._lower(self._program, width, capacity, self.shard_sharding())
+                program = program.compile()
             elif self.partitioning == "shard_map":
-                sharding = self.shard_sharding()
-                program = self._lower(self._shard_map_program, width, capacity, sharding)
+                program = self._lower(
+                    self._shard_map_program, width, capacity, self.shard_sharding()
+                )
                 program = program.compile()
             else:
                 local = width // self.num_devices
@@ -494,140 +464,195 @@ class Engine:
                 stats.compile_s += time.perf_counter() - t0
         return self._compiled[key]
 
+    # -- placement ----------------------------------------------------------------------------
+    def place(self, jobs: Sequence[ShardJob]) -> tuple[int, list[int]]:
+        """``(width, position of each job)``: where each job runs in the stacked program.
+
+        Every program of a run has the run's width (its shard count, padded to the devices), so
+        a forget reuses the program training compiled (in this process, or from the persistent
+        compilation cache in a new one): shards a request does not touch are inert positions that
+        run zero steps. ``vmap`` runs keep every shard at its own index (their bits can depend on
+        the position's width); ``map`` runs are balanced over the devices by their work (largest
+        first, each to the least loaded device).
+        """
+        width = self.vmap_width
+        if self.shard_exec == "vmap":
+            positions = [j.shard % width for j in jobs]
+            if len(set(positions)) != len(positions):
+                raise ValueError(f"vmap jobs must be distinct shards of a width-{width} run")
+            return width, positions
+        n = self.num_devices
+        local = max(width // n, -(-len(jobs) // n))
+        per_device: list[list[int]] = [[] for _ in range(n)]
+        load = [0] * n
+        work = [len(j.data) * (self.config.sisa.slices - j.start_slice) for j in jobs]
+        for i in sorted(range(len(jobs)), key=lambda i: -work[i]):
+            free = [d for d in range(n) if len(per_device[d]) < local]
+            d = min(free, key=lambda d: (load[d], len(per_device[d])))
+            per_device[d].append(i)
+            load[d] += work[i]
+        positions = [0] * len(jobs)
+        for d, members in enumerate(per_device):
+            for slot, i in enumerate(members):
+                positions[i] = d * local + slot
+        return local * n, positions
+
     # -- driving slices -----------------------------------------------------------------------
-    def train_slices(
+    def run(
         self,
-        shards: Sequence[int],
-        data: Sequence[ShardData],
-        start_states: PyTree,
-        start_slices: Sequence[int],
+        jobs: Sequence[ShardJob],
         *,
         capacity: int | None = None,
-        on_slice: Callable[[int, PyTree], None] | None = None,
+        on_slice: Callable[[SliceOutput], None] | None = None,
         progress: Callable[[int], None] | None = None,
-    ) -> tuple[PyTree, TrainStats]:
-        """Train shards from their start slice to the last slice, all in one program.
+    ) -> tuple[list[PyTree], TrainStats]:
+        """Train every job from its start slice to the last slice, all in one program.
 
         Args:
-          shards: ``[W]`` shard indices (they key the batch order).
-          data: ``[W]`` each shard's retained data.
-          start_states: stacked ``[W, ...]`` state of each shard just before its start slice.
-          start_slices: ``[W]`` first slice to (re)train for each shard (0-based).
+          jobs: the shards to train (see :class:`ShardJob`).
           capacity: rows per shard in the device array (>= the largest shard); fixed per run so
-            deletions never change shapes.
-          on_slice: called as ``on_slice(j, states)`` after slice ``j`` with the stacked numpy
-            states ``[W, ...]``; rows of shards with ``start_slices[i] > j`` are their start state.
-          progress: called with the number of gradient steps just run (for progress bars).
+            deletions never change shapes (default: the largest job).
+          on_slice: called after every slice step with a :class:`SliceOutput` (device arrays;
+            the engine does not wait for them, so saving overlaps with the next slice).
+          progress: called with the number of gradient steps just dispatched.
 
         Returns:
-          (final stacked states ``[W, ...]`` as numpy, :class:`TrainStats`).
+          (``[len(jobs)]`` final one-shard states as numpy, :class:`TrainStats`).
         """
         sisa = self.config.sisa
-        width = len(shards)
-        cap = max(1, max(len(d) for d in data)) if capacity is None else capacity
-        if any(len(d) > cap for d in data):
+        if not jobs:
+            return [], TrainStats()
+        cap = max(1, max(len(j.data) for j in jobs)) if capacity is None else capacity
+        if any(len(j.data) > cap for j in jobs):
             raise ValueError("a shard holds more rows than the capacity")
         stats = TrainStats()
-        # with several devices: pad to a multiple of the device count with inert shards
-        padded = self.padded_width(width) if self.num_devices > 1 else width
-        program = self.compiled(padded, cap, stats)
-        x = np.zeros((padded, cap, *self.feature_shape), self.x_dtype)
-        y = np.zeros((padded, cap), np.int32)
-        for i, d in enumerate(data):
-            x[i, : len(d)] = d.x
-            y[i, : len(d)] = d.y
-        x_dev, y_dev = self.put(x), self.put(y)
-        states = self.put(pad_rows(start_states, padded))
-
-        def to_host(st: PyTree) -> PyTree:
-            got = jax.device_get(st)
-            return got if padded == width else jax.tree.map(lambda a: a[:width], got)
-
-        c, b = self.chunk_steps, self.batch_size
-        first = min(start_slices) if len(start_slices) else sisa.slices
+        width, pos = self.place(jobs)
+        program = self.compiled(width, cap, stats)
         t0 = time.perf_counter()
-        for j in range(first, sisa.slices):
-            batches = []
-            for i, d in enumerate(data):
-                if start_slices[i] > j:
-                    batches.append(None)
+        x = np.zeros((width, cap, *self.feature_shape), self.x_dtype)
+        y = np.zeros((width, cap), np.int32)
+        starts = np.full(width, sisa.slices, np.int64)
+        shard_of = np.zeros(width, np.int64)
+        init: list[PyTree | None] = [None] * width
+        for i, job in enumerate(jobs):
+            p = pos[i]
+            x[p, : len(job.data)] = job.data.x
+            y[p, : len(job.data)] = job.data.y
+            starts[p], shard_of[p] = job.start_slice, job.shard
+            if job.start_state is None and job.start_slice != 0:
+                raise ValueError(f"shard {job.shard}: start_state is needed after slice 0")
+            init[p] = self.init_state(job.shard) if job.start_state is None else job.start_state
+        filler = next(s for s in init if s is not None)
+        states = self.put(stack_states([filler if s is None else s for s in init]))
+        x_dev, y_dev = self.put(x), self.put(y)
+        c, b = self.chunk_steps, self.batch_size
+        for j in range(int(starts.min()), sisa.slices):
+            batches: dict[int, Any] = {}
+            for i, job in enumerate(jobs):
+                if job.start_slice > j:
                     continue
+                d = job.data
                 sel = d.slices <= j
-                batches.append(
-                    slice_step_batches(
-                        d.ids[sel],
-                        np.flatnonzero(sel),
-                        seed=sisa.seed,
-                        shard=int(shards[i]),
-                        slice_index=j,
-                        epochs=sisa.epochs_per_slice_step,
-                        batch_size=b,
-                    )
+                batches[pos[i]] = slice_step_batches(
+                    d.ids[sel],
+                    np.flatnonzero(sel),
+                    seed=sisa.seed,
+                    shard=job.shard,
+                    slice_index=j,
+                    epochs=sisa.epochs_per_slice_step,
+                    batch_size=b,
                 )
                 stats.shard_slices += 1
-            steps = np.array([0 if sb is None else sb.num_steps for sb in batches])
+            steps = np.zeros(width, np.int64)
+            examples = np.zeros(width, np.int64)
+            for p, sb in batches.items():
+                steps[p] = sb.num_steps
+                examples[p] = sb.num_examples
+            losses = []
             for chunk in range(math.ceil(steps.max(initial=0) / c)):
-                rows = np.zeros((padded, c, b), np.int32)
-                mask = np.zeros((padded, c, b), bool)
-                n_steps = np.zeros(padded, np.int32)
-                n_steps[:width] = np.clip(steps - chunk * c, 0, c)
-                for i, sb in enumerate(batches):
-                    if n_steps[i]:
-                        lo = chunk * c
-                        rows[i, : n_steps[i]] = sb.rows[lo : lo + n_steps[i]]
-                        mask[i, : n_steps[i]] = sb.mask[lo : lo + n_steps[i]]
-                        stats.examples += int(mask[i].sum())
-                states = program(states, x_dev, y_dev, *self.put((rows, mask, n_steps)))
+                lo = chunk * c
+                rows = np.zeros((width, c, b), np.int32)
+                mask = np.zeros((width, c, b), bool)
+                n_steps = np.clip(steps - lo, 0, c).astype(np.int32)
+                for p, sb in batches.items():
+                    t = int(n_steps[p])
+                    if t:
+                        rows[p, :t] = sb.rows[lo : lo + t]
+                        mask[p, :t] = sb.mask[lo : lo + t]
+                meta = np.stack([shard_of, np.full(width, j), np.full(width, lo)], 1)
+                stats.examples += int(mask.sum())
+                states, loss = program(
+                    states, x_dev, y_dev, *self.put((rows, mask, n_steps, meta.astype(np.int32)))
+                )
+                losses.append(loss)
                 stats.program_calls += 1
                 if progress is not None:
                     progress(int(n_steps.sum()))
             stats.grad_steps += int(steps.sum())
             if on_slice is not None:
-                on_slice(j, to_host(states))
-        states = to_host(jax.block_until_ready(states))
+                active = {i: pos[i] for i, job in enumerate(jobs) if job.start_slice <= j}
+                on_slice(SliceOutput(j, states, active, losses, examples))
+        host = jax.device_get(jax.block_until_ready(states))
         stats.train_s += time.perf_counter() - t0
-        return states, stats
+        finals = [jax.tree.map(lambda a, p=p: np.asarray(a[p]), host) for p in pos]
+        return finals, stats
 
     # -- inference ----------------------------------------------------------------------------
-    def _predict_stack(self, params, x):
+    def _predict_stack(self, variables, x):
+        x = self.prepare(x)
+
+        def one(v):
+            return self.model.apply(v, x, **self._kw(False))
+
         if self.partitioning != "shard_map":
-            return jax.vmap(lambda p: self.model.apply(p, x))(params)
+            return jax.vmap(one)(variables)
         spec = PartitionSpec(SHARD_AXIS)
         return jax.shard_map(
-            lambda p, xb: jax.vmap(lambda q: self.model.apply(q, xb))(p),
+            lambda v, xb: jax.vmap(lambda q: self.model.apply(q, xb, **self._kw(False)))(v),
             mesh=self.mesh,
             in_specs=(spec, PartitionSpec()),
             out_specs=spec,
-        )(params, x)
+        )(variables, x)
 
-    def _predict(self, params: PyTree, n_models: int) -> Callable[[np.ndarray], np.ndarray]:
+    def predict_variables(self, states: PyTree) -> PyTree:
+        """The variables prediction uses from stacked states: averaged params when weight
+        averaging is on, plus the model's other collections."""
+        params = states.params if states.avg_params is None else states.avg_params
+        return {"params": params, **dict(states.model_state)}
+
+    def _predict(self, variables: PyTree, n_models: int) -> Callable[[np.ndarray], np.ndarray]:
         """``xb [M, *feat] -> [S, M, C]`` with the models split over the devices."""
         if self.num_devices == 1:
-            return lambda xb: np.asarray(self._predict_fn(params, xb))
-        params = self.put(pad_rows(params, self.padded_width(n_models)))
+            return lambda xb: np.asarray(self._predict_fn(variables, xb))
+        variables = self.put(pad_rows(variables, self.padded_width(n_models)))
         if self.partitioning == "shard_map":
-            return lambda xb: np.asarray(self._predict_fn(params, xb))[:n_models]
-        flat, tree = jax.tree.flatten(params)
-        blocks = [_blocks(a, self.devices) for a in flat]
+            return lambda xb: np.asarray(self._predict_fn(variables, xb))[:n_models]
+        flat, tree = jax.tree.flatten(variables)
+        blocks = [device_blocks(a, self.devices) for a in flat]
         per_device = [
-            jax.tree.unflatten(tree, [b[i] for b in blocks]) for i in range(self.num_devices)
+            jax.tree.unflatten(tree, [blk[i] for blk in blocks]) for i in range(self.num_devices)
         ]
 
         def run(xb: np.ndarray) -> np.ndarray:
             outs = [
-                self._predict_fn(p, jax.device_put(xb, d))
-                for p, d in zip(per_device, self.devices, strict=True)
+                self._predict_fn(v, jax.device_put(xb, d))
+                for v, d in zip(per_device, self.devices, strict=True)
             ]
             return np.concatenate([np.asarray(o) for o in outs])[:n_models]
 
         return run
 
-    def logits(self, params: PyTree, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    def logits(self, states: PyTree, x: np.ndarray, batch: int = 4096) -> np.ndarray:
         """``[S, M, num_classes]`` logits of every constituent model for ``x`` ``[M, *feat]``.
 
-        With several devices the ``S`` models are split over them and ``x`` goes to each.
+        Args:
+          states: stacked ``[S, ...]`` :class:`TrainState` (or bare stacked params).
         """
-        predict = self._predict(params, len(jax.tree.leaves(params)[0]))
+        variables = (
+            self.predict_variables(states) if isinstance(states, TrainState) else {"params": states}
+        )
+        n_models = len(jax.tree.leaves(variables)[0])
+        predict = self._predict(variables, n_models)
         outs = []
         for lo in range(0, len(x), batch):
             xb = np.asarray(x[lo : lo + batch])
@@ -637,5 +662,46 @@ class Engine:
             out = predict(xb)
             outs.append(out[:, : out.shape[1] - pad] if pad else out)
         if not outs:
-            return np.zeros((0, 0, self.num_classes), np.float32)
+            return np.zeros((n_models, 0, self.num_classes), np.float32)
         return np.concatenate(outs, axis=1)
+
+
+def _zero_like_step(state: TrainState) -> jax.Array:
+    """A float32 zero carrying the state's sharding type (shard_map needs matching branches)."""
+    return state.step.astype(jnp.float32) * 0.0
+
+
+def _average(cfg: OptimConfig, avg: PyTree, params: PyTree, step: jax.Array) -> PyTree:
+    """Update the weight average after a step (None when averaging is off)."""
+    if avg is None:
+        return None
+    if cfg.averaging == "ema":
+        d = cfg.ema_decay
+        return jax.tree.map(lambda a, p: d * a + (1.0 - d) * p, avg, params)
+    # "polyak": running mean of the iterates: avg_t = avg_{t-1} + (p_t - avg_{t-1}) / t
+    inv = 1.0 / step.astype(jnp.float32)
+    return jax.tree.map(lambda a, p: a + (p - a) * inv, avg, params)
+
+
+def _call_kwargs(model: Any) -> set[str]:
+    """Keyword arguments the model's ``__call__`` accepts among ``train`` and ``mask``."""
+    try:
+        params = inspect.signature(type(model).__call__).parameters
+    except (TypeError, ValueError):
+        return set()
+    return {k for k in ("train", "mask") if k in params}
+
+
+__all__ = [
+    "Engine",
+    "LayoutError",
+    "ShardData",
+    "ShardJob",
+    "SliceOutput",
+    "TrainState",
+    "TrainStats",
+    "make_optimizer",
+    "pad_rows",
+    "stack_states",
+    "unstack_state",
+]

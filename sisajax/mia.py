@@ -33,13 +33,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from sisajax.aggregation import softmax
 from sisajax.config import RunConfig
 from sisajax.data.partition import hash_partition, key_word
-from sisajax.engine import Engine, ShardData, resolve_shard_exec, stack_states
+from sisajax.engine import Engine, ShardData, ShardJob, stack_states
+from sisajax.layout import resolve_shard_exec
 
 PyTree = Any
 DEFAULT_FPRS = (0.01, 0.001)
@@ -414,6 +414,7 @@ def train_shadows(
     *,
     fraction: float = 0.5,
     seed: int = 0,
+    preprocessing: dict[str, float] | None = None,
 ) -> ShadowSet:
     """Train ``num_ensembles`` shadow SISA ensembles (the recipe of ``config``) in one program.
 
@@ -430,6 +431,7 @@ def train_shadows(
       num_ensembles: E (>= 2).
       fraction: share of the population each ensemble trains on.
       seed: seeds the halves and the shadows' init and batch order (never equal to the target's).
+      preprocessing: the target data set's input map (see :class:`~sisajax.data.Dataset`).
 
     Returns:
       a :class:`ShadowSet` with ``[E*S, P, C]`` logits.
@@ -462,11 +464,11 @@ def train_shadows(
                 )
             )
     x = np.asarray(population.x)
-    engine = Engine(cfg, x.shape[1:], x.dtype, num_classes)
+    engine = Engine(cfg, x.shape[1:], x.dtype, num_classes, preprocessing=preprocessing)
     capacity = int(-(-max(1, max(len(d) for d in data)) // 8) * 8)
-    init = stack_states([engine.init_state(w) for w in range(width)])
-    final, _ = engine.train_slices(list(range(width)), data, init, [0] * width, capacity=capacity)
-    logits = engine.logits(jax.tree.map(np.asarray, final.params), x)
+    jobs = [ShardJob(w, d) for w, d in enumerate(data)]
+    final, _ = engine.run(jobs, capacity=capacity)
+    logits = engine.logits(stack_states(final), x)
     active = np.array([len(d) > 0 for d in data])
     return ShadowSet(cfg, logits, member, in_ens, active, time.perf_counter() - t0)
 

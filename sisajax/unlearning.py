@@ -1,39 +1,38 @@
 """Unlearning: forget training ids exactly, by retraining only what saw them.
 
 ``plan_forget`` is pure: ids -> which shards restart at which slice. ``forget`` executes a plan:
-for every affected shard, restore the state saved just before its earliest affected slice (or the
-initial state for slice 0), drop the ids, retrain the remaining slices of all affected shards
-together in one program, write new data copies and checkpoint blocks, and switch the run's
-manifest to them in one atomic rename. Unaffected shards are not touched. The superseded files
-(checkpoints of slices trained with a forgotten id, the old data copy) are deleted after the switch.
+for every affected shard, read the one stored state from just before its earliest affected slice
+(or build the initial state for slice 0), drop the ids, retrain the remaining slices of all
+affected shards together in one program while their new checkpoints are written in the
+background, and switch the run's manifest to the new files in one atomic rename. Checkpoints
+before the restart slice are kept by name (never rewritten); the superseded ones (trained with a
+forgotten id) and the old data copy are deleted after the switch.
 
-The result is bit-identical (on a deterministic backend) to training from scratch on the retained
-ids with the same config, because the partition, the batch order and the init are pure functions
-of (seed, shard, slice, epoch, id set), and the same compiled program runs both ways.
+The result is bit-identical (on a deterministic backend, same program, same host) to training
+from scratch on the retained ids with the same config, because the partition, the batch order,
+the init and the dropout keys are pure functions of (seed, shard, slice, epoch, step, id set).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sisajax.checkpoint import sync_filesystem
 from sisajax.costs import CostReport, full_retrain_cost, slice_schedule_cost
 from sisajax.data.partition import Partition, PartitionError
-from sisajax.engine import ShardData, stack_states, unstack_state
-from sisajax.faults import fault
-from sisajax.run import Progress, SisaRun, _sha256, train, write_shard_files
+from sisajax.engine import ShardJob
+from sisajax.run import SisaRun
+from sisajax.store.faults import fault
+from sisajax.training import GenerationWriter, MetricsSink, Progress, metrics_sink, train
 
 
 class ForgetError(PartitionError):
-    """A forget request is malformed or names ids that cannot be forgotten."""
+    """A forget request is malformed or names ids that cannot be forgotten (exit code 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,48 +57,72 @@ class ForgetPlan:
 
 
 def normalise_ids(ids: Any) -> np.ndarray:
-    """Validate a user's id list: 1-D integers, no duplicates. Returns ``[K]`` int64."""
-    try:
-        arr = np.asarray(ids)
-    except Exception as e:  # ragged lists and the like
-        raise ForgetError(f"ids must be a flat list of integers: {e}") from e
-    if arr.ndim != 1:
-        raise ForgetError(f"ids must be a flat list of integers, got shape {arr.shape}")
-    if arr.size == 0:
+    """Validate a user's id list: a flat list of integers, no duplicates. Returns ``[K]`` int64.
+
+    Accepts a list, tuple, range or 1-D integer array. Floats (even ``45.0``), booleans, strings
+    and nested lists are refused: an id is an integer.
+    """
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ForgetError(f"ids must be a flat array of integers, got {ids.dtype} {ids.shape}")
+        out = ids.astype(np.int64)
+    elif isinstance(ids, list | tuple | range):
+        bad = [v for v in ids if isinstance(v, bool) or not isinstance(v, int | np.integer)]
+        if bad:
+            raise ForgetError(
+                f"ids must be integers; {len(bad)} value(s) are not (e.g. of type "
+                f"{type(bad[0]).__name__})"
+            )
+        try:
+            out = np.array([int(v) for v in ids], dtype=np.int64)
+        except OverflowError:
+            raise ForgetError("ids must fit in 64-bit integers") from None
+    else:
+        raise ForgetError(f"ids must be a list of integers, got {type(ids).__name__}")
+    if out.size == 0:
         raise ForgetError("no ids given")
-    if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == object):
-        if np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)):
-            arr = arr.astype(np.int64)
-        else:
-            raise ForgetError(f"ids must be integers, got {arr.dtype} values such as {arr[:3]}")
-    try:
-        arr = arr.astype(np.int64)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ForgetError(f"ids must be integers: {e}") from e
-    uniq, counts = np.unique(arr, return_counts=True)
+    uniq, counts = np.unique(out, return_counts=True)
     if (counts > 1).any():
-        raise ForgetError(f"duplicate ids in one request: {uniq[counts > 1].tolist()}", uniq)
-    return arr
+        raise ForgetError(f"{int((counts > 1).sum())} id(s) appear more than once in one request")
+    return out
 
 
-def plan_forget(partition: Partition, ids: Any, test_ids: np.ndarray | None = None) -> ForgetPlan:
+def plan_forget(
+    partition: Partition,
+    ids: Any,
+    test_ids: np.ndarray | None = None,
+    removed_keys: np.ndarray | None = None,
+    *,
+    redact: bool = False,
+) -> ForgetPlan:
     """Pure planning: which shards restart at which slice for forgetting ``ids``.
+
+    Args:
+      partition: the run's partition.
+      ids: the ids to forget.
+      test_ids: the run's held-out ids (never training ids).
+      removed_keys: how ``ids`` appear in ``partition.removed`` (default: the ids themselves;
+        salted hashes for runs with ``ledger.hash_ids``).
+      redact: name no id in error messages (``ledger.hash_ids``).
 
     Raises:
       ForgetError: malformed ids, duplicates, test ids, or ids that were never training ids.
     """
     arr = normalise_ids(ids)
+    keys = arr if removed_keys is None else np.asarray(removed_keys, np.int64)
+
+    def name(bad: np.ndarray) -> str:
+        return f"{len(bad)} id(s)" if redact else f"ids {bad.tolist()[:20]}"
+
     if test_ids is not None:
         bad = arr[np.isin(arr, test_ids)]
         if bad.size:
-            raise ForgetError(
-                f"ids {bad.tolist()[:20]} belong to the test split, not the training set", bad
-            )
-    already = arr[np.isin(arr, partition.removed)]
-    todo = np.sort(arr[~np.isin(arr, partition.removed)])
+            raise ForgetError(f"{name(bad)} belong to the test split, not the training set")
+    gone = np.isin(keys, partition.removed)
+    already, todo = np.sort(arr[gone]), np.sort(arr[~gone])
     unknown = todo[~partition.contains(todo)]
     if unknown.size:
-        raise ForgetError(f"unknown ids (not training ids of this run): {unknown.tolist()[:20]}")
+        raise ForgetError(f"{name(unknown)} are not training ids of this run")
     restart: dict[int, int] = {}
     locations = {}
     if todo.size:
@@ -107,28 +130,16 @@ def plan_forget(partition: Partition, ids: Any, test_ids: np.ndarray | None = No
         for i, k, j in zip(todo.tolist(), shards.tolist(), slices.tolist(), strict=True):
             locations[i] = (k, j)
             restart[k] = min(restart.get(k, j), j)
-    return ForgetPlan(todo, np.sort(already), dict(sorted(restart.items())), locations)
-
-
-def _width_bucket(n: int, total: int, shard_exec: str = "map") -> int:
-    """How many shards the retraining program runs (the extra ones are inert).
-
-    ``lax.map`` runs each shard by the same sequential program whatever the width, so the width
-    is padded to a power of two (<= S): few distinct compiles. Under ``vmap`` the bits depend on
-    the width on CPU once matrices are large (measured: a 600-128-100 MLP at width 8 differs from
-    widths 1 and 2), so a vmapped run always retrains at its training width S.
-    """
-    if shard_exec == "vmap":
-        return max(total, n)
-    w = 1
-    while w < n:
-        w *= 2
-    return min(w, max(total, n))
+    return ForgetPlan(todo, already, dict(sorted(restart.items())), locations)
 
 
 @dataclasses.dataclass
 class ForgetReport:
-    """What a forget did and cost, next to the full-retrain figures."""
+    """What a forget did and cost, next to the full-retrain figures.
+
+    ``ids`` / ``already_forgotten`` hold the caller's raw ids in memory; :meth:`to_dict` (what
+    goes into files) holds them as the run's ledger does (salted hashes with ``hash_ids``).
+    """
 
     ids: list[int]
     already_forgotten: list[int]
@@ -138,234 +149,283 @@ class ForgetReport:
     full_retrain_steps: int
     generation: int
     removed_files: list[str]
+    redacted_ids: list[Any] | None = None
+    redacted_already: list[Any] | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
-    def examples_ratio(self) -> float:
-        """Full-retrain examples / examples retrained (the speedup in examples)."""
-        return self.full_retrain_examples / max(self.cost.examples, 1)
+    def is_noop(self) -> bool:
+        return not self.ids
+
+    @property
+    def examples_ratio(self) -> float | None:
+        """Full-retrain examples / examples retrained (None for a request that retrained nothing)."""
+        if self.cost.examples == 0:
+            return None
+        return self.full_retrain_examples / self.cost.examples
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["ids"] = self.redacted_ids if self.redacted_ids is not None else self.ids
+        d["already_forgotten"] = (
+            self.redacted_already if self.redacted_already is not None else self.already_forgotten
+        )
+        d.pop("redacted_ids")
+        d.pop("redacted_already")
         d["restart"] = {str(k): v for k, v in self.restart.items()}
         d["examples_ratio"] = self.examples_ratio
         return d
 
 
 def forget(
-    run: SisaRun, ids: Any, *, progress: Progress = None, lock_timeout_s: float | None = None
+    run: SisaRun,
+    ids: Any,
+    *,
+    progress: Progress = None,
+    lock_timeout_s: float | None = None,
+    metrics: MetricsSink = None,
 ) -> ForgetReport:
     """Forget ``ids`` from ``run`` exactly. Several ids = one batched retrain.
 
-    Takes the run's writer lock (a concurrent ``forget`` waits up to ``lock_timeout_s``, default
-    the run's ``ledger.lock_timeout_s``, then fails with :class:`RunBusyError`), first finishes any
-    request an earlier crash left pending, then records this request as ``pending`` in the ledger,
-    retrains, switches the run to the new files atomically and records ``done``.
+    Takes the run's writer lock (a concurrent writer waits up to ``lock_timeout_s``, default the
+    run's ``ledger.lock_timeout_s``, then fails with ``RunBusyError``), repairs an interrupted
+    ledger append, finishes any request an earlier crash left pending, records this request as
+    ``pending``, retrains, switches the run to the new files atomically and records ``done``.
 
     Args:
       run: an open run.
       ids: training ids to forget (ids forgotten earlier are reported, not retrained).
       progress: optional ``progress(description, total_steps) -> advance(n)`` factory.
       lock_timeout_s: override of the lock wait.
+      metrics: where training losses and the request's cost go: default the run's
+        ``metrics.jsonl``, ``False`` nowhere, or a callback.
 
     Returns:
       a :class:`ForgetReport`; the run is switched to the new state when this returns.
 
     Raises:
       ForgetError: bad ids (unknown, test ids, duplicates, malformed, all ids); nothing changes.
-      CheckpointError / RunError: corrupt or missing files; nothing changes.
+      RunError / RowError / LedgerError / StorageError: damaged files or a full/read-only disk;
+        nothing changes, or the request is left pending for ``resume``.
     """
     with run.writer_lock(lock_timeout_s):
         run.reload()
+        prepare_ledger(run)
         resume(run, progress=progress, _locked=True)
-        return _forget_locked(run, ids, progress=progress)
+        return _forget_locked(
+            run, ids, progress=progress, metrics=metrics_sink(run.run_dir, metrics)
+        )
 
 
 def resume(run: SisaRun, *, progress: Progress = None, _locked: bool = False) -> list[ForgetReport]:
-    """Finish every request an interrupted ``forget`` left pending; clean up partial files.
+    """Finish every request an interrupted command left pending; clean up partial files.
 
-    The result is identical to an uninterrupted run: an interrupted request either committed its
-    new manifest (then only the clean-up and the ``done`` record are left) or did not (then its
-    partial files are deleted and it is redone from the committed state, deterministically).
+    A pending ``forget`` either committed its new manifest (then only its ``done`` record is
+    missing) or did not (then its partial files are deleted and it is redone from the committed
+    state, deterministically): the result is identical to an uninterrupted run. A pending
+    ``retrain`` that never committed is recorded as ``aborted`` (the run kept its generation).
     """
     if not _locked:
         with run.writer_lock():
             run.reload()
+            prepare_ledger(run)
             return resume(run, progress=progress, _locked=True)
     ledger = run.ledger
     reports = []
     for rec in ledger.pending():
-        ids = ledger.pending_ids(rec["request_id"])
-        run.collect_garbage()
-        if not run.partition.contains(np.asarray(ids, np.int64)).any():
-            # committed before the crash: record it as done
+        run.reload()
+        rid = rec["request_id"]
+        committed = run.manifest.origin.get("request_id") == rid
+        if rec.get("kind") == "retrain":
+            state = "done" if committed else "aborted"
+            ledger.append(rid, state, kind="retrain", resumed=True, generation=run.generation)
+            continue
+        if committed:
             fault("before_done")
             ledger.append(
-                rec["request_id"],
+                rid,
                 "done",
+                kind="forget",
                 resumed=True,
                 generation=run.generation,
                 model_fingerprints=_model_fingerprints(run, rec.get("restart", {})),
-                files_removed=[],
             )
-            ledger.clear_pending_ids(rec["request_id"])
+            continue
+        run.files.collect_garbage(run.manifest)
+        shards = sorted({int(loc[0]) for loc in rec.get("locations", {}).values()})
+        candidates = np.concatenate([run.shard_data(k).ids for k in shards] or [np.zeros(0, int)])
+        ids = ledger.resolve(rec.get("ids", []), candidates)
+        if len(ids) == 0:  # nothing of it is left to forget
+            ledger.append(rid, "done", kind="forget", resumed=True, generation=run.generation)
             continue
         reports.append(_forget_locked(run, ids, progress=progress, pending=rec))
-    for orphan in ledger.orphan_pending_files():
-        orphan.unlink()
-    run.collect_garbage()
+    run.reload()
+    run.files.collect_garbage(run.manifest)
     return reports
 
 
-def _removed_keys(run: SisaRun, ids: np.ndarray) -> np.ndarray:
-    """How forgotten ids are kept in the partition: raw, or salted hashes (``hash_ids``)."""
-    if not run.config.ledger.hash_ids:
-        return np.asarray(ids, np.int64)
+def prepare_ledger(run: SisaRun) -> str | None:
+    """Before writing: complete or drop an interrupted ledger append, and refuse a ledger that no
+    longer records the request that made the run's generation (deleted or replaced). Returns
+    what the repair did, if anything.
+
+    Raises:
+      LedgerError: the ledger is damaged or does not match the run.
+    """
+    from sisajax.store.ledger import LedgerError
+
     ledger = run.ledger
-    return np.array(
-        [int(ledger.id_hash(int(i))[:16], 16) & 0x7FFFFFFFFFFFFFFF for i in ids], dtype=np.int64
-    )
+    repaired = ledger.recover()
+    origin = run.manifest.origin.get("request_id")
+    if run.generation > 0 and origin not in ledger.requests():
+        raise LedgerError(
+            f"the ledger does not record request {origin}, which made generation "
+            f"{run.generation} (ledger deleted or replaced?); restore it before changing the run"
+        )
+    return repaired
 
 
 def _model_fingerprints(run: SisaRun, restart: dict) -> dict[str, str]:
-    """sha256 over each retrained shard's checkpoint file checksums (what the ledger records)."""
+    """sha256 over each retrained shard's row checksums (what the ledger records)."""
     out = {}
     for k in restart:
-        files = run.shard_entry(int(k))["checkpoint"]["files"]
-        out[str(k)] = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        shas = [r.sha256 for r in run.manifest.shards[int(k)].rows]
+        out[str(k)] = hashlib.sha256("".join(shas).encode()).hexdigest()
     return out
 
 
 def _forget_locked(
-    run: SisaRun, ids: Any, *, progress: Progress, pending: dict[str, Any] | None = None
+    run: SisaRun,
+    ids: Any,
+    *,
+    progress: Progress,
+    pending: dict[str, Any] | None = None,
+    metrics: MetricsSink = None,
 ) -> ForgetReport:
     t0 = time.perf_counter()
     ledger = run.ledger
-    test_ids = run.test_data()[0]
+    hashed = run.config.ledger.hash_ids
+    if hashed:
+        ledger.check_salt((run.manifest.id_hashing or {}).get("salt_fingerprint"))
     arr = normalise_ids(ids)
-    keys = _removed_keys(run, arr)
-    already_mask = np.isin(keys, run.partition.removed)
-    already = np.sort(arr[already_mask])
-    if already_mask.all():
-        plan = ForgetPlan(np.zeros(0, np.int64), already, {}, {})
-    else:
-        plan = plan_forget(run.partition, arr[~already_mask], test_ids)
-        plan = dataclasses.replace(plan, already_forgotten=already)
-    run.check_layout()  # exact only on the device layout the run was trained on
+    test_ids = run.test_data()[0]
+    plan = plan_forget(
+        run.partition, arr, test_ids, ledger.removed_keys(arr) if hashed else None, redact=hashed
+    )
     sisa = run.config.sisa
     n_left = len(run.partition.ids) - len(plan.ids)
     full_ex, full_steps = full_retrain_cost(n_left, sisa.epochs, sisa.batch_size)
+    redacted_already = ledger.redact(plan.already_forgotten) if hashed else None
     if plan.is_noop:
-        cost = CostReport(wall_s=time.perf_counter() - t0)
         ledger.append(
             ledger.new_request_id(),
             "done",
+            kind="forget",
             ids=[],
-            already_forgotten=ledger.redact(plan.already_forgotten.tolist()),
+            already_forgotten=ledger.redact(plan.already_forgotten),
             generation=run.generation,
         )
         return ForgetReport(
-            [], plan.already_forgotten.tolist(), {}, cost, full_ex, full_steps, run.generation, []
+            [],
+            plan.already_forgotten.tolist(),
+            {},
+            CostReport(wall_s=time.perf_counter() - t0),
+            full_ex,
+            full_steps,
+            run.generation,
+            [],
+            [] if hashed else None,
+            redacted_already,
         )
     if n_left == 0:
         raise ForgetError(
             "this request would forget every remaining training id; train a new run instead"
         )
-    new_part = run.partition.drop(plan.ids, removed_keys=_removed_keys(run, plan.ids))
+    run.check_layout()  # exact only on a layout that reproduces the run's bits
     shards = list(plan.restart)
-    starts = [plan.restart[k] for k in shards]
+    warnings = run.warn_foreign_hosts(
+        shards, "the retrained rows come from this host, so a shard mixes hosts"
+    )
+    new_part = run.partition.drop(plan.ids, removed_keys=ledger.removed_keys(plan.ids))
     engine = run.engine
+    gen = run.generation + 1
 
-    # restore (checksums verified) before anything is written: corrupt files change nothing
+    # read what the retrain starts from (checksums verified) before anything is written
     t_restore = time.perf_counter()
-    old_blocks = {k: run.restore_block(k) for k in shards}
-    data: list[ShardData] = []
-    start_states = []
-    for k, j in zip(shards, starts, strict=True):
-        old = run.shard_data(k)
-        keep = ~np.isin(old.ids, plan.ids)
-        data.append(ShardData(old.ids[keep], old.x[keep], old.y[keep], old.slices[keep]))
-        start_states.append(engine.init_state(k) if j == 0 else unstack_state(old_blocks[k], j - 1))
+    jobs = []
+    for k in shards:
+        j = plan.restart[k]
+        data = run.shard_data(k).without(plan.ids)
+        start = run.read_row(k, j - 1) if j > 0 else None
+        jobs.append(ShardJob(k, data, j, start))
     restore_s = time.perf_counter() - t_restore
 
+    redacted = ledger.redact(plan.ids)
     if pending is None:
         request_id = ledger.new_request_id()
-        ledger.write_pending_ids(request_id, plan.ids.tolist())
         ledger.append(
             request_id,
             "pending",
-            ids=ledger.redact(plan.ids.tolist()),
+            kind="forget",
+            ids=redacted,
             locations={
-                str(i): loc
-                for i, loc in zip(
-                    ledger.redact(plan.ids.tolist()), plan.locations.values(), strict=True
-                )
+                str(r): list(plan.locations[i])
+                for r, i in zip(redacted, plan.ids.tolist(), strict=True)
             },
             restart={str(k): j for k, j in plan.restart.items()},
-            checkpoints_restored=[
-                {"shard": k, "block": run.shard_entry(k)["checkpoint"]["block"], "row": j - 1}
+            restored_rows=[
+                {
+                    "shard": k,
+                    "slice": j - 1,
+                    "generation": run.manifest.shards[k].rows[j - 1].generation,
+                }
                 for k, j in plan.restart.items()
+                if j > 0
             ],
             generation_before=run.generation,
+            generation_target=gen,
         )
     else:
         request_id = pending["request_id"]
     fault("after_pending")
 
-    # pad to a width bucket with inert entries (start slice R: never trained)
-    width = _width_bucket(len(shards), run.num_shards, run.engine.shard_exec)
-    pad = width - len(shards)
-    all_shards = shards + [shards[0]] * pad
-    empty = ShardData(data[0].ids[:0], data[0].x[:0], data[0].y[:0], data[0].slices[:0])
-    all_data = data + [empty] * pad
-    all_starts = starts + [run.num_slices] * pad
-    all_states = stack_states(start_states + [start_states[0]] * pad)
-
-    per_slice: dict[int, Any] = {}
-
-    def on_slice(j: int, st: Any) -> None:
-        per_slice[j] = st
-        fault("mid_retrain")
-
-    sizes = new_part.sizes()[shards]
-    total = slice_schedule_cost(sizes, sisa.epochs, sisa.batch_size, np.array(starts))[1]
-    advance = progress("forget", total) if progress else None
-    _, stats = engine.train_slices(
-        all_shards,
-        all_data,
-        all_states,
-        all_starts,
-        capacity=run.capacity,
-        on_slice=on_slice,
-        progress=advance,
-    )
-
-    # save: new blocks = old rows before the restart slice + retrained rows, under new names
-    t_save = time.perf_counter()
-    gen = run.generation + 1
-    manifest = copy.deepcopy(run.manifest)
-    fp = run.manifest["config_fingerprint"]
-    for i, (k, j) in enumerate(zip(shards, starts, strict=True)):
-        rows = [
-            unstack_state(old_blocks[k], r) if r < j else unstack_state(per_slice[r], i)
-            for r in range(run.num_slices)
-        ]
-        manifest["shards"][str(k)] = write_shard_files(
-            run, k, gen, data[i], stack_states(rows), run.store, fp, run.num_slices
+    writer = GenerationWriter(run.files, gen, engine, run.manifest.config_fingerprint, metrics)
+    try:
+        for job in jobs:
+            writer.add_shard(job.shard, job.data)
+        writer.add_partition(new_part)
+        total = slice_schedule_cost(
+            new_part.sizes()[shards],
+            sisa.epochs,
+            sisa.batch_size,
+            np.array([plan.restart[k] for k in shards]),
+        )[1]
+        advance = progress("forget", total) if progress else None
+        _, stats = engine.run(
+            jobs, capacity=run.capacity, on_slice=writer.on_slice(shards), progress=advance
         )
-        fault("mid_save")
-    part_file = f"partition.g{gen:06d}.npz"
-    new_part.save(run.run_dir / part_file)
-    manifest["partition"] = {
-        **manifest["partition"],
-        "file": part_file,
-        "sha256": _sha256(run.run_dir / part_file),
-    }
-    manifest["generation"] = gen
-    sync_filesystem(run.run_dir)  # every new file durable before the manifest names it
+        t_save = time.perf_counter()
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    manifest = run.manifest
+    for k in shards:
+        manifest = manifest.with_shard(
+            k, writer.shard_entry(k, manifest.shards[k], plan.restart[k])
+        )
+    live_hosts = {r.host for e in manifest.shards for r in e.rows}
+    hosts = {h: i for h, i in {**manifest.hosts, **writer.hosts}.items() if h in live_hosts}
+    manifest = manifest.replace(
+        generation=gen,
+        partition=writer.other["partition"].result(),
+        hosts=hosts,
+        origin={"op": "forget", "request_id": request_id},
+    )
     fault("before_commit")
-    removed = run.commit(manifest)
+    removed, _ = run.files.commit(manifest, run.config.ledger.lock_timeout_s)
+    run.reload()
     save_s = time.perf_counter() - t_save
-
     cost = CostReport(
         wall_s=time.perf_counter() - t0,
         compile_s=stats.compile_s,
@@ -376,18 +436,32 @@ def _forget_locked(
         grad_steps=stats.grad_steps,
         shard_slices=stats.shard_slices,
         shards=len(shards),
+        writer_busy_s=writer.writer.busy_s,
     )
     fault("before_done")
     ledger.append(
         request_id,
         "done",
+        kind="forget",
         generation=gen,
         model_fingerprints=_model_fingerprints(run, plan.restart),
         files_removed=removed,
         cost=cost.to_dict(),
         resumed=pending is not None,
     )
-    ledger.clear_pending_ids(request_id)
+    cost.wall_s = time.perf_counter() - t0
+    if metrics:
+        metrics(
+            {
+                "event": "forget",
+                "generation": gen,
+                "ids": len(plan.ids),
+                "shards": len(shards),
+                "restart": {str(k): j for k, j in plan.restart.items()},
+                **{k: v for k, v in cost.to_dict().items() if k != "shards"},
+                "full_retrain_examples": full_ex,
+            }
+        )
     return ForgetReport(
         plan.ids.tolist(),
         plan.already_forgotten.tolist(),
@@ -397,6 +471,9 @@ def _forget_locked(
         full_steps,
         gen,
         removed,
+        redacted if hashed else None,
+        redacted_already,
+        warnings,
     )
 
 

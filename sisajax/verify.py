@@ -9,16 +9,18 @@ directory as it is now:
    run's seed), independently of the stored partition and data copies.
 2. It retrains the chosen shards from their initial state with the run's engine (same config,
    seeds, ``shard_exec`` and fixed row capacity as ``sj.train``; shards are padded to the same
-   width buckets that ``sj.forget`` uses), keeping every slice's state in memory.
+   the run's fixed program width that ``sj.forget`` uses), keeping every slice's state in memory.
 3. It compares every row of every stored block (``run.restore_block(k)``, shape ``[R, ...]``) with
    the retrained state after the same slice: bit-for-bit, and by maximum absolute difference (the
    useful number on a backend that is not deterministic).
 4. It checks that the id fingerprints each checkpoint records (in the manifest and in the block's
    own ``sisa_meta.json``) name exactly the retained ids of that (shard, slice prefix).
 
-Bit-identity holds on a deterministic backend with the library versions pinned in
-``pyproject.toml``, the same config and ``shard_exec``, and the same device layout; see
-``docs/forgetting-evidence.md`` for the conditions and the XLA flags for GPUs.
+Bit-identity is promised for training states produced by the same program on the same host
+(:mod:`sisajax.host`: jax/jaxlib versions, backend, device kind, CPU ISA features, XLA flags).
+When a verified checkpoint was written on another host, a bitwise comparison is not meaningful:
+the report says so and compares within a tolerance it reports (``cross_host_tolerance``, or the
+given ``atol``). See ``docs/forgetting-evidence.md`` for the conditions and GPU flags.
 """
 
 from __future__ import annotations
@@ -33,17 +35,22 @@ from typing import Any
 import jax
 import numpy as np
 
-from sisajax.checkpoint import CheckpointError
+from sisajax import host as host_mod
 from sisajax.data.datasets import Dataset
 from sisajax.data.partition import Partition, fingerprint_ids, hash_partition
-from sisajax.engine import ShardData, stack_states
-from sisajax.run import RunError, SisaRun, library_versions, train
-from sisajax.unlearning import _width_bucket
+from sisajax.engine import ShardData, ShardJob, SliceOutput, stack_states
+from sisajax.errors import RunError, UserInputError
+from sisajax.run import SisaRun
+from sisajax.store.manifest import Manifest, row_file
+from sisajax.store.rows import RowError, read_row
+from sisajax.training import library_versions, train
+
+CROSS_HOST_TOLERANCE = 1e-3
 
 PyTree = Any
 
 
-class VerifyError(ValueError):
+class VerifyError(UserInputError, ValueError):
     """The shards to verify were specified incorrectly."""
 
 
@@ -131,6 +138,9 @@ class VerifyReport:
       mode: ``in_memory`` (engine retrain, nothing written) or ``full_train`` (a whole new run
         trained by ``sj.train`` in ``workdir``).
       retrain_s: wall seconds spent retraining (compile included).
+      host_now: this process's host id; foreign_hosts: ``{host id: differences}`` of verified
+        checkpoints written on other hosts. With any, ``bitwise_meaningful`` is False and shards
+        are compared within ``tolerance`` (``atol``, default ``CROSS_HOST_TOLERANCE``).
     """
 
     shards: list[ShardVerification]
@@ -146,15 +156,31 @@ class VerifyReport:
     mode: str
     retrain_s: float
     wall_s: float
+    host_now: str = ""
+    foreign_hosts: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def versions_match(self) -> bool:
-        return self.versions_now == self.versions_run
+        keys = set(self.versions_now) & set(self.versions_run)
+        return all(self.versions_now[k] == self.versions_run[k] for k in keys)
+
+    @property
+    def bitwise_meaningful(self) -> bool:
+        """Every verified checkpoint was written by this host: bits must match exactly."""
+        return not self.foreign_hosts
+
+    @property
+    def tolerance(self) -> float | None:
+        """The max |diff| accepted: ``atol``, or on another host ``CROSS_HOST_TOLERANCE``."""
+        if self.atol is not None:
+            return self.atol
+        return None if self.bitwise_meaningful else CROSS_HOST_TOLERANCE
 
     @property
     def mismatched_shards(self) -> list[int]:
         """Shards whose checkpoints are not (close to) the from-scratch retrain."""
-        return [s.shard for s in self.shards if s.status(self.atol) not in ("identical", "close")]
+        tol = self.tolerance
+        return [s.shard for s in self.shards if s.status(tol) not in ("identical", "close")]
 
     @property
     def fingerprint_mismatches(self) -> list[int]:
@@ -171,13 +197,15 @@ class VerifyReport:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["shards"] = [s.to_dict(self.atol) for s in self.shards]
+        d["shards"] = [s.to_dict(self.tolerance) for s in self.shards]
         d.update(
             ok=self.ok,
             versions_match=self.versions_match,
             mismatched_shards=self.mismatched_shards,
             fingerprint_mismatches=self.fingerprint_mismatches,
             verified_shards=[s.shard for s in self.shards],
+            bitwise_meaningful=self.bitwise_meaningful,
+            tolerance=self.tolerance,
         )
         return d
 
@@ -208,7 +236,7 @@ class _Snapshot:
     """What verify reads from one committed generation (taken under the run's reader lock)."""
 
     generation: int
-    manifest: dict[str, Any]
+    manifest: Manifest
     dataset: Dataset  # the retained ids (+ test split)
     data: list[ShardData]  # reference per-shard data of a from-scratch run
     partition_kind: str  # "hash" or "explicit"
@@ -229,15 +257,10 @@ def _reference_partition(run: SisaRun, ds: Dataset) -> tuple[Partition, str, boo
     hashed = hash_partition(ds.train_ids, sisa.shards, sisa.slices, sisa.seed)
     stored = run.partition
     same_ids = np.array_equal(stored.ids, hashed.ids)
-    # the manifest records how the run was partitioned (runs from before that record: infer it)
-    kind = run.manifest["partition"].get("kind")
-    if kind is None:
-        same = np.array_equal(stored.shard, hashed.shard) and np.array_equal(
-            stored.slice, hashed.slice
-        )
-        kind = "explicit" if same_ids and not same else "hash"
+    kind = run.manifest.partition_kind
     ref = stored if kind == "explicit" else hashed
-    consistent = bool(same_ids and not np.isin(stored.removed, ref.ids).any())
+    keys = run.ledger.removed_keys(ref.ids) if run.config.ledger.hash_ids else ref.ids
+    consistent = bool(same_ids and not np.isin(keys, stored.removed).any())
     for k in range(sisa.shards):
         d = run.shard_data(k)
         sel = ref.shard == k
@@ -248,7 +271,7 @@ def _reference_partition(run: SisaRun, ds: Dataset) -> tuple[Partition, str, boo
 
 
 def _snapshot(run: SisaRun, chosen: list[int]) -> _Snapshot:
-    """Read the retained data and the chosen shards' stored blocks from one generation."""
+    """Read the retained data and the chosen shards' stored checkpoints from one generation."""
     with run.reader_lock():
         run.reload()
         ds = run.retained_dataset()
@@ -265,39 +288,33 @@ def _snapshot(run: SisaRun, chosen: list[int]) -> _Snapshot:
                 )
             )
         stored = {}
+        spec = run.row_spec()
         for k in chosen:
-            entry = run.shard_entry(k)
-            fps = list(entry.get("fingerprints") or [])
-            block, error, meta_fps = None, None, []
+            entry = run.manifest.shards[k]
+            fps = list(entry.fingerprints)
+            block, error, header_fps = None, None, []
             try:
-                meta_fps = list(run.store.read_meta(entry["checkpoint"]).get("fingerprints") or [])
+                for j, ref in enumerate(entry.rows):
+                    rel = row_file(k, j, ref.generation)
+                    header, _ = read_row(run.files.path(rel), ref.sha256, spec, rel)
+                    header_fps.append(header.get("ids_fingerprint"))
                 block = run.restore_block(k)
-            except (CheckpointError, RunError, OSError, ValueError) as e:
+            except (RowError, RunError, OSError, ValueError) as e:
                 error = str(e)
-            stored[k] = (fps, meta_fps, block, error)
+            stored[k] = (fps, header_fps, block, error)
         return _Snapshot(run.generation, run.manifest, ds, data, kind, consistent, stored)
 
 
-def _retrain_in_memory(run: SisaRun, shards: list[int], data: list[ShardData]) -> PyTree:
-    """Every slice's state of ``shards`` trained from scratch: stacked ``[R, W, ...]`` (numpy)."""
-    engine = run.engine
-    width = _width_bucket(len(shards), run.num_shards, run.engine.shard_exec)
-    pad = width - len(shards)
-    empty = ShardData(data[0].ids[:0], data[0].x[:0], data[0].y[:0], data[0].slices[:0])
-    all_shards = shards + [shards[0]] * pad
-    all_data = data + [empty] * pad
-    starts = [0] * len(shards) + [run.num_slices] * pad  # padding rows never train
-    init = [engine.init_state(k) for k in shards]
-    per_slice: list[PyTree] = []
-    engine.train_slices(
-        all_shards,
-        all_data,
-        stack_states(init + [init[0]] * pad),
-        starts,
-        capacity=run.capacity,
-        on_slice=lambda j, st: per_slice.append(st),
-    )
-    return stack_states(per_slice)
+def retrain_from_scratch(run: SisaRun, shards: list[int], data: list[ShardData]) -> list[PyTree]:
+    """Every slice's state of ``shards`` trained from scratch: ``[W]`` stacked ``[R, ...]``."""
+    per_slice: list[dict[int, PyTree]] = []
+
+    def keep(out: SliceOutput) -> None:
+        per_slice.append(out.fetch())
+
+    jobs = [ShardJob(k, d) for k, d in zip(shards, data, strict=True)]
+    run.engine.run(jobs, capacity=run.capacity, on_slice=keep)
+    return [stack_states([rows[i] for rows in per_slice]) for i in range(len(shards))]
 
 
 def _compare_rows(stored: PyTree, fresh: PyTree, r: int) -> tuple[list[bool], list[float]]:
@@ -345,12 +362,13 @@ def verify(
         disk) and compare with it, instead of the in-memory engine retrain of only the chosen
         shards. Slower; an end-to-end cross-check of the in-memory path.
       atol: shards whose max absolute difference is ``<= atol`` count as ``close`` and pass (for
-        backends that are not bit-deterministic). None requires bit-identity.
-      write: write the report to ``run_dir/results/verify.json``.
+        backends that are not bit-deterministic, or checkpoints from another host). None: bits
+        must match on this host; ``CROSS_HOST_TOLERANCE`` for checkpoints of other hosts.
+      write: write the report into ``run_dir/results/`` (skipped on a read-only run).
 
     Returns:
-      a :class:`VerifyReport`; ``report.ok`` is False if any verified shard differs or any
-      fingerprint does not name the retained ids.
+      a :class:`VerifyReport`; ``report.ok`` is False if any verified shard differs (beyond the
+      tolerance) or any fingerprint does not name the retained ids.
 
     Raises:
       VerifyError: bad ``shards`` / ``sample``.
@@ -362,8 +380,8 @@ def verify(
 
     t_train = time.perf_counter()
     if workdir is None:
-        fresh_all = _retrain_in_memory(run, chosen, [snap.data[k] for k in chosen])  # [R, W, ...]
-        fresh = {k: jax.tree.map(lambda a, i=i: a[:, i], fresh_all) for i, k in enumerate(chosen)}
+        fresh_list = retrain_from_scratch(run, chosen, [snap.data[k] for k in chosen])
+        fresh = dict(zip(chosen, fresh_list, strict=True))
         mode = "in_memory"
     else:
         ids = np.concatenate([d.ids for d in snap.data])
@@ -382,22 +400,23 @@ def verify(
     for k in chosen:
         d = snap.data[k]
         expected = [fingerprint_ids(d.ids[d.slices <= j]) for j in range(r)]
-        fps, meta_fps, block, error = snap.stored[k]
+        fps, header_fps, block, error = snap.stored[k]
         fp_ok = [j < len(fps) and fps[j] == expected[j] for j in range(r)]
-        meta_ok = [j < len(meta_fps) and meta_fps[j] == expected[j] for j in range(r)]
+        meta_ok = [j < len(header_fps) and header_fps[j] == expected[j] for j in range(r)]
         if block is None:
             same, diff = [False] * r, [float("inf")] * r
         else:
             same, diff = _compare_rows(block, fresh[k], r)
         results.append(ShardVerification(k, len(d), same, diff, fp_ok, meta_ok, error))
 
+    here, _ = host_mod.current()
     report = VerifyReport(
         shards=results,
         generation=snap.generation,
         backend=jax.default_backend(),
-        shard_exec=snap.manifest["shard_exec"],
+        shard_exec=snap.manifest.layout.get("shard_exec", ""),
         versions_now=library_versions(),
-        versions_run=dict(snap.manifest.get("versions", {})),
+        versions_run=dict(snap.manifest.versions),
         xla_flags=os.environ.get("XLA_FLAGS", ""),
         atol=atol,
         partition_consistent=snap.consistent,
@@ -405,10 +424,20 @@ def verify(
         mode=mode,
         retrain_s=retrain_s,
         wall_s=time.perf_counter() - t0,
+        host_now=here,
+        foreign_hosts=run.foreign_hosts(chosen),
     )
     if write:
         run.write_result("verify", report.to_dict())
     return report
 
 
-__all__ = ["ShardVerification", "VerifyError", "VerifyReport", "choose_shards", "verify"]
+__all__ = [
+    "CROSS_HOST_TOLERANCE",
+    "ShardVerification",
+    "VerifyError",
+    "VerifyReport",
+    "choose_shards",
+    "retrain_from_scratch",
+    "verify",
+]

@@ -65,3 +65,62 @@ def assert_trees_equal(a, b) -> None:
         x, y = np.asarray(x), np.asarray(y)
         assert x.dtype == y.dtype and x.shape == y.shape
         assert x.tobytes() == y.tobytes(), "not bit-identical"
+
+
+# -- helpers shared by the run-directory tests ----------------------------------------------------
+
+import os  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def copy_run(src: Path, dst: Path) -> sj.SisaRun:
+    """A private copy of a trained run (run directories are relocatable)."""
+    shutil.copytree(src, dst)
+    return sj.open_run(dst)
+
+
+def pick(run: sj.SisaRun, shard: int, slice_: int, n: int = 1) -> list[int]:
+    """The first ``n`` retained ids of (shard, slice)."""
+    d = run.shard_data(shard)
+    return [int(i) for i in d.ids[d.slices == slice_][:n]]
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("SISAJAX_CACHE_DIR", str(REPO / ".pytest_cache" / "jax-cli"))
+    env["SISAJAX_CPU_DEVICES"] = "1"  # the tests' runs are one-device runs
+    env.update(extra or {})
+    return env
+
+
+def cli_run(args: list[str], env_extra: dict[str, str] | None = None, timeout: float = 180, **kw):
+    """``sisajax ARGS`` in a fresh process (as a user would run it)."""
+    return subprocess.run(
+        [sys.executable, "-m", "sisajax.cli", *args],
+        env=cli_env(env_extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kw,
+    )
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (relative path -> bytes), lock files aside; links as targets."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.name.endswith(".lock"):
+            continue
+        rel = str(p.relative_to(root))
+        if p.is_symlink():
+            out[rel] = b"-> " + os.readlink(p).encode()
+        elif p.is_file():
+            out[rel] = p.read_bytes()
+        elif p.is_dir():
+            out[rel + "/"] = b""
+    return out

@@ -31,6 +31,6 @@ def test_inactive_shards_drop_out():
     assert aggregate(logits, "mean_prob", np.array([True, False, False])).tolist() == [0]
     with pytest.raises(ValueError, match="no active shard"):
         vote(logits, np.zeros(3, bool))
-    with pytest.raises(ValueError, match="unknown aggregation"):
+    with pytest.raises(ValueError, match="must be one of vote, mean_prob"):
         aggregate(logits, "median")
     assert accuracy(np.array([1, 0]), np.array([1, 1])) == 0.5

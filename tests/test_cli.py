@@ -1,108 +1,236 @@
-"""The Hydra layer and the `sisajax` console script (thin glue over the library)."""
+"""The `sisajax` command line: Hydra's conventions on every command, one seed, clear errors."""
+
+from __future__ import annotations
 
 import json
-from pathlib import Path
+import shutil
 
+import numpy as np
 import pytest
+from conftest import cli_run, copy_run, pick, tree_bytes
 
 import sisajax as sj
-from experiments import cli
+from sisajax.cli import main as cli
+from sisajax.cli.app import compose, conf_dir, load_commands, run_config
 
-CONF = Path(cli.CONF_DIR)
+TINY = [
+    "sisa.shards=3",
+    "sisa.slices=2",
+    "sisa.epochs=2",
+    "sisa.batch_size=8",
+    "sisa.chunk_steps=16",
+    "model.hidden=[16]",
+    "progress=false",
+]
 
 
 @pytest.mark.parametrize(
     "group,option",
     [
         (p.parent.name, p.stem)
-        for p in sorted(CONF.glob("*/*.yaml"))
-        if p.parent.name in cli.RUN_GROUPS
+        for p in sorted(conf_dir().glob("*/*.yaml"))
+        if p.parent.name in ("data", "model", "optim", "sisa", "ledger")
     ],
 )
 def test_every_config_group_option_composes_and_validates(group, option):
-    cfg = cli.compose([f"{group}={option}"])
-    rc = cli.run_config_of(cfg)
+    rc = run_config(compose("train", [f"{group}={option}"]))
     assert isinstance(rc, sj.RunConfig)
     if group == "sisa":
         assert rc.sisa.shards >= 1 and (option != "full" or rc.sisa.shards == rc.sisa.slices == 1)
-    elif group == "ledger":
-        assert rc.ledger.lock_timeout_s >= 0
     elif group == "data":
         assert rc.data.name in sj.available_datasets()
     elif group == "model":
         assert sj.build_model(rc.model, 10) is not None
-    else:
+    elif group == "optim":
         assert rc.optim.name == option
 
 
-def test_invalid_values_give_clear_errors():
-    with pytest.raises(sj.ConfigError, match="sisa.shards"):
-        cli.run_config_of(cli.compose(["sisa.shards=0"]))
-    with pytest.raises(sj.ConfigError, match="unknown keys in sisa"):
-        cli.run_config_of(cli.compose(["+sisa.shardz=3"]))
-    with pytest.raises(sj.DataError, match="unknown data set"):
-        sj.load_dataset("nope")
+@pytest.mark.parametrize("name", list(load_commands()))
+def test_every_command_answers_help_and_cfg_job(name, capsys):
+    assert cli([name, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert f"sisajax {name}" in out and "options and defaults" in out
+    if name in ("train", "paper", "demo", "mia"):
+        assert "config groups" in out and "data:" in out and "digits" in out
+    assert cli([name, "--cfg", "job"]) == 0
+    cfg = capsys.readouterr().out
+    assert cfg.strip() and "Traceback" not in cfg
 
 
-def _main(*args) -> int:
-    return cli.main(list(args))
+def test_top_level_help_and_unknown_command(capsys):
+    assert cli(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "usage: sisajax COMMAND [--help] [--cfg job] [-m] [key=value ...]" in out  # [..] kept
+    assert cli(["foo"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'foo'" in err and len(err.strip().splitlines()) == 1
 
 
-TINY = ["sisa.shards=3", "sisa.slices=2", "sisa.epochs=2", "model.hidden=[16]", "progress=false"]
+def test_seed_drives_the_run(tmp_path):
+    a = tmp_path / "a"
+    assert cli(["train", f"run_dir={a}", *TINY, "seed=1"]) == 0
+    assert cli(["train", f"run_dir={tmp_path / 'b'}", *TINY, "seed=2"]) == 0
+    ra, rb = sj.open_run(a), sj.open_run(tmp_path / "b")
+    assert ra.config.sisa.seed == 1 and rb.config.sisa.seed == 2
+    assert not np.array_equal(ra.partition.shard, rb.partition.shard)
+    assert cli(["train", f"run_dir={tmp_path / 'c'}", *TINY, "sisa.seed=3"]) == 2  # one seed knob
+
+
+def test_results_are_never_overwritten(tmp_path, capsys):
+    d = tmp_path / "run"
+    assert cli(["train", f"run_dir={d}", *TINY]) == 0
+    ids = pick(sj.open_run(d), 0, 0)
+    assert cli(["forget", f"run_dir={d}", f"ids=[{ids[0]}]", "progress=false"]) == 0
+    assert cli(["forget", f"run_dir={d}", f"ids=[{ids[0]}]", "progress=false"]) == 0  # no-op
+    out = capsys.readouterr().out
+    assert "nothing retrained" in out and "28340.0x" not in out
+    forgets = sorted((d / "results").glob("forget-g000001-*.json"))
+    assert len(forgets) == 2  # the no-op got its own file; the real report is intact
+    real = [json.loads(p.read_text()) for p in forgets]
+    assert sorted(len(r["ids"]) for r in real) == [0, 1]
+
+
+def test_hydra_run_dir_refused_without_multirun_and_honoured_with_it(tmp_path, capsys):
+    assert cli(["train", f"hydra.run.dir={tmp_path}/x", *TINY]) == 2
+    assert "multirun" in capsys.readouterr().err
+    sweep = tmp_path / "sweep"
+    code = cli(["train", "-m", f"hydra.sweep.dir={sweep}", "seed=0,1", *TINY])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
+    rows = json.loads((sweep / "sweep.json").read_text())
+    assert len(rows) == 1 and rows[0]["n"] == 2 and rows[0]["seeds"] == [0, 1]  # mean over seeds
+    assert rows[0]["vote_sd"] >= 0 and "±" in out
+    seeds = {sj.open_run(sweep / j / "run").config.sisa.seed for j in ("0", "1")}
+    assert seeds == {0, 1}
+
+
+@pytest.fixture(scope="module")
+def cli_base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "run"
+    assert cli(["train", f"run_dir={d}", *TINY]) == 0
+    sj.forget(sj.open_run(d), pick(sj.open_run(d), 1, 0))
+    return d
+
+
+def _bad_inputs(tmp_path, run_dir):
+    binary = tmp_path / "ids.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    garbage_npy = tmp_path / "ids.npy"
+    np.save(garbage_npy, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    text_npy = tmp_path / "ids2.npy"
+    text_npy.write_bytes(b"not an npy file")
+    passwd = tmp_path / "passwd"
+    passwd.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    floats = tmp_path / "floats.json"
+    floats.write_text("[1.5, 2]")
+    r = f"run_dir={run_dir}"
+    return {
+        # name: (argv, expected exit code, a word the message must contain)
+        "binary ids_file": (["forget", r, f"ids_file={binary}"], 2, "ids_file"),
+        "object npy": (["forget", r, f"ids_file={garbage_npy}"], 2, "ids_file"),
+        "garbage npy": (["forget", r, f"ids_file={text_npy}"], 2, "ids_file"),
+        "passwd ids_file": (["forget", r, f"ids_file={passwd}"], 2, "line 1"),
+        "float json ids": (["forget", r, f"ids_file={floats}"], 2, "integers"),
+        "float id": (["forget", r, "ids=[45.0]"], 2, "integers"),
+        "unknown id": (["forget", r, "ids=[99999]"], 2, "not training ids"),
+        "no ids": (["forget", r], 2, "ids"),
+        "requests.k=0": (["forget", r, "requests.k=0"], 2, "requests.k"),
+        "requests.k huge": (["forget", r, "requests.k=100000"], 2, "requests.k"),
+        "zipf": (["forget", r, "requests.k=2", "requests.distribution=zipf"], 2, "distribution"),
+        "bad mode": (["forget", r, "requests.k=2", "requests.mode=random"], 2, "requests.mode"),
+        "negative lock timeout": (["forget", r, "ids=[1]", "lock_timeout_s=-1"], 2, "lock_timeout"),
+        "sisa.shards=abc": (
+            ["train", f"run_dir={tmp_path}/new1", "sisa.shards=abc"],
+            2,
+            "sisa.shards",
+        ),
+        "cnn on digits": (["train", f"run_dir={tmp_path}/new2", "model=cnn"], 2, "cnn"),
+        "demo num_forget=-3": (
+            ["demo", f"run_dir={tmp_path}/new3", "num_forget=-3"],
+            2,
+            "num_forget",
+        ),
+        "+foo=1": (["evaluate", r, "+foo=1"], 2, "foo"),
+        "foo=1": (["status", r, "foo=1"], 2, "foo"),
+        "bogus aggregation": (["evaluate", r, "aggregation=bogus"], 2, "aggregation"),
+        "run-config key on evaluate": (["evaluate", r, "sisa.aggregation=mean_prob"], 2, "sisa"),
+        "unknown data set": (["train", f"run_dir={tmp_path}/new4", "data=nope"], 2, "data/nope"),
+        "not a run": (["forget", f"run_dir={tmp_path}", "ids=[1]"], 2, "not a sisajax run"),
+        "missing run": (["audit", f"run_dir={tmp_path}/nothing"], 2, "not a directory"),
+        "bad flag": (["train", "--bogus"], 2, "--bogus"),
+        "bad verify shards": (["verify", r, "shards=[9]"], 2, "do not exist"),
+        "report without args": (["report"], 2, "run_dir"),
+        "export without out": (["export", r], 2, "out="),
+    }
+
+
+def test_every_bad_input_is_one_line_and_changes_nothing(cli_base, tmp_path, capsys):
+    """Table-driven: exit code, one line on stderr, no traceback, run directory unchanged, and no
+    new file or folder left behind."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(cli_base, run_dir)
+    cases = _bad_inputs(tmp_path, run_dir)
+    rejected = 0
+    for name, (argv, code, word) in cases.items():
+        before = tree_bytes(run_dir)
+        listing = sorted(p.name for p in tmp_path.iterdir())
+        got = cli(argv)
+        out, err = capsys.readouterr()
+        assert got == code, (name, got, err, out[-500:])
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert "Traceback" not in err + out and word in lines[0], (name, lines[0])
+        assert "root:x" not in err, name  # never echo a file's content
+        assert tree_bytes(run_dir) == before, name
+        assert sorted(p.name for p in tmp_path.iterdir()) == listing, name
+        rejected += 1
+    assert rejected == len(cases) >= 25
+
+
+def test_errors_in_a_fresh_process_are_one_line(cli_base, tmp_path):
+    run_dir = copy_run(cli_base, tmp_path / "run").run_dir
+    r = cli_run(["forget", f"run_dir={run_dir}", "ids=[45.0]"])
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    r = cli_run(["train", f"run_dir={tmp_path}/x", "sisa.shards=abc"])
+    assert r.returncode == 2 and r.stderr.startswith("error: sisa.shards must be an integer")
 
 
 def test_train_forget_evaluate_roundtrip(tmp_path, capsys):
     run_dir = tmp_path / "a"
-    assert _main("train", f"run_dir={run_dir}", *TINY) == 0
-    train = json.loads((run_dir / "results/train.json").read_text())
-    assert train["evaluation"]["vote_accuracy"] > 0.5
-    run = sj.open_run(run_dir)
-    ids = run.partition.ids[:3].tolist()
+    assert cli(["train", f"run_dir={run_dir}", *TINY]) == 0
+    (train,) = (run_dir / "results").glob("train-*.json")
+    assert json.loads(train.read_text())["evaluation"]["vote_accuracy"] > 0.5
+    ids = sj.open_run(run_dir).partition.ids[:3].tolist()
     assert (
-        _main("forget", f"run_dir={run_dir}", f"ids=[{','.join(map(str, ids))}]", "progress=false")
+        cli(["forget", f"run_dir={run_dir}", f"ids=[{','.join(map(str, ids))}]", "progress=false"])
         == 0
     )
-    out = json.loads((run_dir / "results/forget_g000001.json").read_text())
-    assert out["ids"] == ids and out["cost"]["examples"] > 0
-    # ids_file input; an already forgotten id is reported, not retrained
-    f = tmp_path / "ids.txt"
-    f.write_text(f"{ids[0]}\n{run.partition.ids[10]}\n")
-    assert _main("forget", f"run_dir={run_dir}", f"ids_file={f}", "progress=false") == 0
-    out = json.loads((run_dir / "results/forget_g000002.json").read_text())
-    assert out["already_forgotten"] == [ids[0]]
-    assert _main("evaluate", f"run_dir={run_dir}", "sisa.aggregation=mean_prob") == 0
-    ev = json.loads((run_dir / "results/evaluate.json").read_text())
-    assert ev["aggregation"] == "mean_prob" and len(ev["shard_accuracy"]) == 3
-    assert "accuracy" in capsys.readouterr().out
-
-
-def test_cli_errors_exit_2_and_change_nothing(tmp_path, capsys):
-    run_dir = tmp_path / "a"
-    assert _main("train", f"run_dir={run_dir}", *TINY) == 0
-    before = (run_dir / "MANIFEST.json").read_text()
-    assert _main("forget", f"run_dir={run_dir}", "ids=[999999]") == 2
-    assert "unknown ids" in capsys.readouterr().out
-    assert _main("forget", f"run_dir={run_dir}", "ids=[1]", "sisa.shards=8") == 2
-    assert "conflict" in capsys.readouterr().out
-    assert _main("forget", f"run_dir={run_dir}") == 2
-    assert _main("forget", f"run_dir={tmp_path / 'missing'}", "ids=[1]") == 2
-    assert "not a sisajax run directory" in capsys.readouterr().out
-    assert _main("train", f"run_dir={run_dir}", *TINY) == 2  # exists, no overwrite
-    assert _main("train", f"run_dir={tmp_path / 'b'}", "sisa.shards=100000", "progress=false") == 2
-    assert "shards but only" in capsys.readouterr().out
-    assert _main("bogus") == 2
-    assert (run_dir / "MANIFEST.json").read_text() == before
+    assert cli(["evaluate", f"run_dir={run_dir}", "aggregation=mean_prob"]) == 0
+    out = capsys.readouterr().out
+    assert "forget -> generation 1" in out and "aggregate (mean prob)" in out
+    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {m["event"] for m in metrics} >= {"train_slice", "forget"}
+    assert cli(["report", f"run_dir={run_dir}"]) == 0
+    assert list((run_dir / "results").glob("history-*.png"))
 
 
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
-    from experiments.demo import run_demo
-
-    cfg = cli.compose(
-        [f"run_dir={tmp_path}/demo", "sisa.epochs=3", "num_forget=4", "progress=false"]
+    code = cli(
+        [
+            "demo",
+            f"run_dir={tmp_path / 'demo'}",
+            "data.params.n_train=3000",
+            "data.params.n_test=300",
+            "sisa.shards=4",
+            "sisa.slices=3",
+            "sisa.epochs=4",
+            "num_forget=3",
+            "progress=false",
+        ]
     )
-    assert run_demo(cfg) == 0
-    res = json.loads((tmp_path / "demo/sisa/results/demo.json").read_text())
-    assert len(res["ids"]) == 4 and res["forget"]["cost"]["examples"] > 0
-    assert res["full_retrain_cost"]["examples"] > res["forget"]["cost"]["examples"]
-    assert "SISA demo" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "bit-identical" in out and "speedup vs full retrain" in out
+    assert (tmp_path / "demo" / "demo.png").is_file()

@@ -19,7 +19,8 @@ from conftest import assert_trees_equal, tiny_config, tiny_digits
 
 import sisajax as sj
 from sisajax import distributed
-from sisajax.run import RunError
+from sisajax.errors import RunError
+from sisajax.metrics import read_metrics
 
 WORKER = Path(__file__).parent / "helpers" / "distributed_worker.py"
 SISA = {"shards": 5, "slices": 3}
@@ -35,7 +36,7 @@ def _free_port() -> int:
 def two_process_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("multiprocess") / "run"
     coordinator = f"127.0.0.1:{_free_port()}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "SISAJAX_CPU_DEVICES": "1"}
     env.pop("XLA_FLAGS", None)  # one CPU device per process (several: see test_devices)
     procs = [
         subprocess.Popen(
@@ -77,18 +78,23 @@ def test_two_processes_equal_one_process(two_process_run, reference):
     ref, ref_cost = reference
     assert [o["shards"] for o in outs] == [[0, 2, 4], [1, 3]]
     run = sj.open_run(run_dir)
-    layout = run.manifest["layout"]
+    layout = run.manifest.layout
     assert (layout["num_processes"], layout["num_devices"]) == (2, 1)
     for k in range(ref.num_shards):
         assert_trees_equal(run.restore_block(k), ref.restore_block(k))
-        for key in ("n_ids", "fingerprints", "data_sha256"):
-            assert run.shard_entry(k)[key] == ref.shard_entry(k)[key]
+        mine, theirs = run.manifest.shards[k], ref.manifest.shards[k]
+        assert (mine.n_ids, mine.fingerprints, mine.data.sha256) == (
+            theirs.n_ids,
+            theirs.fingerprints,
+            theirs.data.sha256,
+        )
+        assert [r.sha256 for r in mine.rows] == [r.sha256 for r in theirs.rows]
     assert np.array_equal(run.partition.ids, ref.partition.ids)
-    assert run.manifest["config_fingerprint"] == ref.manifest["config_fingerprint"]
+    assert run.manifest.config_fingerprint == ref.manifest.config_fingerprint
     assert not (run_dir / distributed.PARTS_DIR).exists()  # hand-off files removed
-    result = json.loads((run_dir / "results" / "train.json").read_text())
+    (result,) = read_metrics(run_dir, "train")
     assert len(result["per_process"]) == 2
-    assert result["cost"]["grad_steps"] == ref_cost.grad_steps == sum(o["grad_steps"] for o in outs)
+    assert result["grad_steps"] == ref_cost.grad_steps == sum(o["grad_steps"] for o in outs)
     assert run.evaluate().to_dict() == ref.evaluate().to_dict()
 
 
@@ -107,10 +113,10 @@ def test_single_process_path_equals_train(tmp_path, reference):
     run, cost = distributed.train_multiprocess(
         tiny_config(**SISA), tiny_digits(), tmp_path / "r", process_id=0, num_processes=1
     )
-    assert run.manifest["layout"]["num_processes"] == 1
+    assert run.manifest.layout["num_processes"] == 1
     for k in range(ref.num_shards):
         assert_trees_equal(run.restore_block(k), ref.restore_block(k))
-    with pytest.raises(RunError, match="not empty"):
+    with pytest.raises(sj.UserInputError, match="not empty"):
         distributed.train_multiprocess(tiny_config(**SISA), tiny_digits(), tmp_path / "r")
     with pytest.raises(RunError, match="process 0 of 1"):
         distributed.train_multiprocess(
@@ -141,14 +147,14 @@ def test_sweep_launcher_configs(name, plugin, target):
     """The launcher configs extend the plugins' own; composed when the plugin is installed."""
     from omegaconf import OmegaConf
 
-    from experiments import cli
+    from sisajax.cli.app import conf_dir
 
-    path = Path(cli.CONF_DIR) / "hydra" / "launcher" / f"{name}.yaml"
+    path = conf_dir() / "hydra" / "launcher" / f"{name}.yaml"
     assert "# @package hydra.launcher" in path.read_text()
     assert OmegaConf.load(path).defaults[0] in ("joblib", "submitit_slurm")
     pytest.importorskip(f"hydra_plugins.{plugin}", reason="extra 'cluster' not installed")
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(cli.CONF_DIR), version_base="1.3"):
-        cfg = compose("config", [f"hydra/launcher={name}"], return_hydra_config=True)
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", [f"hydra/launcher={name}"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_ == f"hydra_plugins.{plugin}.{target}"

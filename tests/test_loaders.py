@@ -379,3 +379,39 @@ def test_csv_errors(tmp_path):
     p.write_text("x,label,id\n1,0,3\n2,1,3\n")
     with pytest.raises(DataError, match="duplicate"):
         load_dataset("csv", path=str(p), id_column="id")
+
+
+def test_cifar10_pickle_that_would_run_code_is_refused(tmp_path):
+    """A crafted batch file whose unpickling calls os.system: refused, never executed."""
+    d = _cifar_dir(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    with open(d / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": [0]}, f)
+    with pytest.raises(
+        DataError, match=r"data_batch_2: not a CIFAR-10 python batch \(refused global"
+    ):
+        load_dataset("cifar10", path=str(d))
+    assert not marker.exists()
+    (d / "data_batch_2").write_bytes(pickle.dumps(eval))  # builtins.eval is refused too
+    with pytest.raises(DataError, match="refused global builtins.eval"):
+        load_dataset("cifar10", path=str(d))
+
+
+def test_parse_errors_do_not_echo_file_content(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text("label,a,b\n1,2,3\n0,secret-token,5\n")
+    with pytest.raises(DataError) as e:
+        load_dataset("csv", path=str(p))
+    assert "secret-token" not in str(e.value) and "bad.csv" in str(e.value)
+    purchase = tmp_path / "dataset_purchase"
+    purchase.write_text("1," + ",".join(["0"] * 599) + ",secret-token\n")
+    with pytest.raises(DataError) as e:
+        load_dataset("purchase", path=str(purchase))
+    assert "secret-token" not in str(e.value)

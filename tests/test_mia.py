@@ -10,8 +10,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sk_roc_curve
 
 import sisajax as sj
-from experiments.cli import compose
-from experiments.mia_experiment import DEFAULTS, preset_overrides, run_mia_experiment
+from sisajax.cli.app import compose
+from sisajax.experiments.mia import DEFAULTS, run_mia_experiment
 from sisajax.mia import (
     Population,
     auc_score,
@@ -139,7 +139,7 @@ def test_train_shadows_records_membership():
 
 
 def test_preset_matches_defaults():
-    cfg = compose(preset_overrides())
+    cfg = compose("mia", [])
     assert cfg["mia"] == DEFAULTS
 
 
@@ -160,7 +160,7 @@ TINY = [
 @pytest.mark.slow
 def test_tiny_experiment_end_to_end(tmp_path):
     out = tmp_path / "mia"
-    summary = run_mia_experiment(compose(preset_overrides() + [f"mia.out_dir={out}", *TINY]))
+    summary = run_mia_experiment(compose("mia", [f"mia.out_dir={out}", *TINY]))
     for name in ("results.json", "results.csv", "results.md", "roc.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

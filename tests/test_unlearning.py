@@ -7,6 +7,7 @@ import pytest
 from conftest import assert_trees_equal, tiny_config, tiny_digits, without
 
 import sisajax as sj
+from sisajax.store.rows import read_row
 
 
 def _assert_run_equals_scratch(run, cfg, ds, removed, tmp_path):
@@ -14,7 +15,7 @@ def _assert_run_equals_scratch(run, cfg, ds, removed, tmp_path):
     for k in range(run.num_shards):
         # every slice's checkpoint, not only the final model
         assert_trees_equal(run.restore_block(k), scratch.restore_block(k))
-        assert run.shard_entry(k)["fingerprints"] == scratch.shard_entry(k)["fingerprints"]
+        assert run.manifest.shards[k].fingerprints == scratch.manifest.shards[k].fingerprints
     assert np.array_equal(run.partition.ids, scratch.partition.ids)
     return scratch
 
@@ -37,12 +38,16 @@ def test_forget_one_id_is_exact(trained, tmp_path, where):
     run, cfg, ds = trained
     j = {"first": 0, "middle": 2, "last": cfg.sisa.slices - 1}[where]
     target = int(_ids_in(run, 1, j)[0])
-    untouched = {k: run.shard_entry(k)["checkpoint"]["block"] for k in (0, 2)}
+    before = run.manifest
     rep = sj.forget(run, [target])
     assert rep.restart == {1: j}
     assert rep.cost.shard_slices == cfg.sisa.slices - j
-    for k, block in untouched.items():  # other shards are not touched
-        assert run.shard_entry(k)["checkpoint"]["block"] == block
+    for k in (0, 2):  # other shards are not touched
+        assert run.manifest.shards[k] == before.shards[k]
+    # rows before the restart slice are kept by name (not rewritten), the rest are new
+    rows_before, rows_after = before.shards[1].rows, run.manifest.shards[1].rows
+    assert rows_after[:j] == rows_before[:j]
+    assert all(r.generation == run.generation for r in rows_after[j:])
     _assert_run_equals_scratch(run, cfg, ds, [target], tmp_path)
 
 
@@ -86,8 +91,8 @@ def test_forget_changes_the_model(trained):
     sj.forget(run, [target])
     after = run.restore_block(1)
     w0, w1 = (
-        before.params["params"]["Dense_0"]["kernel"],
-        after.params["params"]["Dense_0"]["kernel"],
+        before.params["Dense_0"]["kernel"],
+        after.params["Dense_0"]["kernel"],
     )
     assert np.array_equal(w0[0], w1[0])  # slice 0 checkpoint kept
     assert not np.array_equal(w0[1], w1[1])  # slice 1 onwards retrained
@@ -95,21 +100,25 @@ def test_forget_changes_the_model(trained):
 
 def test_bad_requests_change_nothing(trained):
     run, _, ds = trained
-    manifest = json.dumps(run.manifest, sort_keys=True)
+    manifest = json.dumps(run.manifest.to_json(), sort_keys=True)
     ok = int(run.partition.ids[0])
     cases = [
-        ([10**9], "unknown ids"),
+        ([10**9], "not training ids"),
         ([int(ds.test_ids[0])], "test split"),
-        ([ok, ok], "duplicate"),
+        ([ok, ok], "more than once"),
         ([], "no ids"),
-        ([[1, 2], [3, 4]], "flat list"),
+        ([[1, 2], [3, 4]], "integers"),
         (["a"], "integers"),
         ([1.5], "integers"),
+        ([45.0], "integers"),
+        ([True], "integers"),
+        ("12", "list of integers"),
+        ([2**70], "64-bit"),
     ]
     for ids, msg in cases:
         with pytest.raises(sj.ForgetError, match=msg):
             sj.forget(run, ids)
-    assert json.dumps(sj.open_run(run.run_dir).manifest, sort_keys=True) == manifest
+    assert json.dumps(sj.open_run(run.run_dir).manifest.to_json(), sort_keys=True) == manifest
 
 
 def test_already_forgotten_is_idempotent(trained):
@@ -119,29 +128,35 @@ def test_already_forgotten_is_idempotent(trained):
     gen = run.generation
     rep = sj.forget(run, [target])
     assert rep.ids == [] and rep.already_forgotten == [target] and run.generation == gen
-    assert rep.cost.examples == 0
+    assert rep.cost.examples == 0 and rep.examples_ratio is None
 
 
 def test_no_residue_in_run_directory(trained):
     run, _, _ = trained
     targets = [int(_ids_in(run, 0, 0)[0]), int(_ids_in(run, 1, 2)[0])]
-    old_blocks = {run.shard_entry(k)["checkpoint"]["block"] for k in (0, 1)}
+    old_files = run.manifest.files()
     rep = sj.forget(run, targets)
-    # superseded checkpoints and data copies are gone
-    names = {p.name for p in (run.run_dir / "checkpoints").iterdir()}
-    assert not (old_blocks & names)
-    assert any("checkpoints/shard_000.g000000" in f for f in rep.removed_files)
+    # superseded checkpoints and data copies are gone; every file on disk is live
+    on_disk = {
+        str(p.relative_to(run.run_dir))
+        for p in [*(run.run_dir / "checkpoints").iterdir(), *(run.run_dir / "data").iterdir()]
+    }
+    assert on_disk == {f for f in run.manifest.files() if "/" in f}
+    assert "checkpoints/s000r000.g000000.row" in rep.removed_files
+    assert set(rep.removed_files) == old_files - run.manifest.files()
     # every stored data copy lacks the ids; every checkpoint's fingerprint names only retained ids
     for path in (run.run_dir / "data").glob("shard_*.npz"):
         with np.load(path) as z:
             assert not np.isin(targets, z["ids"]).any()
+    spec = run.row_spec()
     for k in range(run.num_shards):
         d = run.shard_data(k)
-        meta = run.store.read_meta(run.shard_entry(k)["checkpoint"])
-        for j, fp in enumerate(meta["fingerprints"]):
-            assert fp == sj.data.fingerprint_ids(d.ids[d.slices <= j])
-    # exactly one block and one data file per shard
-    assert len(list((run.run_dir / "checkpoints").iterdir())) == run.num_shards
+        for j, ref in enumerate(run.manifest.shards[k].rows):
+            rel = f"checkpoints/s{k:03d}r{j:03d}.g{ref.generation:06d}.row"
+            header, _ = read_row(run.run_dir / rel, ref.sha256, spec)
+            assert header["ids_fingerprint"] == sj.data.fingerprint_ids(d.ids[d.slices <= j])
+    # exactly one checkpoint per (shard, slice) and one data file per shard
+    assert len(list((run.run_dir / "checkpoints").iterdir())) == run.num_shards * run.num_slices
     assert len(list((run.run_dir / "data").glob("shard_*.npz"))) == run.num_shards
 
 

@@ -35,6 +35,7 @@ import gzip
 import io
 import itertools
 import pickle
+import re
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,6 +68,13 @@ _CIFAR_HINT = (
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _why(e: BaseException) -> str:
+    """Why reading failed, without echoing file content: the position numpy reports (``row R,
+    column C`` / ``line L``) or the exception type."""
+    pos = re.findall(r"(?:at )?(row \d+, column \d+|line \d+|row \d+)", str(e))
+    return f"{type(e).__name__} at {pos[0]}" if pos else type(e).__name__
 
 
 def _require_file(path: Path, what: str, hint: str) -> Path:
@@ -114,7 +122,10 @@ def _fixed_split(
     n_train_full: int,
     num_classes: int,
 ) -> Dataset:
-    """Dataset with ids ``0..`` for train rows and ``n_train_full..`` for test rows."""
+    """Dataset with ids ``0..`` for train rows and ``n_train_full..`` for test rows.
+
+    uint8 pixel data declares the preprocessing ``x / 255`` (applied inside the compiled
+    programs; the stored copies stay uint8)."""
     train_ids = np.arange(len(x_train), dtype=np.int64)
     test_ids = np.arange(n_train_full, n_train_full + len(x_test), dtype=np.int64)
     return Dataset(
@@ -126,7 +137,13 @@ def _fixed_split(
         x_test,
         y_test.astype(np.int32),
         int(num_classes),
+        pixel_preprocessing(x_train),
     )
+
+
+def pixel_preprocessing(x: np.ndarray) -> dict[str, float]:
+    """``{"scale": 1/255}`` for uint8 images (pixels to [0, 1]), else no preprocessing."""
+    return {"scale": 1.0 / 255.0} if x.dtype == np.uint8 and x.ndim >= 3 else {}
 
 
 def _hash_split(
@@ -163,7 +180,7 @@ def _read_exact(f: IO[bytes], n: int, path: Path, what: str) -> bytes:
     try:
         buf = f.read(n)
     except (OSError, EOFError) as e:  # gzip: bad CRC, truncated stream, not gzip
-        raise DataError(f"{path}: cannot read {what}: {e}") from e
+        raise DataError(f"{path}: cannot read {what} ({_why(e)})") from None
     if len(buf) != n:
         raise DataError(f"{path}: truncated {what}: expected {n} bytes, got {len(buf)}")
     return buf
@@ -206,7 +223,7 @@ def read_idx(path: str | Path, max_rows: int | None = None) -> tuple[np.ndarray,
             try:
                 extra = f.read(1)
             except (OSError, EOFError) as e:
-                raise DataError(f"{path}: cannot read IDX data: {e}") from e
+                raise DataError(f"{path}: cannot read IDX data ({_why(e)})") from None
             if extra:
                 raise DataError(f"{path}: trailing bytes after IDX data of shape {shape}")
     arr = np.frombuffer(buf, dtype=dtype).reshape((rows, *shape[1:]))
@@ -301,7 +318,7 @@ def _loadtxt(path: Path, what: str, **kw: Any) -> np.ndarray:
     try:
         return np.loadtxt(path, ndmin=2, **kw)
     except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot parse {what}: {e}") from e
+        raise DataError(f"{path}: cannot parse {what} ({_why(e)})") from None
 
 
 def _read_label_rows(
@@ -328,7 +345,7 @@ def _read_label_rows(
                 except ValueError as e:
                     raise DataError(
                         f"{path}: cannot parse {what} in {where} "
-                        f"(row numbers below count from line {start + 1}): {e}"
+                        f"(row numbers count from line {start + 1}; {_why(e)})"
                     ) from e
                 if xs and block.shape[1] != xs[0].shape[1] + 1:
                     raise DataError(
@@ -341,7 +358,7 @@ def _read_label_rows(
                 xs.append(feats.astype(np.uint8))
                 start += len(lines)
     except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read {what}: {e}") from e
+        raise DataError(f"{path}: cannot read {what} ({_why(e)})") from None
     if not xs:
         raise DataError(f"{path}: no rows")
     return np.concatenate(ys), np.concatenate(xs)
@@ -401,7 +418,7 @@ def _read_svhn_mat(path: Path, n: int | None) -> tuple[np.ndarray, np.ndarray, i
     try:
         mat = loadmat(path, variable_names=("X", "y"))
     except Exception as e:  # MatReadError, NotImplementedError (v7.3/HDF5), ValueError, ...
-        raise DataError(f"{path}: cannot read as a MATLAB v5 .mat file: {e}") from e
+        raise DataError(f"{path}: cannot read as a MATLAB v5 .mat file ({_why(e)})") from None
     if "X" not in mat or "y" not in mat:
         raise DataError(f"{path}: expected variables 'X' and 'y', found {sorted(mat)}")
     x, y = mat["X"], mat["y"]
@@ -461,6 +478,7 @@ def load_svhn(
         ds.x_test,
         ds.y_test,
         10,
+        ds.preprocessing,
     )
 
 
@@ -470,10 +488,32 @@ def load_svhn(
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what a CIFAR batch holds: dicts, lists, bytes/str, numbers and numpy
+    arrays. Any other global (``os.system``, ``builtins.eval``, ...) is refused, so a crafted
+    file cannot run code."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module[:40]}.{name[:40]}")
+        return super().find_class(module, name)
+
+
 def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 python batch (a pickled dict with ``data [N, 3072]`` uint8 and ``labels``).
 
-    Only open files you trust: unpickling can run arbitrary code.
+    Read with a restricted unpickler (:class:`_CifarUnpickler`): a file holding anything but
+    dicts, lists, strings, numbers and numpy arrays is refused, never executed.
 
     Returns:
       ``x [N, 32, 32, 3]`` uint8 (channels last) and ``y [N]`` int64.
@@ -481,9 +521,12 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-    except Exception as e:  # garbage can raise almost anything while unpickling
-        raise DataError(f"{path}: not a CIFAR-10 python batch: {e}") from e
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        msg = str(e) if str(e).startswith("refused global") else "unreadable pickle"
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({msg})") from None
+    except Exception as e:  # garbage can raise almost anything while unpickling; never echo it
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__})") from None
     if not isinstance(batch, dict):
         raise DataError(f"{path}: expected a pickled dict, got {type(batch).__name__}")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
@@ -565,7 +608,7 @@ def load_npz(path: str | None = None, num_classes: int | None = None) -> Dataset
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{p}: cannot read as .npz: {e}") from e
+        raise DataError(f"{p}: cannot read as .npz ({_why(e)})") from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise DataError(f"{p}: missing arrays {missing}; found {sorted(arrays)}")
@@ -595,7 +638,7 @@ def _csv_header(p: Path, delimiter: str) -> list[str]:
         with open(p, newline="", encoding="utf-8") as f:
             header = next(csv.reader(io.StringIO(f.readline()), delimiter=delimiter), [])
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{p}: cannot read CSV header: {e}") from e
+        raise DataError(f"{p}: cannot read CSV header ({_why(e)})") from None
     header = [h.strip() for h in header]
     if not header:
         raise DataError(f"{p}: empty file (a header row is required)")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
+
+from sisajax.errors import UserInputError
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -23,7 +24,7 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
 
-class PartitionError(ValueError):
+class PartitionError(UserInputError, ValueError):
     """Ids are unknown, duplicated, already removed, or the partition is infeasible."""
 
     def __init__(self, message: str, ids: np.ndarray | None = None):
@@ -162,28 +163,38 @@ class Partition:
         )
 
     # -- persistence ------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """Write atomically (temp file, fsync, rename)."""
-        path = Path(path)
-        tmp = path.with_suffix(".tmp.npz")
-        with open(tmp, "wb") as f:
-            np.savez(
-                f,
-                ids=self.ids,
-                shard=self.shard,
-                slice=self.slice,
-                removed=self.removed,
-                shape=np.array([self.num_shards, self.num_slices]),
-            )
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+    def save(self, path: str | Path, *, durable: bool = True) -> tuple[str, int]:
+        """Write atomically (temp file, rename); return ``(sha256, size)`` of the file."""
+        import io
+
+        from sisajax.store.files import write_file
+
+        buf = io.BytesIO()
+        np.savez(
+            buf,
+            ids=self.ids,
+            shard=self.shard,
+            slice=self.slice,
+            removed=self.removed,
+            shape=np.array([self.num_shards, self.num_slices]),
+        )
+        return write_file(Path(path), buf.getbuffer(), durable=durable)
 
     @classmethod
     def load(cls, path: str | Path) -> Partition:
-        with np.load(path) as z:
-            s, r = (int(v) for v in z["shape"])
-            return cls(z["ids"], z["shard"], z["slice"], s, r, z["removed"])
+        """Read a partition file (never following a link); :class:`PartitionError` if malformed."""
+        import io
+
+        from sisajax.store.files import read_bytes
+
+        try:
+            with np.load(io.BytesIO(read_bytes(Path(path))), allow_pickle=False) as z:
+                s, r = (int(v) for v in z["shape"])
+                return cls(z["ids"], z["shard"], z["slice"], s, r, z["removed"])
+        except (KeyError, ValueError, OSError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise PartitionError(f"{Path(path).name} is not a partition file") from None
 
 
 def hash_partition(ids: np.ndarray, num_shards: int, num_slices: int, seed: int) -> Partition:

@@ -49,7 +49,7 @@ def trees_equal(a, b) -> bool:
 
 def psum_control() -> list[str]:
     """The collective checker does see a collective when there is one."""
-    from sisajax.engine import collectives_in
+    from sisajax.layout import collectives_in
 
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("shard",))
     spec = jax.sharding.PartitionSpec("shard")
@@ -61,14 +61,13 @@ def psum_control() -> list[str]:
 
 def shard_map_check(run, ds) -> dict:
     """The ``shard_map`` partitioning (one SPMD program) trains the same bits as ``run`` (map)."""
-    from sisajax.engine import Engine, LayoutError, collectives_in, stack_states
+    from sisajax.engine import Engine, LayoutError, ShardJob, stack_states
+    from sisajax.layout import collectives_in
 
     cfg = run.config
     eng = Engine(cfg, ds.feature_shape, ds.x_train.dtype, ds.num_classes, partitioning="shard_map")
-    shards = range(cfg.sisa.shards)
-    starts = stack_states([eng.init_state(k) for k in shards])
-    data = [run.shard_data(k) for k in shards]
-    final, _ = eng.train_slices(shards, data, starts, [0] * len(data), capacity=run.capacity)
+    jobs = [ShardJob(k, run.shard_data(k)) for k in range(cfg.sisa.shards)]
+    final, _ = eng.run(jobs, capacity=run.capacity)
     (program,) = eng._compiled.values()
     try:  # refused with vmap: there its bits change with the shards per device
         vmap_cfg = cfg.replace(sisa={"shard_exec": "vmap"})
@@ -77,7 +76,7 @@ def shard_map_check(run, ds) -> dict:
     except LayoutError:
         refused = True
     return {
-        "equal_to_per_device": trees_equal(final, run.final_states()),
+        "equal_to_per_device": trees_equal(stack_states(final), run.final_states()),
         "collectives": collectives_in(program.as_text()),
         "vmap_refused": refused,
     }
@@ -87,7 +86,7 @@ def main(out_dir: Path) -> None:
     from conftest import tiny_config, tiny_digits, without
 
     import sisajax as sj
-    from sisajax.engine import collectives_in
+    from sisajax.layout import collectives_in
 
     out_dir.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(out_dir / "jax-cache"))

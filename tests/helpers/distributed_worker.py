@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
         json.dumps(
             {
                 "process": int(pid),
-                "layout": run.manifest["layout"],
+                "layout": run.manifest.layout,
                 "shards": shards,
                 "grad_steps": cost.grad_steps,
             }

@@ -13,7 +13,7 @@ shard their id would hash to) and for the aggregate (mean probability of the ens
 ``results.json``, ``results.csv``, ``results.md`` and ``roc.png`` into ``mia.out_dir``, and
 checks exactness with :func:`sisajax.verify.verify` after the forget.
 
-    python -m experiments.mia_experiment [overrides, e.g. mia.shadow_ensembles=64 sisa.shards=8]
+    sisajax mia [overrides, e.g. mia.shadow_ensembles=64 sisa.shards=8]
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,9 @@ def options(cfg: dict[str, Any]) -> dict[str, Any]:
     given = dict(cfg.get("mia") or {})
     unknown = set(given) - set(DEFAULTS)
     if unknown:
-        raise ValueError(f"unknown mia options {sorted(unknown)} (known: {sorted(DEFAULTS)})")
+        from sisajax.config import ConfigError
+
+        raise ConfigError(f"unknown mia options {sorted(unknown)} (known: {sorted(DEFAULTS)})")
     return {**DEFAULTS, **given}
 
 
@@ -96,6 +97,7 @@ def make_setup(ds, m: dict[str, Any]):
             ds.x_test[:b],
             ds.y_test[:b],
             ds.num_classes,
+            ds.preprocessing,
         )
     rng = np.random.default_rng(np.random.SeedSequence([m["seed"], 0x41A]))
     if m["target_fraction"] is not None:  # re-split train + test: the target trains on a share
@@ -103,11 +105,23 @@ def make_setup(ds, m: dict[str, Any]):
         x, y = np.concatenate([ds.x_train, ds.x_test]), np.r_[ds.y_train, ds.y_test]
         tr = np.zeros(len(ids), bool)
         tr[rng.choice(len(ids), size=round(m["target_fraction"] * len(ids)), replace=False)] = True
-        ds = sj.Dataset(ds.name, ids[tr], x[tr], y[tr], ids[~tr], x[~tr], y[~tr], ds.num_classes)
+        ds = sj.Dataset(
+            ds.name,
+            ids[tr],
+            x[tr],
+            y[tr],
+            ids[~tr],
+            x[~tr],
+            y[~tr],
+            ds.num_classes,
+            ds.preprocessing,
+        )
     n, c = len(ds.train_ids), ds.num_classes
     k_mis, k_rand = int(m["num_mislabelled"]), int(m["num_random"])
     if 2 * k_mis >= len(ds.test_ids) or k_mis + k_rand >= n:
-        raise ValueError("forget / canary sets are too large for the data set")
+        from sisajax.config import ConfigError
+
+        raise ConfigError("forget / canary sets are too large for the data set")
 
     canary_tr = rng.choice(n, size=k_mis, replace=False)
     canary_te = rng.choice(len(ds.test_ids), size=k_mis, replace=False)
@@ -125,6 +139,7 @@ def make_setup(ds, m: dict[str, Any]):
         ds.x_test[clean_te],
         ds.y_test[clean_te],
         c,
+        ds.preprocessing,
     )
     pop = Population(
         np.concatenate([ds.train_ids, ds.test_ids[clean_te], ds.test_ids[canary_te]]),
@@ -193,16 +208,21 @@ def run_mia_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
     Returns:
       the results dict also written to ``<out_dir>/results.json``.
     """
+    import shutil
+
     import sisajax as sj
-    from experiments.cli import run_config_of
+    from sisajax.config import run_config_from
     from sisajax.mia import train_shadows
     from sisajax.verify import verify
 
     t_start = time.perf_counter()
     m = options(cfg)
-    rc = run_config_of(cfg)
+    rc = run_config_from(cfg)
     out = Path(m["out_dir"]).absolute()
     out.mkdir(parents=True, exist_ok=True)
+    for name in ("sisa", "full_retrain"):  # the experiment's own runs: start from scratch
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
     setup = make_setup(sj.load_dataset(rc.data.name, **rc.data.params), m)
     ds, pop = setup.dataset, setup.population
     timings: dict[str, float] = {}
@@ -213,7 +233,7 @@ def run_mia_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         timings[name] = time.perf_counter() - t0
         return r
 
-    run, _ = timed("train", sj.train, rc, ds, out / "sisa", overwrite=True)
+    run, _ = timed("train", sj.train, rc, ds, out / "sisa")
     acc = {"original": run.evaluate().to_dict()}
     views = {"original": target_views(run.logits(pop.x), run.active_shards(), setup, run.config)}
     rep = timed("forget", sj.forget, run, setup.forget_ids)
@@ -233,6 +253,7 @@ def run_mia_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         m["shadow_ensembles"],
         fraction=m["shadow_fraction"],
         seed=m["seed"],
+        preprocessing=ds.preprocessing,
     )
     single_sh = timed(
         "shadows_single",
@@ -243,6 +264,7 @@ def run_mia_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         m["shadow_single"],
         fraction=m["shadow_fraction"],
         seed=m["seed"],
+        preprocessing=ds.preprocessing,
     )
     shadows = {
         "sisa": {
@@ -274,7 +296,7 @@ def run_mia_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
             k: {"members": len(a), "nonmembers": len(b)} for k, (a, b) in setup.sets.items()
         },
         "forget": {
-            "ids": setup.forget_ids.tolist(),
+            "ids": rep.to_dict()["ids"],
             "shards_retrained": len(rep.restart),
             "examples": rep.cost.examples,
         },
@@ -434,37 +456,3 @@ def plot_rocs(path: Path, results: list, setup: Setup) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def preset_overrides() -> list[str]:
-    """``experiment=mia`` if ``conf/config.yaml`` lists an experiment group, else ``+experiment=mia``."""
-    from omegaconf import OmegaConf
-
-    from experiments.cli import CONF_DIR
-
-    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "config.yaml")).get("defaults", [])
-    wired = any(
-        isinstance(d, dict) and any(str(k).split()[-1] == "experiment" for k in d) for d in defaults
-    )
-    return ["experiment=mia" if wired else "+experiment=mia"]
-
-
-def cmd_mia(overrides: list[str]) -> int:
-    """``sisajax mia [overrides]``: compose the ``mia`` preset, run, print the table."""
-    from experiments.cli import compose, console
-
-    summary = run_mia_experiment(compose(preset_overrides() + overrides))
-    console.print(summary["markdown"])
-    console.print(f"files: {', '.join(summary['files'].values())}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    from experiments.cli import setup_jax
-
-    setup_jax()
-    return cmd_mia(sys.argv[1:] if argv is None else argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

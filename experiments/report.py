@@ -1,0 +1,211 @@
+"""Reports: markdown tables and plots from experiment ``results.json`` files.
+
+:func:`make_report` turns every ``results.json`` under a folder into ``report.md`` and one PNG per
+experiment (each kind module renders its own section with ``report(res, png)``). Shared here:
+number formatting, markdown tables, the recipe line, seed aggregation (mean and spread), and the
+accuracy-vs-S/R plot with error bars over seeds, integer ticks on log axes and the paper's
+reported numbers overlaid where a preset reproduces a paper figure.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# What the paper reports (Bourtoule et al. 2021; shared/SISA.md), drawn on the matching plots.
+PAPER = {
+    "requests": [
+        {"k": 8, "speedup": 4.63, "label": "paper: Purchase, S=20 R=50, K=8"},
+        {"k": 18, "speedup": 2.45, "label": "paper: SVHN, K=18"},
+    ],
+    "shards_max_loss": {"shards": 20, "points": 2.0, "label": "paper: < ~2 points lost up to S=20"},
+}
+
+
+def fmt(v: Any, spec: str = ".4f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return format(v, spec)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def recipe(res: dict[str, Any]) -> str:
+    c = res["config"]
+    m, o, s = c["model"], c["optim"], c["sisa"]
+    feats = res.get("features") or {}
+    ext = ""
+    if feats.get("extractor"):
+        x = res["data"].get("extractor", {})
+        ext = (
+            f"; frozen {feats['extractor']} extractor pretrained on {x.get('public_examples')} "
+            f"public ids (its test accuracy {fmt(x.get('test_accuracy'))})"
+        )
+    extras = [f"averaging {o['averaging']}"] if o.get("averaging", "none") != "none" else []
+    return (
+        f"Data: {res['data']['summary']}{ext}. Model: {m['name']} hidden {m['hidden']} "
+        f"{m['activation']}; {o['name']} lr {o['learning_rate']}{', ' if extras else ''}"
+        f"{', '.join(extras)}, batch {s['batch_size']}, {s['epochs']:g} epochs (recalibrated over "
+        f"slices), seed {s['seed']}. Took {res['total_s']:.0f}s on {res['machine']['cpus']} CPU "
+        f"cores (load {res['machine']['loadavg'][0]:.1f})."
+    )
+
+
+def full_line(res: dict[str, Any]) -> str:
+    f = res.get("full")
+    if not f:
+        return ""
+    return (
+        f"Full-retrain baseline (S=1, R=1, same data): accuracy {fmt(f['vote'])}, "
+        f"{f['train_examples']:,} examples, {f['train_wall_s']:.1f}s."
+    )
+
+
+def by_seed(rows: list[dict[str, Any]], key: str, fields: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rows grouped by ``key`` (e.g. ``shards``): per field the mean, ``<field>_sd`` (sample
+    standard deviation over seeds, 0 for one seed) and ``n`` (the number of seeds)."""
+    groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[r[key]].append(r)
+    out = []
+    for value in sorted(groups):
+        g = groups[value]
+        agg: dict[str, Any] = {key: value, "n": len(g)}
+        for f in fields:
+            vals = np.array([r[f] for r in g if r.get(f) is not None], np.float64)
+            agg[f] = float(vals.mean()) if vals.size else float("nan")
+            agg[f + "_sd"] = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
+        for r in g[:1]:  # fields that do not vary with the seed
+            for f in ("slices", "shards", "epochs", "n_train", "shard_size_min", "shard_size_max"):
+                agg.setdefault(f, r.get(f))
+        out.append(agg)
+    return out
+
+
+def pm(row: dict[str, Any], field: str, spec: str = ".4f") -> str:
+    """``mean ± sd`` (just the mean for one seed)."""
+    if row.get("n", 1) > 1:
+        return f"{fmt(row[field], spec)} ± {fmt(row[field + '_sd'], spec)}"
+    return fmt(row[field], spec)
+
+
+def plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+
+    return pyplot
+
+
+def integer_log_axis(ax: Any, ticks: list[int], which: str = "x") -> None:
+    """A log axis labelled with the given integers (no 10^x clutter, no minor labels)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(NullLocator())
+    axis.set_minor_formatter(NullFormatter())
+
+
+def plot_accuracy(res: dict[str, Any], key: str, xlabel: str, png: Path, ax=None) -> None:
+    """Accuracy vs ``key`` (shards or slices): vote, mean prob and one constituent, mean ± sd over
+    seeds as error bars, the full model as a line, the paper's claim as a band."""
+    pyplot = plt()
+    rows = by_seed(res["rows"], key, ("vote", "mean_prob", "shard_mean"))
+    x = [r[key] for r in rows]
+    own = ax is None
+    if own:
+        fig, ax = pyplot.subplots(figsize=(6, 4))
+    for field, style, label in (
+        ("vote", "o-", "SISA, majority vote"),
+        ("mean_prob", "s-", "SISA, mean probability"),
+        ("shard_mean", "^--", "one constituent on 1/S of the data"),
+    ):
+        ax.errorbar(
+            x,
+            [r[field] for r in rows],
+            yerr=[r[field + "_sd"] for r in rows],
+            fmt=style,
+            capsize=3,
+            label=label,
+        )
+    full = res.get("full")
+    if full:
+        ax.axhline(full["vote"], color="k", ls=":", label="full model (S=1, R=1)")
+        claim = PAPER["shards_max_loss"]
+        if key == "shards":
+            ax.axhspan(
+                full["vote"] - claim["points"] / 100,
+                full["vote"],
+                color="gray",
+                alpha=0.12,
+                label=claim["label"],
+            )
+    if len(x) > 1:
+        integer_log_axis(ax, x)
+    n = max((r["n"] for r in rows), default=1)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy" + (f" (mean ± sd, {n} seeds)" if n > 1 else ""))
+    ax.set_title(f"{res['name']}: {res['data']['name']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if own:
+        fig.tight_layout()
+        fig.savefig(png, dpi=110)
+        pyplot.close(fig)
+
+
+def make_report(root: str | Path) -> Path:
+    """Turn every ``results.json`` under ``root`` into ``root/report.md`` and PNG plots.
+
+    Raises:
+      FileNotFoundError: no experiment ``results.json`` under ``root``.
+    """
+    from sisajax.experiments.paper import KINDS
+
+    root = Path(root).absolute()
+    found = []
+    for p in sorted(root.rglob("results.json")):
+        try:
+            res = json.loads(p.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(res, dict) and res.get("kind") in KINDS:
+            found.append((p.parent, res))
+    if not found:
+        raise FileNotFoundError(f"no experiment results.json under {root}")
+    sections = [f"# Results under {root.name}\n"]
+    singles = [(d, r) for d, r in found if r["kind"] == "single"]
+    for d, res in found:
+        if res["kind"] == "single":
+            continue
+        png = d / f"{res['name']}.png"
+        md = KINDS[res["kind"]].report(res, png)
+        rel = png.relative_to(root)
+        where = d.relative_to(root)
+        sections.append(
+            f"## {res['name']} ({res['kind']}){'' if str(where) == '.' else f' - {where}'}\n\n"
+            f"{recipe(res)}\n\n{md}\n\n{full_line(res)}\n\n![{res['name']}]({rel})\n"
+        )
+    if singles:
+        from sisajax.experiments.single import report_jobs
+
+        sections.append(
+            f"## Sweep ({len(singles)} jobs)\n\n{recipe(singles[0][1])}\n\n"
+            f"{report_jobs(singles, root)}\n"
+        )
+    path = root / "report.md"
+    path.write_text("\n".join(sections))
+    return path

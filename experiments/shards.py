@@ -1,0 +1,70 @@
+"""Kind ``shards``: accuracy vs the number of shards S (both aggregations, one constituent).
+
+The paper: simple tasks lose under ~2 points up to S = 20. Each S trains a fresh run per seed and
+evaluates both aggregations at once; "one constituent" is the per-shard accuracy (one model on
+1/S of the data); S = 1, R = 1 is the full model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sisajax.config import RunConfig
+from sisajax.data.datasets import Dataset
+from sisajax.experiments.common import Workspace, full_baseline, train_and_eval
+from sisajax.experiments.report import by_seed, fmt, plot_accuracy, pm, table
+
+DEFAULTS: dict[str, Any] = {"shards": [1, 2, 5, 10, 20], "seeds": [0]}
+
+
+def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict[str, Any]:
+    """Train every (S, seed); rows carry both aggregations and the constituents' accuracy."""
+    rows = []
+    for seed in opts["seeds"]:
+        for s in opts["shards"]:
+            p = ws.path(f"S{s}_seed{seed}")
+            _, row = train_and_eval(rc.replace(sisa={"shards": int(s), "seed": int(seed)}), ds, p)
+            rows.append(row)
+            ws.drop(p)
+    out: dict[str, Any] = {"rows": rows}
+    if opts["full_baseline"]:
+        same = [r for r in rows if r["shards"] == 1 and r["slices"] == 1]
+        out["full"] = same[0] if same else full_baseline(rc, ds, ws)
+    return out
+
+
+def report(res: dict[str, Any], png: Path) -> str:
+    rows = by_seed(
+        res["rows"], "shards", ("vote", "mean_prob", "shard_mean", "train_examples", "train_wall_s")
+    )
+    body = [
+        [
+            str(r["shards"]),
+            str(r["slices"]),
+            str(r["n"]),
+            f"{r['shard_size_min']:,}-{r['shard_size_max']:,}",
+            pm(r, "vote"),
+            pm(r, "mean_prob"),
+            pm(r, "shard_mean"),
+            f"{r['train_examples']:,.0f}",
+            fmt(r["train_wall_s"], ".1f"),
+        ]
+        for r in rows
+    ]
+    md = table(
+        [
+            "S",
+            "R",
+            "seeds",
+            "ids per shard",
+            "vote",
+            "mean prob",
+            "one constituent on 1/S",
+            "train examples",
+            "train s",
+        ],
+        body,
+    )
+    plot_accuracy(res, "shards", "number of shards S", png)
+    return md

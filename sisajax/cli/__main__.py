@@ -1,0 +1,5 @@
+import sys
+
+from sisajax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,328 @@
+"""The ``sisajax`` command line: subcommands with Hydra's conventions, one error handler.
+
+    sisajax COMMAND [--help] [--cfg job] [-m|--multirun] [key=value ...]
+
+Each command has its own primary config in the packaged configs (the repository's ``conf/``, shipped
+as ``sisajax.conf``): ``conf/<command>.yaml`` plus the config groups it uses. Users extend them by
+adding a folder to the search path (``--config-dir DIR`` or ``SISAJAX_CONFIG_PATH=DIR[:DIR]``),
+e.g. their own ``DIR/data/mydata.yaml`` or ``DIR/experiment/mine.yaml``.
+
+Rules every command follows:
+  * ``--help`` lists the command's config groups, their options and the composed defaults;
+    ``--cfg job`` prints the composed config and exits.
+  * Unknown keys are refused (``foo=1`` and ``+foo=1`` alike; free-form only under
+    ``data.params`` and ``model.params``); ``hydra.*`` overrides are honoured with ``-m``
+    and refused otherwise (a single run writes no Hydra output folder).
+  * Errors: one line on stderr, no traceback; exit code 2 for a wrong request, 1 for a problem
+    with the run or the environment (see :mod:`sisajax.errors`).
+
+This module holds no library rules: commands only compose library calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CONF_MODULE = "sisajax.conf"
+SEARCH_PATH_ENV = "SISAJAX_CONFIG_PATH"
+FREE_FORM = ("data.params", "model.params", "features", "experiment", "mia")
+
+
+class UsageError(ValueError):
+    """Bad command-line usage (exit code 2)."""
+
+    exit_code = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: its config, what it does, and whether it sweeps with ``-m``."""
+
+    name: str
+    summary: str
+    run: Callable[[dict[str, Any], list[str]], int]
+    multirun: bool = False
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, summary: str, *, multirun: bool = False):
+    """Register a subcommand ``fn(cfg, overrides) -> exit code`` (config ``conf/<name>.yaml``)."""
+
+    def deco(fn: Callable[[dict[str, Any], list[str]], int]):
+        COMMANDS[name] = Command(name, summary, fn, multirun)
+        return fn
+
+    return deco
+
+
+def load_commands() -> dict[str, Command]:
+    """Every subcommand (importing the modules that register them)."""
+    from sisajax.cli import commands, experiment_commands  # noqa: F401
+
+    return COMMANDS
+
+
+# -- composing ---------------------------------------------------------------------------------
+
+
+def conf_dir() -> Path:
+    """The folder of the packaged configs (``sisajax.conf``)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files(CONF_MODULE)))
+
+
+def search_path(extra: list[str]) -> list[str]:
+    """User config folders (``--config-dir`` and ``SISAJAX_CONFIG_PATH``), as Hydra search path."""
+    dirs = list(extra) + [d for d in os.environ.get(SEARCH_PATH_ENV, "").split(os.pathsep) if d]
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise UsageError(f"config folder {d} does not exist")
+    return [f"file://{Path(d).resolve()}" for d in dirs]
+
+
+def compose(name: str, overrides: list[str], config_dirs: list[str] = ()) -> dict[str, Any]:
+    """Compose ``conf/<name>.yaml`` with overrides into a plain dict (no Hydra output folder).
+
+    Raises:
+      UsageError: unknown keys, a missing config group option, a malformed override, or a
+        ``hydra.*`` override (only meaningful with ``-m``).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    hydra_keys = [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    if hydra_keys:
+        raise UsageError(
+            f"{hydra_keys[0].split('=')[0]} applies to Hydra's job folders, which only "
+            "-m/--multirun uses; a single run writes where run_dir= says"
+        )
+    user_paths = search_path(list(config_dirs))
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+            extra = [f"hydra.searchpath=[{','.join(user_paths)}]"] if user_paths else []
+            cfg = hydra_compose(config_name=name, overrides=overrides + extra)
+            folders = [conf_dir(), *(Path(p[len("file://") :]) for p in user_paths)]
+            groups = [o for o in overrides if _is_group_choice(o, folders)]
+            ref = hydra_compose(config_name=name, overrides=groups + extra)
+    except Exception as e:  # Hydra/OmegaConf errors: one line naming the bad override
+        if type(e).__module__.startswith(("hydra", "omegaconf")):
+            raise UsageError(_hydra_message(e)) from None
+        raise
+    out = OmegaConf.to_container(cfg, resolve=True)
+    unknown = _new_keys(out, OmegaConf.to_container(ref, resolve=False))
+    if unknown:
+        raise UsageError(
+            f"unknown config key(s) {', '.join(unknown)} for `sisajax {name}` "
+            f"(see `sisajax {name} --help`)"
+        )
+    return out  # type: ignore[return-value]
+
+
+def _is_group_choice(override: str, folders: list[Path]) -> bool:
+    """``data=digits`` (a config group choice) rather than ``seed=3`` (a value)."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return "=" in override and "." not in key and any((f / key).is_dir() for f in folders)
+
+
+def _hydra_message(e: Exception) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "Could not override" in msg:
+        msg += " (no such key; see --help)"
+    return msg
+
+
+def _new_keys(cfg: Any, ref: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of ``cfg`` that ``ref`` lacks (outside the free-form subtrees)."""
+    if not isinstance(cfg, dict) or prefix.rstrip(".") in FREE_FORM:
+        return []
+    out = []
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if not isinstance(ref, dict) or k not in ref:
+            out.append(key)
+        else:
+            out += _new_keys(v, ref[k], key + ".")
+    return out
+
+
+def run_config(cfg: dict[str, Any]):
+    """The library's :class:`~sisajax.RunConfig` from a composed config (top-level ``seed`` is
+    the run's seed)."""
+    from sisajax.config import run_config_from
+
+    return run_config_from(cfg)
+
+
+def import_plugins(cfg: dict[str, Any]) -> tuple[str, ...]:
+    """Import the modules the user named with ``plugins=[...]`` (and ``SISAJAX_PLUGINS``)."""
+    from sisajax.plugins import load_plugins
+
+    names = list(cfg.get("plugins") or [])
+    names += [p for p in os.environ.get("SISAJAX_PLUGINS", "").split(",") if p]
+    return load_plugins(names)
+
+
+# -- help ----------------------------------------------------------------------------------------
+
+
+def groups_of(name: str) -> dict[str, list[str]]:
+    """``{group: [options]}`` of the config groups ``conf/<name>.yaml`` selects."""
+    import yaml
+
+    root = conf_dir()
+    spec = yaml.safe_load((root / f"{name}.yaml").read_text()) or {}
+    out = {}
+    for entry in spec.get("defaults", []):
+        if isinstance(entry, dict):
+            for group in entry:
+                group = group.replace("override /", "").lstrip("/")
+                if (root / group).is_dir():
+                    out[group] = sorted(p.stem for p in (root / group).glob("*.yaml"))
+    return out
+
+
+def help_text(name: str) -> str:
+    """What ``sisajax NAME --help`` prints: summary, groups and options, composed defaults."""
+    import yaml
+
+    cmd = COMMANDS[name]
+    lines = [f"sisajax {name}: {cmd.summary}", ""]
+    doc = inspect.cleandoc(cmd.run.__doc__ or "")
+    if doc:
+        lines += [doc, ""]
+    usage = f"usage: sisajax {name} [--help] [--cfg job] "
+    usage += "[-m] " if cmd.multirun else ""
+    lines += [usage + "[key=value ...]", ""]
+    groups = groups_of(name)
+    if groups:
+        lines.append("config groups (choose with group=option):")
+        for g, opts in groups.items():
+            lines.append(f"  {g}: {', '.join(opts)}")
+        lines.append("")
+    lines.append("options and defaults (override with key=value):")
+    cfg = compose(name, [])
+    lines += ["  " + ln for ln in yaml.safe_dump(cfg, sort_keys=False).splitlines()]
+    return "\n".join(lines)
+
+
+def top_help() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [
+        "usage: sisajax COMMAND [--help] [--cfg job] [-m] [key=value ...]",
+        "",
+        "Exact machine unlearning with SISA training. Commands:",
+    ]
+    lines += [f"  {n:<{width}}  {c.summary}" for n, c in COMMANDS.items()]
+    lines += [
+        "",
+        "`sisajax COMMAND --help` lists a command's config groups, options and defaults.",
+        "Exit codes: 0 ok, 1 a problem with the run or environment (or a failed check), "
+        "2 a wrong request.",
+    ]
+    return "\n".join(lines)
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+def fail(message: str, code: int) -> int:
+    """Print ``error: message`` as one line on stderr; return ``code``."""
+    one_line = " ".join(str(message).split())
+    print(f"error: {one_line}", file=sys.stderr, flush=True)
+    return code
+
+
+def parse(argv: list[str]) -> tuple[str, dict[str, Any], list[str]]:
+    """``(command, flags, overrides)`` from the arguments after ``sisajax``."""
+    name, rest = argv[0], argv[1:]
+    flags: dict[str, Any] = {"help": False, "cfg": None, "multirun": False, "config_dirs": []}
+    overrides = []
+    it = iter(rest)
+    for a in it:
+        if a in ("-h", "--help"):
+            flags["help"] = True
+        elif a in ("-m", "--multirun"):
+            flags["multirun"] = True
+        elif a in ("-c", "--cfg"):
+            flags["cfg"] = next(it, "job")
+        elif a.startswith("--cfg="):
+            flags["cfg"] = a.split("=", 1)[1]
+        elif a in ("-cd", "--config-dir"):
+            flags["config_dirs"].append(next(it, ""))
+        elif a.startswith("--config-dir="):
+            flags["config_dirs"].append(a.split("=", 1)[1])
+        elif a.startswith("-"):
+            raise UsageError(f"unknown option {a} (see `sisajax {name} --help`)")
+        else:
+            overrides.append(a)
+    if flags["cfg"] not in (None, "job"):
+        raise UsageError(f"--cfg takes 'job' (the composed config), got {flags['cfg']!r}")
+    return name, flags, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sisajax`` console script."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    load_commands()
+
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(top_help())
+        return 0
+    if argv[0] not in COMMANDS:
+        return fail(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", 2)
+    try:
+        name, flags, overrides = parse(argv)
+        cmd = COMMANDS[name]
+        if flags["help"]:
+            print(help_text(name))
+            return 0
+        if flags["multirun"]:
+            if not cmd.multirun:
+                raise UsageError(f"`sisajax {name}` does not sweep; -m works with train and paper")
+            from sisajax.cli.sweep import multirun
+
+            return multirun(name, overrides, flags["config_dirs"])
+        cfg = compose(name, overrides, flags["config_dirs"])
+        if flags["cfg"] == "job":
+            import yaml
+
+            print(yaml.safe_dump(cfg, sort_keys=False), end="")
+            return 0
+        return run_command(cmd, cfg, overrides)
+    except KeyboardInterrupt:
+        return fail("interrupted; the run is unchanged or resumable (`sisajax resume`)", 130)
+    except Exception as e:  # noqa: BLE001 - the one error handler of the command line
+        return report_error(e)
+
+
+def run_command(cmd: Command, cfg: dict[str, Any], overrides: list[str]) -> int:
+    """Set up jax, import plug-ins, run the command."""
+    from sisajax.cli.output import setup_jax
+
+    setup_jax()
+    return cmd.run(cfg, overrides)
+
+
+def report_error(e: BaseException) -> int:
+    """One line on stderr and the exit code for ``e`` (a traceback only for bugs)."""
+    from sisajax.errors import SisajaxError, exit_code_of, storage_error
+
+    if isinstance(e, UsageError | SisajaxError):
+        return fail(str(e), getattr(e, "exit_code", 2))
+    if isinstance(e, OSError):
+        return fail(str(storage_error(e, "file system")), exit_code_of(e))
+    if type(e).__module__.startswith(("hydra", "omegaconf")):
+        return fail(_hydra_message(e), 2)
+    raise e

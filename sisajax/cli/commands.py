@@ -1,0 +1,399 @@
+"""The run commands: thin glue composing library calls, printing a table, writing a result file.
+
+Each command's config is ``conf/<command>.yaml``; results go to ``<run_dir>/results/`` under a
+new name per invocation (never replacing another), or nowhere on a read-only run (said so).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from sisajax.cli.app import UsageError, command, import_plugins, run_config
+from sisajax.cli.output import fmt_cost, print_table, progress_factory, say
+
+
+def _open(cfg: dict[str, Any]):
+    import sisajax as sj
+
+    import_plugins(cfg)
+    return sj.open_run(cfg["run_dir"])
+
+
+def _result(run, name: str, obj: dict[str, Any]) -> None:
+    path = run.write_result(name, obj)
+    say(f"result: {path}" if path else "result not written: the run directory is read-only")
+
+
+@command(
+    "train", "train a SISA run (or retrain one in place, keeping its tombstones)", multirun=True
+)
+def cmd_train(cfg: dict[str, Any], overrides: list[str]) -> int:
+    """Train S shards x R slices; `overwrite=true` retrains an existing run in place without the
+    ids it has forgotten (`discard_deletion_history=true` trains on them again, recorded)."""
+    import sisajax as sj
+
+    plugins = import_plugins(cfg)
+    rc = run_config(cfg)
+    ds = sj.load_dataset(rc.data.name, **rc.data.params)
+    say(f"data: {ds.summary()}")
+    factory, bar = progress_factory(cfg["progress"])
+    root = Path(cfg["run_dir"]).expanduser()
+    with bar:
+        run, cost = sj.train(
+            rc,
+            ds,
+            root,
+            overwrite=cfg["overwrite"],
+            discard_deletion_history=cfg["discard_deletion_history"],
+            progress=factory,
+            devices=cfg["devices"],
+            plugins=plugins,
+            metrics=_tensorboard_log(root) if cfg["tensorboard"] else None,
+        )
+    ev = run.evaluate()
+    sizes = run.partition.sizes()
+    layout = run.manifest.layout
+    rows = [
+        ("examples per shard", f"{sizes.sum(1).min()}..{sizes.sum(1).max()}"),
+        ("devices", f"{layout['num_devices']} {layout['platform']} ({layout['partitioning']})"),
+        ("examples trained", f"{cost.examples:,}"),
+        ("gradient steps", f"{cost.grad_steps:,}"),
+        ("wall clock", fmt_cost(cost)),
+        ("test accuracy (vote)", f"{ev.vote_accuracy:.4f}"),
+        ("test accuracy (mean prob)", f"{ev.mean_prob_accuracy:.4f}"),
+    ]
+    print_table(
+        f"trained {rc.sisa.shards} shards x {rc.sisa.slices} slices -> {run.run_dir}",
+        rows,
+        ("", "value"),
+    )
+    _result(
+        run,
+        "train",
+        {
+            "cost": cost.to_dict(),
+            "evaluation": ev.to_dict(),
+            "sizes": sizes.tolist(),
+            "seed": cfg["seed"],
+        },
+    )
+    return 0
+
+
+def _tensorboard_log(root: Path):
+    from sisajax.metrics import MetricsLog
+
+    root.mkdir(parents=True, exist_ok=True)
+    return MetricsLog(root, tensorboard=True)
+
+
+@command("evaluate", "test accuracy of every constituent model and of the ensemble")
+def cmd_evaluate(cfg: dict[str, Any], overrides: list[str]) -> int:
+    """Evaluate on the run's held-out split (`aggregation=vote|mean_prob` picks the headline)."""
+    from sisajax.aggregation import check_method
+
+    run = _open(cfg)
+    aggregation = cfg["aggregation"]
+    if aggregation is not None:
+        check_method(aggregation)
+    ev = run.evaluate(aggregation=aggregation)
+    rows = [
+        (f"shard {k}", "dropped (empty)" if a != a else f"{a:.4f}")
+        for k, a in enumerate(ev.shard_accuracy)
+    ]
+    rows += [
+        ("aggregate (vote)", f"{ev.vote_accuracy:.4f}"),
+        ("aggregate (mean prob)", f"{ev.mean_prob_accuracy:.4f}"),
+    ]
+    print_table(
+        f"test accuracy, {ev.num_examples} examples, generation {run.generation}",
+        rows,
+        ("model", "accuracy"),
+    )
+    _result(run, "evaluate", ev.to_dict())
+    return 0
+
+
+def read_ids(cfg: dict[str, Any]) -> list[Any]:
+    """The ids of a forget request from ``ids=[...]`` or ``ids_file=PATH``.
+
+    Files: one id per line (or comma/space separated), ``.npy`` (an integer array, no pickles) or
+    ``.json`` (a list). Errors name the line, never its content.
+    """
+    ids, ids_file = cfg.get("ids"), cfg.get("ids_file")
+    if (ids is None) == (ids_file is None):
+        raise UsageError("give exactly one of ids=[...] or ids_file=PATH")
+    if ids is not None:
+        return ids if isinstance(ids, list) else [ids]
+    path = Path(ids_file).expanduser()
+    if not path.is_file():
+        raise UsageError(f"ids_file {path} does not exist")
+    if path.suffix == ".npy":
+        import numpy as np
+
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            raise UsageError(f"ids_file {path} is not a readable .npy array of integers") from None
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise UsageError(
+                f"ids_file {path} must hold a 1-d integer array, got {arr.dtype} {arr.shape}"
+            )
+        return arr.tolist()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"ids_file {path} is not a text file (or .npy / .json)") from None
+    if path.suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"ids_file {path} is not valid JSON (line {e.lineno})") from None
+        if not isinstance(data, list):
+            raise UsageError(f"ids_file {path} must hold a JSON list of integers")
+        return data
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        for token in line.replace(",", " ").split():
+            if not token.lstrip("-").isdigit():
+                raise UsageError(f"ids_file {path}: line {n} is not a list of integers")
+            out.append(int(token))
+    return out
+
+
+@command("forget", "forget training ids exactly (one batched request, or a request stream)")
+def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
+    """Forget `ids=[...]`, `ids_file=PATH`, or a seeded stream `requests.k=K` (`requests.mode=
+    batched|sequential`, `requests.distribution=uniform|exponential|pareto`)."""
+    import sisajax as sj
+    from sisajax.requests import sample_requests, serve_requests
+
+    run = _open(cfg)
+    req = cfg["requests"]
+    if req["k"] is not None:
+        if cfg.get("ids") is not None or cfg.get("ids_file") is not None:
+            raise UsageError("give either requests.k=... or ids/ids_file, not both")
+        ids = sample_requests(
+            run.partition.ids, req["k"], req["distribution"], req["seed"]
+        ).tolist()
+    else:
+        ids = read_ids(cfg)
+    if req["mode"] not in ("batched", "sequential"):
+        raise UsageError(f"requests.mode must be batched or sequential; got {req['mode']!r}")
+    factory, bar = progress_factory(cfg["progress"])
+    if req["mode"] == "sequential":
+        from sisajax.metrics import MetricsLog
+
+        log = MetricsLog(run.run_dir)
+
+        def each(n: int, rep, acc) -> None:
+            log(
+                {
+                    "event": "stream_request",
+                    "request": n,
+                    "generation": rep.generation,
+                    "shards": len(rep.restart),
+                    "examples": rep.cost.examples,
+                    "wall_s": rep.cost.wall_s,
+                    "accuracy": acc,
+                }
+            )
+
+        with bar:
+            stream = serve_requests(
+                run, ids, "sequential", progress=factory, evaluate=cfg["evaluate"], on_request=each
+            )
+        t = stream.total
+        rows = [
+            ("requests (one retrain each)", str(len(stream.requests))),
+            ("examples retrained", f"{t.examples:,}"),
+            ("full retrains would take", f"{stream.full_retrain_examples:,} examples"),
+            ("examples ratio", _ratio(stream.full_retrain_examples, t.examples)),
+            ("wall clock", fmt_cost(t)),
+        ]
+        if stream.accuracy:
+            rows.append(
+                (
+                    "accuracy after first / last",
+                    f"{stream.accuracy[0]:.4f} / {stream.accuracy[-1]:.4f}",
+                )
+            )
+        print_table(f"sequential forget -> generation {run.generation}", rows, ("", "value"))
+        _result(run, f"forget-stream-g{run.generation:06d}", stream.to_dict())
+        return 0
+    with bar:
+        rep = sj.forget(run, ids, progress=factory, lock_timeout_s=cfg["lock_timeout_s"])
+    c = rep.cost
+    rows = [
+        ("ids forgotten", str(len(rep.ids))),
+        ("already forgotten (skipped)", str(len(rep.already_forgotten))),
+        (
+            "shards retrained",
+            ", ".join(f"{k} from slice {j}" for k, j in rep.restart.items()) or "-",
+        ),
+        ("shard-slices retrained", str(c.shard_slices)),
+        ("examples retrained", f"{c.examples:,}"),
+        ("full retrain would take", f"{rep.full_retrain_examples:,} examples"),
+        ("examples saved (ratio)", _ratio(rep.full_retrain_examples, c.examples)),
+        ("wall clock", fmt_cost(c)),
+        ("files removed", str(len(rep.removed_files))),
+    ]
+    for w in rep.warnings:
+        say(f"warning: {w}")
+    print_table(f"forget -> generation {rep.generation}", rows, ("", "value"))
+    _result(run, f"forget-g{rep.generation:06d}", rep.to_dict())
+    return 0
+
+
+def _ratio(full: int, done: int) -> str:
+    return "- (nothing retrained)" if done == 0 else f"{full / done:.1f}x"
+
+
+@command("resume", "finish a request an interrupted command left pending")
+def cmd_resume(cfg: dict[str, Any], overrides: list[str]) -> int:
+    """Repair an interrupted ledger append, finish pending requests, remove partial files."""
+    import sisajax as sj
+
+    run = _open(cfg)
+    pending = [r["request_id"] for r in run.ledger.pending()]
+    factory, bar = progress_factory(cfg["progress"])
+    with bar:
+        reports = sj.resume(run, progress=factory)
+    say(
+        f"finished {len(pending)} pending request(s); retrained {len(reports)}; "
+        f"run is at generation {run.generation}"
+    )
+    return 0
+
+
+@command("status", "shards, slices, sizes, forgotten ids, pending requests")
+def cmd_status(cfg: dict[str, Any], overrides: list[str]) -> int:
+    """Read-only overview of a run (works on read-only run directories)."""
+    from sisajax.status import run_status
+
+    run = _open(cfg)
+    st = run_status(run)
+    rows = [
+        (
+            str(s["shard"]),
+            f"{s['ids']:,}",
+            " ".join(str(v) for v in s["ids_per_slice"]) if run.num_slices <= 12 else s["range"],
+            str(s["newest_row_generation"]),
+            "yes" if s["active"] else "no (empty)",
+        )
+        for s in st["shards"]
+    ]
+    print_table(
+        f"{run.run_dir}: {run.num_shards} shards x {run.num_slices} slices, generation {run.generation}",
+        rows,
+        ("shard", "ids", "ids per slice", "newest checkpoint gen", "in ensemble"),
+    )
+    say(
+        f"retained {st['retained']:,} ids, forgotten {st['forgotten']:,}, ledger records "
+        f"{st['ledger_records']}, pending requests {len(st['pending_requests'])}"
+        + (" -> run `sisajax resume`" if st["pending_requests"] or st["interrupted_append"] else "")
+    )
+    _result(run, "status", st)
+    return 0
+
+
+@command("audit", "check that every forgotten id is gone from everything stored (exit 1 if not)")
+def cmd_audit(cfg: dict[str, Any], overrides: list[str]) -> int:
+    """Ledger chain, pending requests, checksums, residual exposure, stray files (read-only)."""
+    import sisajax as sj
+
+    run = _open(cfg)
+    rep = sj.audit(run)
+    chain = "ok" if rep.chain.ok else ("INTERRUPTED" if rep.chain.interrupted else "BROKEN")
+    rows = [
+        ("ledger chain", f"{chain} ({rep.chain.records} records)"),
+        ("pending requests", str(len(rep.pending_requests))),
+        ("checkpoints checked (shard x slice)", str(rep.checkpoints_checked)),
+        ("forgotten ids", str(rep.forgotten_ids)),
+        ("residual exposure", str(rep.residual_exposure)),
+        ("other problems", str(len(rep.problems))),
+        ("warnings", str(len(rep.warnings))),
+        ("verdict", "PASS" if rep.ok else "FAIL"),
+    ]
+    print_table(f"audit of {run.run_dir}", rows, ("check", "result"))
+    for p in rep.chain.problems + rep.problems:
+        say(f"  problem: {p}")
+    for w in rep.warnings:
+        say(f"  warning: {w}")
+    _result(run, "audit", rep.to_dict())
+    return 0 if rep.ok else 1
+
+
+@command("verify", "retrain shards from scratch and compare every checkpoint (exit 1 if not)")
+def cmd_verify(cfg: dict[str, Any], overrides: list[str]) -> int:
+    """`shards=[0,2]`, `sample=K` (seeded by `seed`), `atol=` for a tolerance, `workdir=` to train
+    a whole reference run on disk."""
+    from sisajax.verify import verify
+
+    run = _open(cfg)
+    shards = cfg["shards"]
+    if shards is not None and not isinstance(shards, list):
+        shards = [shards]
+    rep = verify(
+        run,
+        shards=shards,
+        sample=cfg["sample"],
+        seed=int(cfg["seed"]),
+        workdir=cfg["workdir"],
+        atol=None if cfg["atol"] is None else float(cfg["atol"]),
+        write=False,
+    )
+    r = run.num_slices
+    rows = []
+    for s in rep.shards:
+        rows.append(
+            (
+                f"shard {s.shard}",
+                s.status(rep.tolerance) + (f" ({s.error})" if s.error else ""),
+                f"{sum(s.slice_identical)}/{r}",
+                "-" if s.error else f"{s.max_abs_diff:.3g}",
+                "ok" if s.fingerprints_ok else "MISMATCH",
+                str(s.n_ids),
+            )
+        )
+    print_table(
+        f"verify generation {rep.generation}: {rep.mode} retrain on {rep.backend}, shard_exec={rep.shard_exec}",
+        rows,
+        ("shard", "checkpoints", "slices identical", "max |diff|", "fingerprints", "ids"),
+    )
+    if not rep.bitwise_meaningful:
+        for h, diff in rep.foreign_hosts.items():
+            say(
+                f"note: checkpoints were written on another host {h} ({'; '.join(diff)}); a "
+                f"bitwise comparison is not meaningful there, so shards are compared within "
+                f"max |diff| <= {rep.tolerance:g}"
+            )
+    if not rep.partition_consistent:
+        say("the stored partition does not match the retained ids")
+    if rep.ok:
+        verdict = (
+            "OK: every verified checkpoint is bit-identical to a from-scratch retrain"
+            if rep.bitwise_meaningful and rep.atol is None
+            else f"OK: every verified checkpoint is within {rep.tolerance:g} of a from-scratch retrain"
+        )
+    else:
+        bad = sorted(set(rep.mismatched_shards) | set(rep.fingerprint_mismatches))
+        verdict = f"FAILED: shards {bad} differ from a from-scratch retrain"
+        if not rep.bitwise_meaningful:
+            verdict += f" by more than {rep.tolerance:g} (checkpoints of another host: verify on it for a bitwise check)"
+    say(f"{verdict} ({rep.wall_s:.2f}s)")
+    _result(run, "verify", rep.to_dict())
+    return 0 if rep.ok else 1
+
+
+@command("export", "write a run's states as a standard Orbax checkpoint")
+def cmd_export(cfg: dict[str, Any], overrides: list[str]) -> int:
+    """`out=DIR` (new); `all_slices=true` exports every (shard, slice) state ``[S, R, ...]``."""
+    if not cfg["out"]:
+        raise UsageError("give out=DIR (a new directory for the Orbax checkpoint)")
+    run = _open(cfg)
+    path = run.export(cfg["out"], all_slices=cfg["all_slices"])
+    say(f"exported generation {run.generation} to {path}")
+    return 0

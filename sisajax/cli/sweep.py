@@ -1,0 +1,186 @@
+"""Sweeps: ``sisajax train -m ...`` and ``sisajax paper -m ...`` through Hydra's own multirun.
+
+One implementation for every sweeping command (and the ``sisajax-sweep`` alias of
+``sisajax train -m``): Hydra's sweeper expands the override lists, its launcher runs the jobs
+(``hydra/launcher=parallel`` for local processes via joblib, ``hydra/launcher=slurm`` via
+submitit), each job composes and validates its config exactly as a single run would and runs the
+command in its own job folder (``hydra.sweep.dir``/``hydra.sweep.subdir``; a ``train`` job's
+run goes to ``<job folder>/run`` unless ``run_dir=`` is given with an interpolation such as
+``'run_dir=runs/s${sisa.shards}'``). When the sweep ends, :class:`SweepReport` (a Hydra callback)
+merges the jobs' results: one row per configuration, mean and spread over seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+from sisajax.cli.app import COMMANDS, UsageError, compose, conf_dir, report_error, search_path
+
+RESULT = "job_result.json"
+
+
+@contextmanager
+def _argv(args: list[str]):
+    saved = sys.argv
+    sys.argv = args
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def multirun(name: str, overrides: list[str], config_dirs: list[str]) -> int:
+    """Run ``sisajax NAME -m overrides`` with Hydra's sweeper and launcher; 0 if every job
+    succeeded, 1 otherwise."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    args = list(overrides)
+    keys = {a.lstrip("+~").split("=", 1)[0] for a in args}
+    if "hydra.sweep.dir" not in keys:
+        args.append(f"hydra.sweep.dir=multirun/{name}/{stamp}")
+    for group in ("hydra/job_logging", "hydra/hydra_logging"):
+        if group not in keys:
+            args.append(f"{group}=none")
+    args.append("+hydra.callbacks.sisajax_report._target_=sisajax.cli.sweep.SweepReport")
+    args.append(f"+hydra.callbacks.sisajax_report.command={name}")
+    paths = search_path(list(config_dirs))
+    if paths:
+        args.append(f"hydra.searchpath=[{','.join(paths)}]")
+
+    def task(cfg) -> dict[str, Any]:
+        hc = HydraConfig.get()
+        out = Path(hc.runtime.output_dir)
+        job_overrides = list(hc.overrides.task)
+        code, error = 0, None
+        try:
+            job_cfg = compose(
+                name, [o for o in job_overrides if not o.startswith("hydra")], config_dirs
+            )
+            user_keys = {o.lstrip("+~").split("=", 1)[0] for o in job_overrides}
+            if name == "train" and "run_dir" not in user_keys:
+                job_cfg["run_dir"] = str(out / "run")
+            if name == "paper":
+                job_cfg.setdefault("experiment", {})["out_dir"] = str(out)
+            from sisajax.cli.app import run_command
+
+            code = run_command(COMMANDS[name], job_cfg, job_overrides)
+        except Exception as e:  # noqa: BLE001 - a job's failure is reported, the sweep goes on
+            code, error = report_error(e), str(e)
+            job_cfg = None
+        result = {
+            "command": name,
+            "overrides": job_overrides,
+            "exit_code": code,
+            "error": error,
+            "run_dir": job_cfg.get("run_dir") if job_cfg else None,
+        }
+        (out / RESULT).write_text(json.dumps(result, indent=1))
+        return result
+
+    app = hydra.main(config_path=str(conf_dir()), config_name=name, version_base="1.3")(task)
+    with _argv([f"sisajax-{name}", "-m", *args]):
+        try:
+            app()
+        except SystemExit as e:
+            if e.code not in (0, None):
+                raise UsageError(
+                    f"the sweep could not start (Hydra exit code {e.code}; see above)"
+                ) from None
+    return SweepReport.last_exit_code
+
+
+def _stats(values: list[float]) -> tuple[float, float, int]:
+    vals = [v for v in values if isinstance(v, int | float) and math.isfinite(v)]
+    if not vals:
+        return float("nan"), float("nan"), 0
+    mean = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return mean, sd, len(vals)
+
+
+def aggregate_jobs(sweep_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    """Merge the train results of a sweep's jobs: one row per configuration (the overrides minus
+    ``seed``), with mean, standard deviation and count over seeds. Returns (rows, failed jobs)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    failed = 0
+    for path in sorted(sweep_dir.rglob(RESULT)):
+        job = json.loads(path.read_text())
+        if job["exit_code"]:
+            failed += 1
+            continue
+        key = " ".join(o for o in job["overrides"] if not o.lstrip("+").startswith("seed="))
+        run_dir = Path(job["run_dir"]) if job.get("run_dir") else None
+        train = _latest(run_dir / "results", "train-*.json") if run_dir else None
+        if train is not None and "evaluation" in train:
+            groups[key or "(defaults)"].append(train)
+    rows = []
+    for key, results in groups.items():
+        row: dict[str, Any] = {"config": key, "seeds": [r.get("seed") for r in results]}
+        for name, get in (
+            ("vote", lambda r: r["evaluation"]["vote_accuracy"]),
+            ("mean_prob", lambda r: r["evaluation"]["mean_prob_accuracy"]),
+            ("train_wall_s", lambda r: r["cost"]["wall_s"]),
+            ("train_examples", lambda r: r["cost"]["examples"]),
+        ):
+            mean, sd, n = _stats([get(r) for r in results])
+            row[name], row[f"{name}_sd"], row["n"] = mean, sd, n
+        rows.append(row)
+    return rows, failed
+
+
+def _latest(folder: Path, pattern: str) -> dict[str, Any] | None:
+    files = sorted(folder.glob(pattern)) if folder.is_dir() else []
+    return json.loads(files[-1].read_text()) if files else None
+
+
+class SweepReport(Callback):
+    """Hydra callback: after a multirun, merge the jobs' results and print a table."""
+
+    last_exit_code = 0
+
+    def __init__(self, command: str = "train"):
+        self.command = command
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = [json.loads(p.read_text()) for p in sorted(sweep_dir.rglob(RESULT))]
+        failed = sum(1 for j in jobs if j["exit_code"])
+        SweepReport.last_exit_code = 1 if failed or not jobs else 0
+        if self.command == "paper":
+            from sisajax.experiments.report import make_report
+
+            if any(sweep_dir.rglob("results.json")):
+                report = make_report(sweep_dir)
+                print(report.read_text())
+        else:
+            rows, _ = aggregate_jobs(sweep_dir)
+            (sweep_dir / "sweep.json").write_text(json.dumps(rows, indent=1))
+            if rows:
+                from sisajax.cli.output import print_table
+
+                print_table(
+                    f"sweep of {len(jobs)} job(s) in {sweep_dir} (mean ± sd over seeds)",
+                    [
+                        (
+                            r["config"],
+                            str(r["n"]),
+                            f"{r['vote']:.4f} ± {r['vote_sd']:.4f}",
+                            f"{r['mean_prob']:.4f} ± {r['mean_prob_sd']:.4f}",
+                            f"{r['train_wall_s']:.1f}s",
+                        )
+                        for r in rows
+                    ],
+                    ("config", "seeds", "vote accuracy", "mean-prob accuracy", "train wall"),
+                )
+        print(f"{len(jobs)} job(s), {failed} failed; results under {sweep_dir}", flush=True)

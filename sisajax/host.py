@@ -1,0 +1,124 @@
+"""The host a training program ran on: what decides whether its bits can be reproduced.
+
+Bit-identity of retraining is promised for training states produced by the same program on the
+same host. "Same host" here means the same values of everything that changes XLA's generated code
+or numerics: jax and jaxlib versions, backend and device kind, the CPU architecture and the ISA
+features XLA:CPU compiles for (AVX2, AVX-512, AMX, FMA, SVE, ...), and the XLA flags (minus the
+forced host device count, which decides the layout, recorded separately, not the bits of a
+``lax.map`` run). Every stored slice checkpoint names the host id of the program that wrote it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import platform
+from typing import Any
+
+# ISA features that change the code XLA:CPU (LLVM) generates for matrix and vector work.
+ISA_FEATURES = (
+    "sse4_1",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512dq",
+    "avx512bw",
+    "avx512vl",
+    "avx512cd",
+    "avx512_bf16",
+    "avx512_fp16",
+    "avx512_vnni",
+    "avx_vnni",
+    "amx_bf16",
+    "amx_tile",
+    "amx_int8",
+    # arm64
+    "asimd",
+    "asimdhp",
+    "fphp",
+    "sve",
+    "sve2",
+    "bf16",
+    "i8mm",
+    "svebf16",
+)
+LAYOUT_FLAGS = ("--xla_force_host_platform_device_count",)
+
+
+@functools.cache
+def cpu_description() -> tuple[str, tuple[str, ...]]:
+    """``(model name, sorted code-relevant ISA features)`` read from ``/proc/cpuinfo``."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu model") and model in ("", platform.machine()):
+                    model = value.strip()
+                elif key in ("flags", "features"):
+                    flags.update(value.split())
+                if key == "" and flags:
+                    break
+    except OSError:
+        pass
+    return model, tuple(sorted(flags.intersection(ISA_FEATURES)))
+
+
+def code_flags(xla_flags: str | None = None) -> list[str]:
+    """The ``XLA_FLAGS`` tokens that can change generated code (layout flags dropped), sorted."""
+    tokens = (os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags).split()
+    return sorted(t for t in tokens if not t.startswith(LAYOUT_FLAGS))
+
+
+def host_info() -> dict[str, Any]:
+    """The current process's host description (see the module docstring)."""
+    import jax
+    import jaxlib
+
+    model, isa = cpu_description()
+    dev = jax.devices()[0]
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "machine": platform.machine(),
+        "isa": list(isa),
+        "xla_flags": code_flags(),
+        "cpu_model": model,
+    }
+
+
+IDENTITY_KEYS = ("jax", "jaxlib", "backend", "device_kind", "machine", "isa", "xla_flags")
+
+
+def host_id(info: dict[str, Any]) -> str:
+    """A short id of the code-relevant part of a host description (``cpu_model`` excluded)."""
+    ident = {k: info.get(k) for k in IDENTITY_KEYS}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def current() -> tuple[str, dict[str, Any]]:
+    """``(host id, host description)`` of this process."""
+    info = host_info()
+    return host_id(info), info
+
+
+def differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two host descriptions (code-relevant keys only)."""
+    out = []
+    for k in IDENTITY_KEYS:
+        if a.get(k) != b.get(k):
+            if k == "isa":
+                x, y = set(a.get(k) or ()), set(b.get(k) or ())
+                out.append(f"isa: {sorted(x - y)} vs {sorted(y - x)}")
+            else:
+                out.append(f"{k}: {a.get(k)!r} vs {b.get(k)!r}")
+    return out

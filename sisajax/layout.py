@@ -1,0 +1,213 @@
+"""Where shards run: devices, the CPU device default, and programs compiled per device.
+
+On a CPU, XLA runs one program on a shared thread pool, and a small model at batch 16 cannot keep
+two cores busy: measured here (2 cores), one training program used 1.5 cores for one core's work
+(115k examples/s), while two forced CPU devices each running their own shards reached 330k
+examples/s together, with bit-identical checkpoints (``lax.map`` over shards is independent of
+the width and of the device a shard runs on). So sisajax's CPU default is one host device per core
+(:func:`configure_cpu_devices`, applied before jax is imported), and the engine splits the shard
+axis over the devices, each running the one-device program on its own block of shards
+(:class:`PerDeviceProgram`). The layout a run used is recorded (:meth:`sisajax.engine.Engine.layout`)
+and :func:`layout_options` rebuilds an engine for it, or says why it cannot.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from sisajax.config import ConfigError
+
+PyTree = Any
+SHARD_AXIS = "shard"
+COLLECTIVE_OPS = (
+    "all-reduce",
+    "all-gather",
+    "all-to-all",
+    "ragged-all-to-all",
+    "reduce-scatter",
+    "collective-permute",
+    "collective-broadcast",
+)
+DEVICES_ENV = "SISAJAX_CPU_DEVICES"
+
+
+class LayoutError(ConfigError):
+    """The devices at hand cannot reproduce the layout a run was trained with."""
+
+
+def configure_cpu_devices(devices: int | str | None = None) -> int | None:
+    """Give XLA one CPU device per core (the fastest layout on a CPU), before jax is imported.
+
+    Args:
+      devices: a number of devices, ``"auto"`` (default: ``SISAJAX_CPU_DEVICES`` or the number of
+        cores this process may use, at most 8), or 0/1 to leave XLA's default (one device).
+
+    Returns:
+      the device count set, or None when nothing was changed (jax already imported, the user set
+      the count in ``XLA_FLAGS`` or via jax's config, or one device asked for).
+    """
+    if "jax" in sys.modules:
+        return None
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags or os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return None
+    want = os.environ.get(DEVICES_ENV, "auto") if devices is None else devices
+    if want == "auto":
+        try:
+            n = len(os.sched_getaffinity(0))
+        except AttributeError:
+            n = os.cpu_count() or 1
+        n = min(n, 8)
+    else:
+        try:
+            n = int(want)
+        except ValueError:
+            raise ConfigError(f"{DEVICES_ENV} must be a number or 'auto', got {want!r}") from None
+    if n <= 1:
+        return None
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    return n
+
+
+def resolve_shard_exec(choice: str) -> str:
+    """``auto`` -> ``map`` on CPU, ``vmap`` on accelerators."""
+    import jax
+
+    if choice != "auto":
+        return choice
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
+def select_devices(devices: int | Sequence[Any] | None = None) -> tuple[Any, ...]:
+    """The devices an engine spreads shards over (this process's devices only).
+
+    Args:
+      devices: ``None`` -> all local devices of the default backend; an int ``n`` -> the first
+        ``n`` of them; or an explicit sequence of devices of one platform.
+
+    Raises:
+      LayoutError: fewer devices than asked for, none, or mixed platforms.
+    """
+    import jax
+
+    local = jax.local_devices()
+    if devices is None:
+        chosen = tuple(local)
+    elif isinstance(devices, int):
+        if not 1 <= devices <= len(local):
+            raise LayoutError(
+                f"{devices} devices requested but this process has {len(local)} "
+                f"{local[0].platform} device(s){_cpu_hint(local[0].platform, devices)}"
+            )
+        chosen = tuple(local[:devices])
+    else:
+        chosen = tuple(devices)
+    if not chosen:
+        raise LayoutError("no devices given")
+    if len({d.platform for d in chosen}) > 1:
+        raise LayoutError(f"devices of mixed platforms: {sorted({d.platform for d in chosen})}")
+    return chosen
+
+
+def _cpu_hint(platform: str, n: int) -> str:
+    if platform != "cpu" or n < 1:
+        return ""
+    return f"; on a CPU set {DEVICES_ENV}={n} (or XLA_FLAGS=--xla_force_host_platform_device_count={n}) before jax is imported"
+
+
+def layout_options(layout: dict[str, Any] | None, *, strict: bool = False) -> dict[str, Any]:
+    """Engine keyword arguments (``devices``, ``partitioning``) to continue a run on its layout.
+
+    The platform and device kind must match the run's. With fewer devices than the run used, a
+    ``map`` run continues on the devices at hand (its bits do not depend on the device count;
+    ``strict=True`` refuses); a ``vmap`` run's bits can depend on the shards per device, so it
+    always needs its device count.
+
+    Raises:
+      LayoutError: the platform or device kind differs, or too few devices (strict or vmap).
+    """
+    import jax
+
+    local = jax.local_devices()
+    if layout is None:
+        return {"devices": (local[0],), "partitioning": "single"}
+    here = local[0]
+    platform, kind = layout.get("platform"), layout.get("device_kind")
+    if platform is not None and platform != here.platform:
+        raise LayoutError(
+            f"this run was trained on {platform} devices but this process runs on "
+            f"{here.platform}; exact unlearning needs the run's platform (or retrain it here)"
+        )
+    if kind is not None and kind != here.device_kind:
+        raise LayoutError(
+            f"this run was trained on {kind!r} devices but this process has "
+            f"{here.device_kind!r}; exact unlearning needs the same kind of device"
+        )
+    want = int(layout.get("num_devices", 1))
+    vmap = layout.get("shard_exec") == "vmap"
+    if (strict or vmap) and want > len(local):
+        why = " (vmap: its bits depend on the shards per device)" if vmap else ""
+        raise LayoutError(
+            f"this run was trained on {want} {platform} devices but this process has "
+            f"{len(local)}{why}{_cpu_hint(here.platform, want)}"
+        )
+    n = want if vmap else len(local)
+    partitioning = layout.get("partitioning", "single")
+    if n > 1 and partitioning == "single":
+        partitioning = "per_device"
+    return {"devices": tuple(local[:n]), "partitioning": partitioning if n > 1 else "single"}
+
+
+def collectives_in(hlo_text: str) -> list[str]:
+    """Cross-device collective ops named in HLO text (e.g. ``compiled.as_text()``), sorted."""
+    found = set()
+    for line in hlo_text.splitlines():
+        for op in COLLECTIVE_OPS:
+            if f" {op}(" in line or f" {op}-start(" in line:
+                found.add(op)
+    return sorted(found)
+
+
+def device_blocks(a: Any, devices: Sequence[Any]) -> list[Any]:
+    """The per-device pieces of a global array sharded along axis 0, in ``devices`` order."""
+    by_device = {s.device: s.data for s in a.addressable_shards}
+    return [by_device[d] for d in devices]
+
+
+class PerDeviceProgram:
+    """The one-device program compiled once per device, run on each device's block of shards.
+
+    Called with global arrays sharded along axis 0 over ``devices`` (numpy inputs are placed
+    first); returns global arrays sharded the same way. Dispatch is asynchronous, so the devices
+    run concurrently.
+    """
+
+    def __init__(self, executables: Sequence[Any], devices: Sequence[Any], sharding: Any):
+        self.executables = list(executables)
+        self.devices = tuple(devices)
+        self.sharding = sharding
+
+    def __call__(self, *args: PyTree) -> PyTree:
+        import jax
+
+        args = jax.device_put(args, self.sharding)
+        flat, tree = jax.tree.flatten(args)
+        blocks = [device_blocks(a, self.devices) for a in flat]
+        outs = [
+            ex(*jax.tree.unflatten(tree, [b[i] for b in blocks]))
+            for i, ex in enumerate(self.executables)
+        ]
+        leaves = [jax.tree.leaves(o) for o in outs]
+        out_tree = jax.tree.structure(outs[0])
+        merged = []
+        for parts in zip(*leaves, strict=True):
+            shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+            merged.append(jax.make_array_from_single_device_arrays(shape, self.sharding, parts))
+        return jax.tree.unflatten(out_tree, merged)
+
+    def as_text(self) -> str:
+        """The compiled HLO of every device's program (identical up to device assignment)."""
+        return "\n".join(ex.as_text() for ex in self.executables)

@@ -1,0 +1,199 @@
+"""A run directory on disk: its managed paths, its manifest, and cleaning up after a generation.
+
+What a run directory holds (all names derived, see :mod:`sisajax.store.manifest`)::
+
+    MANIFEST.json            the live generation (one atomic rename switches generations)
+    config.json              the resolved config, for people (MANIFEST.json holds the same)
+    partition.gNNNNNN.npz    id -> (shard, slice), forgotten ids (or salted hashes)
+    data/                    shard_KKK.gNNNNNN.npz (retained rows), test.gNNNNNN.npz
+    checkpoints/             sKKKrJJJ.gNNNNNN.row (one per shard and slice)
+    ledger.jsonl ledger.head the deletion ledger and its anchor (ledger.salt: see the ledger)
+    results/                 one JSON file per command, never overwritten
+    metrics.jsonl            training loss and evaluation history
+    .writer.lock .reader.lock
+
+Only regular files whose names sisajax writes are ever deleted, and only when the live manifest
+does not name them; links, folders and files of other names found in ``data/`` or
+``checkpoints/`` are *foreign*: reported by ``audit``, never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from sisajax.errors import NotARunError, RunError
+from sisajax.store.faults import fault
+from sisajax.store.files import (
+    TEMP_RE,
+    ensure_dir,
+    fsync_dir,
+    is_regular,
+    is_writable_dir,
+    managed_path,
+    read_json,
+    real_run_dir,
+    remove_if_ours,
+    scan_dir,
+    write_file,
+    write_json,
+)
+from sisajax.store.locks import reader_lock
+from sisajax.store.manifest import (
+    MANIFEST,
+    PARTITION_RE,
+    ROW_RE,
+    SHARD_DATA_RE,
+    TEST_DATA_RE,
+    Manifest,
+    ManifestError,
+    parse_manifest,
+)
+
+MANAGED_TOP = (
+    MANIFEST,
+    "config.json",
+    "data",
+    "checkpoints",
+    "results",
+    "metrics.jsonl",
+    "ledger.jsonl",
+    "ledger.head",
+    "ledger.salt",
+    ".writer.lock",
+    ".reader.lock",
+    "pending",
+)
+OURS_IN = {
+    "data": (SHARD_DATA_RE, TEST_DATA_RE),
+    "checkpoints": (ROW_RE,),
+    ".": (PARTITION_RE,),
+}
+
+
+class RunDir:
+    """The files of one run directory (its real path; every managed path checked for links).
+
+    Raises:
+      NotARunError: ``must_exist`` and the directory holds no manifest.
+      UnsafeRunError: a managed path below the directory is a symbolic link.
+    """
+
+    def __init__(self, path: str | Path, *, must_exist: bool = True):
+        self.given = Path(path)
+        self.root = real_run_dir(path)
+        if must_exist:
+            if not self.root.is_dir():
+                raise NotARunError(f"{self.given} is not a directory")
+            for name in MANAGED_TOP:
+                managed_path(self.root, name)
+            if not (self.root / MANIFEST).is_file():
+                raise NotARunError(f"{self.given} is not a sisajax run directory (no {MANIFEST})")
+
+    def path(self, rel: str) -> Path:
+        """``root/rel`` (refusing links on the way)."""
+        return managed_path(self.root, rel)
+
+    def check_no_links(self, rels: set[str]) -> None:
+        """Raise :class:`UnsafeRunError` if any of ``rels`` (or a folder on the way) is a link."""
+        for rel in sorted(rels):
+            managed_path(self.root, rel)
+
+    def writable(self) -> bool:
+        return is_writable_dir(self.root)
+
+    # -- the manifest ---------------------------------------------------------------------------
+    def read_manifest(self) -> Manifest:
+        path = self.path(MANIFEST)
+        try:
+            raw = read_json(path)
+        except FileNotFoundError:
+            raise NotARunError(
+                f"{self.given} is not a sisajax run directory (no {MANIFEST})"
+            ) from None
+        except ValueError as e:
+            raise ManifestError(f"{MANIFEST} is unreadable: {e}") from None
+        except OSError as e:
+            raise RunError(f"{MANIFEST} cannot be read ({e.strerror})") from None
+        return parse_manifest(raw)
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Make ``manifest`` live: durable temp file, atomic rename, durable folder."""
+        write_json(self.path(MANIFEST), manifest.to_json())
+
+    def commit(self, manifest: Manifest, timeout_s: float) -> tuple[list[str], list[str]]:
+        """Switch the run to ``manifest`` and delete the files it supersedes.
+
+        Holds the reader lock exclusively, so no reader is mid-load while files go away. Every
+        file the manifest names must already be durable. Returns ``(removed, foreign)``.
+        """
+        with reader_lock(self.root, timeout_s, exclusive=True):
+            self.write_manifest(manifest)
+            fault("after_commit")
+            return self.collect_garbage(manifest)
+
+    def make_dirs(self) -> None:
+        for d in ("data", "checkpoints"):
+            ensure_dir(self.root, d)
+
+    # -- what is on disk ------------------------------------------------------------------------
+    def scan(self, live: set[str]) -> tuple[list[str], list[str]]:
+        """``(superseded, foreign)``: our files the live manifest does not name (plus our temp
+        files and legacy ``pending/`` id files), and entries in ``data/`` / ``checkpoints/``
+        that are not ours (links, folders, other names)."""
+        superseded, foreign = [], []
+        for folder, patterns in OURS_IN.items():
+            base = self.root if folder == "." else self.root / folder
+            for e in scan_dir(base):
+                rel = e.name if folder == "." else f"{folder}/{e.name}"
+                ours = any(p.fullmatch(e.name) for p in patterns) or TEMP_RE.fullmatch(e.name)
+                if folder == "." and not ours:
+                    continue  # the run's top level also holds ledger, results, user notes
+                if not ours or not is_regular(e):
+                    foreign.append(rel)
+                elif rel not in live:
+                    superseded.append(rel)
+        pending = self.root / "pending"
+        if pending.is_dir() and not pending.is_symlink():
+            superseded += [f"pending/{e.name}" for e in scan_dir(pending) if is_regular(e)]
+        return sorted(superseded), sorted(foreign)
+
+    def collect_garbage(self, manifest: Manifest) -> tuple[list[str], list[str]]:
+        """Delete superseded files (never following links); return ``(removed, foreign)``."""
+        superseded, foreign = self.scan(manifest.files())
+        removed = [rel for rel in superseded if remove_if_ours(self.path(rel))]
+        if removed:
+            for d in {str(Path(rel).parent) for rel in removed}:
+                fsync_dir(self.root / d)
+        pending = self.root / "pending"
+        if pending.is_dir() and not pending.is_symlink() and not any(pending.iterdir()):
+            os.rmdir(pending)
+        return removed, foreign
+
+    # -- results --------------------------------------------------------------------------------
+    def write_result(self, name: str, obj: dict[str, Any]) -> Path | None:
+        """Write ``results/<name>-<UTC time>-<pid>.json`` (a new file, never replacing one).
+
+        Returns the path, or None when the run directory is not writable (read-only runs).
+        """
+        if not self.writable():
+            return None
+        folder = ensure_dir(self.root, "results")
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:]
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+        path = folder / f"{safe}-{stamp}Z-{os.getpid()}.json"
+        n = 1
+        while path.exists():
+            path = folder / f"{safe}-{stamp}Z-{os.getpid()}-{n}.json"
+            n += 1
+        write_json(path, obj)
+        return path
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_json(self.path("config.json"), config, durable=False)
+
+    def write_bytes(self, rel: str, data: bytes, **kw: Any) -> tuple[str, int]:
+        return write_file(self.path(rel), data, **kw)

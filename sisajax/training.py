@@ -1,0 +1,692 @@
+"""Training a SISA run: a new run directory, or a retrain in place that keeps its tombstones.
+
+:func:`train` trains all S constituent models together and checkpoints every (shard, slice) as
+training reaches it: each slice's states go to a background writer while the next slice trains
+(:class:`GenerationWriter`), so checkpointing overlaps with compute. The manifest that makes the
+files live is written only after every file is durable.
+
+Retraining an existing run (``overwrite=True``) is a generation switch like a forget: it takes the
+writer lock (waiting like ``forget``), finishes any interrupted request first, excludes every id
+the run has forgotten (its tombstones; the source data set still holds those rows), carries the
+ledger forward with a ``retrain`` request, and switches atomically. Only
+``discard_deletion_history=True`` trains on forgotten ids again, and that is itself recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from sisajax import host as host_mod
+from sisajax.config import ConfigError, RunConfig
+from sisajax.costs import CostReport, slice_schedule_cost
+from sisajax.data.datasets import Dataset
+from sisajax.data.partition import Partition, PartitionError, fingerprint_ids, hash_partition
+from sisajax.engine import Engine, ShardData, ShardJob, SliceOutput, TrainStats
+from sisajax.errors import UserInputError
+from sisajax.layout import resolve_shard_exec
+from sisajax.store.faults import fault
+from sisajax.store.files import write_file
+from sisajax.store.ledger import Ledger
+from sisajax.store.locks import writer_lock
+from sisajax.store.manifest import (
+    DatasetInfo,
+    FileRef,
+    Manifest,
+    RowRef,
+    ShardEntry,
+    partition_file,
+    row_file,
+    shard_data_file,
+    test_data_file,
+)
+from sisajax.store.rows import BackgroundWriter, encode_row
+from sisajax.store.run_dir import RunDir
+
+PyTree = Any
+Progress = Callable[[str, int], Callable[[int], None]] | None
+MetricsSink = Callable[[dict[str, Any]], None] | bool | None
+
+
+def metrics_sink(run_dir: Path, metrics: MetricsSink) -> Callable[[dict[str, Any]], None] | None:
+    """The metrics callback to use: the caller's, none (``False``), or by default the run's
+    ``metrics.jsonl`` (:class:`~sisajax.metrics.MetricsLog`)."""
+    if metrics is False:
+        return None
+    if metrics is None or metrics is True:
+        from sisajax.metrics import MetricsLog
+
+        return MetricsLog(run_dir)
+    return metrics
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that determine the trained bits (recorded in every manifest)."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "sisajax"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "unknown"
+    out["backend"] = jax.default_backend()
+    return out
+
+
+def prefix_facts(data: ShardData, num_slices: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """``(n_ids [R], fingerprints [R])`` of each slice prefix of a shard's data (ids sorted)."""
+    n_ids, fps = [], []
+    for j in range(num_slices):
+        ids = data.ids[data.slices <= j]
+        n_ids.append(len(ids))
+        fps.append(fingerprint_ids(ids))
+    return tuple(n_ids), tuple(fps)
+
+
+class GenerationWriter:
+    """Writes the files of one new generation in the background while training produces them.
+
+    Args:
+      files: the run directory (its ``data/`` and ``checkpoints/`` exist).
+      generation: the generation being written (it names every file).
+      engine: the engine training it (state layout).
+      config_fingerprint: recorded in every row's header.
+      metrics: optional callback receiving one record per (shard, slice) with its mean loss.
+    """
+
+    def __init__(
+        self,
+        files: RunDir,
+        generation: int,
+        engine: Engine,
+        config_fingerprint: str,
+        metrics: MetricsSink = None,
+    ):
+        self.files, self.generation, self.engine = files, generation, engine
+        self.config_fp = config_fingerprint
+        self.host_id, self.host_info = host_mod.current()
+        self.paths = engine.leaf_paths()
+        self.writer = BackgroundWriter(files.root)
+        self.rows: dict[tuple[int, int], RowRef] = {}
+        self.prefix: dict[int, tuple[tuple[int, ...], tuple[str, ...]]] = {}
+        self.data_refs: dict[int, Future] = {}
+        self.other: dict[str, Future] = {}
+        self.metrics = metrics
+        self.fetch_s = 0.0
+
+    def add_shard(self, k: int, data: ShardData) -> None:
+        """Write shard ``k``'s data copy (in the background) and note its prefix fingerprints."""
+        self.prefix[k] = prefix_facts(data, self.engine.config.sisa.slices)
+        rel = shard_data_file(k, self.generation)
+        self.data_refs[k] = self.writer.call(
+            lambda: self._npz(rel, ids=data.ids, x=data.x, y=data.y, slices=data.slices)
+        )
+
+    def _npz(self, rel: str, **arrays: np.ndarray) -> FileRef:
+        buf = io.BytesIO()  # one write instead of zipfile's many small ones
+        np.savez(buf, **arrays)
+        sha, size = write_file(self.files.path(rel), buf.getbuffer(), sync_dir=False, what=rel)
+        return FileRef(rel, sha, size)
+
+    def add_test(self, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        rel = test_data_file(self.generation)
+        self.other["test"] = self.writer.call(lambda: self._npz(rel, ids=ids, x=x, y=y))
+
+    def add_partition(self, part: Partition) -> None:
+        rel = partition_file(self.generation)
+
+        def write() -> FileRef:
+            sha, size = part.save(self.files.path(rel), durable=True)
+            return FileRef(rel, sha, size)
+
+        self.other["partition"] = self.writer.call(write)
+
+    def on_slice(self, shards: list[int]) -> Callable[[SliceOutput], None]:
+        """An ``on_slice`` for :meth:`Engine.run` whose job ``i`` is shard ``shards[i]``."""
+
+        def handle(out: SliceOutput) -> None:
+            self.writer.call(lambda: self._write_slice(out, shards))
+            fault("mid_retrain")
+
+        return handle
+
+    def _write_slice(self, out: SliceOutput, shards: list[int]) -> None:
+        t0 = time.perf_counter()
+        host = jax.device_get(out.states)  # waits for this slice step only
+        leaves = jax.tree.leaves(host)
+        losses = out.mean_loss() if self.metrics else {}
+        self.fetch_s += time.perf_counter() - t0
+        j = out.slice
+        for i, p in out.positions.items():
+            k = shards[i]
+            n_ids, fps = self.prefix[k]
+            header = {
+                "shard": k,
+                "slice": j,
+                "generation": self.generation,
+                "config_fingerprint": self.config_fp,
+                "ids_fingerprint": fps[j],
+                "n_ids": n_ids[j],
+                "host": self.host_id,
+            }
+            rel = row_file(k, j, self.generation)
+            sha, size = write_file(
+                self.files.path(rel),
+                encode_row(header, self.paths, [np.asarray(a[p]) for a in leaves]),
+                sync_dir=False,
+                what=rel,
+            )
+            self.rows[(k, j)] = RowRef(self.generation, sha, size, self.host_id)
+            fault("mid_save")
+            if self.metrics:
+                self.metrics(
+                    {
+                        "event": "train_slice",
+                        "generation": self.generation,
+                        "shard": k,
+                        "slice": j,
+                        "loss": losses.get(i),
+                        "examples": int(out.examples[p]) if out.examples is not None else None,
+                    }
+                )
+
+    def finish(self) -> None:
+        """Wait for every write; make the new files' folders durable."""
+        self.writer.wait()
+        self.writer.sync_dirs([self.files.root])
+        self.writer.close()
+
+    def abort(self) -> None:
+        """Stop writing (after a failure); written files are superseded, collected later."""
+        with contextlib.suppress(BaseException):  # the first failure is being raised already
+            self.writer.wait()
+        self.writer.close()
+
+    def shard_entry(self, k: int, old: ShardEntry | None = None, restart: int = 0) -> ShardEntry:
+        """Shard ``k``'s entry: rows before ``restart`` kept from ``old``, the rest new."""
+        n_ids, fps = self.prefix[k]
+        r = self.engine.config.sisa.slices
+        rows = tuple(
+            old.rows[j] if (old is not None and j < restart) else self.rows[(k, j)]
+            for j in range(r)
+        )
+        return ShardEntry(self.data_refs[k].result(), rows, n_ids, fps)
+
+    @property
+    def hosts(self) -> dict[str, dict[str, Any]]:
+        return {self.host_id: self.host_info}
+
+
+def shard_data_from(partition: Partition, dataset: Dataset, k: int) -> ShardData:
+    """The rows of ``dataset`` that ``partition`` places in shard ``k`` (sorted by id)."""
+    sel = partition.shard == k
+    ids = partition.ids[sel]
+    order = np.argsort(dataset.train_ids, kind="stable")
+    pos = order[np.searchsorted(dataset.train_ids, ids, sorter=order)]
+    return ShardData(ids, dataset.x_train[pos], dataset.y_train[pos], partition.slice[sel])
+
+
+def check_partition(partition: Partition, config: RunConfig, num_train: int) -> None:
+    """Every shard (and slice count) feasible, before anything is written."""
+    sisa = config.sisa
+    sizes = partition.sizes()
+    empty = np.flatnonzero(sizes.sum(1) == 0)
+    if len(empty) and not sisa.allow_empty_shards:
+        raise PartitionError(
+            f"shards {empty.tolist()} received no training examples ({num_train} ids over "
+            f"{sisa.shards} shards); use fewer shards (or sisa.allow_empty_shards=true)"
+        )
+    if sisa.slices > sizes.sum(1).min() and not sisa.allow_empty_shards:
+        raise ConfigError(
+            f"{sisa.slices} slices but the smallest shard has {sizes.sum(1).min()} examples; "
+            "use fewer slices or fewer shards"
+        )
+
+
+def build_engine(config: RunConfig, dataset: Dataset, devices: int | None = None) -> Engine:
+    """The engine for ``config`` on ``dataset``, after checking the model accepts its inputs."""
+    engine = Engine(
+        config,
+        dataset.feature_shape,
+        dataset.x_train.dtype,
+        dataset.num_classes,
+        devices=devices,
+        preprocessing=dataset.preprocessing,
+    )
+    try:
+        engine.state_template()
+    except Exception as e:  # shape errors surface from deep inside Flax: name the cause once
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"model {config.model.name!r} cannot take {dataset.name} inputs of shape "
+            f"{dataset.feature_shape}: {msg}"
+        ) from None
+    return engine
+
+
+def plan_training(
+    config: RunConfig,
+    dataset: Dataset,
+    partition: Partition | None,
+    devices: int | None,
+    removed: np.ndarray,
+) -> TrainingPlan:
+    """Everything a training needs, checked before anything is written.
+
+    Args:
+      config: the run configuration (``shard_exec`` resolved here).
+      dataset: the data to train on (forgotten ids already excluded).
+      partition: an explicit partition or None for the hash partition.
+      devices: local devices to use (None: all).
+      removed: tombstones (forgotten ids or their keys) carried into the new partition.
+    """
+    sisa = config.sisa
+    explicit = partition is not None
+    if partition is None:
+        if sisa.shards > len(dataset.train_ids):
+            raise PartitionError(
+                f"{sisa.shards} shards but only {len(dataset.train_ids)} training examples"
+            )
+        partition = hash_partition(dataset.train_ids, sisa.shards, sisa.slices, sisa.seed)
+    else:
+        if (partition.num_shards, partition.num_slices) != (sisa.shards, sisa.slices):
+            raise ConfigError(
+                f"the partition has {partition.num_shards} shards x {partition.num_slices} slices "
+                f"but the config asks for {sisa.shards} x {sisa.slices}"
+            )
+        if not np.array_equal(partition.ids, np.sort(dataset.train_ids)):
+            raise PartitionError("the partition's ids are not the dataset's training ids")
+    partition = dataclasses.replace(partition, removed=np.union1d(partition.removed, removed))
+    check_partition(partition, config, len(dataset.train_ids))
+    resolved = config.replace(sisa={"shard_exec": resolve_shard_exec(sisa.shard_exec)})
+    engine = build_engine(resolved, dataset, devices)
+    data = [shard_data_from(partition, dataset, k) for k in range(sisa.shards)]
+    capacity = int(-(-max(len(d) for d in data) // 8) * 8)
+    return TrainingPlan(resolved, dataset, partition, engine, explicit, data, capacity)
+
+
+@dataclasses.dataclass
+class TrainingPlan:
+    """A checked training: config, data, partition, engine, per-shard data, row capacity."""
+
+    config: RunConfig
+    dataset: Dataset
+    partition: Partition
+    engine: Engine
+    explicit: bool
+    data: list[ShardData]
+    capacity: int
+
+
+@dataclasses.dataclass
+class GenerationFiles:
+    """What :func:`train_generation` wrote: shard entries, shared files, hosts, cost."""
+
+    entries: dict[int, ShardEntry]
+    partition: FileRef | None
+    test_data: FileRef | None
+    hosts: dict[str, dict[str, Any]]
+    cost: CostReport
+
+
+def train_generation(
+    plan: TrainingPlan,
+    files: RunDir,
+    generation: int,
+    *,
+    shards: list[int] | None = None,
+    shared: bool = True,
+    progress: Progress = None,
+    metrics: MetricsSink = None,
+    label: str = "train",
+) -> GenerationFiles:
+    """Train ``shards`` (default: all) and write their files for ``generation`` (not yet live).
+
+    Args:
+      shared: also write the partition and the held-out split.
+    """
+    t0 = time.perf_counter()
+    cfg, part, engine = plan.config, plan.partition, plan.engine
+    sisa = cfg.sisa
+    mine = list(range(sisa.shards)) if shards is None else list(shards)
+    files.make_dirs()
+    gen = GenerationWriter(files, generation, engine, cfg.fingerprint(), metrics)
+    stats = TrainStats()
+    try:
+        for k in mine:
+            gen.add_shard(k, plan.data[k])
+        if shared:
+            gen.add_partition(part)
+            ds = plan.dataset
+            gen.add_test(ds.test_ids, ds.x_test, ds.y_test)
+        total = slice_schedule_cost(part.sizes()[mine], sisa.epochs, sisa.batch_size)[1]
+        advance = progress(label, total) if progress else None
+        jobs = [ShardJob(k, plan.data[k]) for k in mine]
+        _, stats = engine.run(
+            jobs,
+            capacity=plan.capacity,
+            on_slice=gen.on_slice(mine),
+            progress=advance,
+        )
+        t_wait = time.perf_counter()
+        gen.finish()
+    except BaseException:
+        gen.abort()
+        raise
+    cost = CostReport(
+        wall_s=time.perf_counter() - t0,
+        compile_s=stats.compile_s,
+        retrain_s=stats.train_s,
+        save_s=time.perf_counter() - t_wait,
+        examples=stats.examples,
+        grad_steps=stats.grad_steps,
+        shard_slices=stats.shard_slices,
+        shards=len(mine),
+        writer_busy_s=gen.writer.busy_s,
+    )
+    return GenerationFiles(
+        {k: gen.shard_entry(k) for k in mine},
+        gen.other["partition"].result() if shared else None,
+        gen.other["test"].result() if shared else None,
+        gen.hosts,
+        cost,
+    )
+
+
+def make_manifest(
+    plan: TrainingPlan,
+    generation: int,
+    entries: dict[int, ShardEntry],
+    partition: FileRef,
+    test_data: FileRef,
+    hosts: dict[str, dict[str, Any]],
+    *,
+    origin: dict[str, Any],
+    id_hashing: dict[str, str] | None,
+    plugins: tuple[str, ...] = (),
+    layout: dict[str, Any] | None = None,
+) -> Manifest:
+    """The manifest of a freshly trained generation (built in this one place)."""
+    cfg, ds = plan.config, plan.dataset
+    return Manifest(
+        generation=generation,
+        config=cfg.to_dict(),
+        config_fingerprint=cfg.fingerprint(),
+        layout=layout or plan.engine.layout(),
+        capacity=plan.capacity,
+        dataset=DatasetInfo(
+            ds.name,
+            tuple(ds.feature_shape),
+            str(ds.x_train.dtype),
+            ds.num_classes,
+            len(ds.train_ids),
+            len(ds.test_ids),
+            dict(ds.preprocessing),
+        ),
+        partition=partition,
+        partition_kind="explicit" if plan.explicit else "hash",
+        test_data=test_data,
+        shards=tuple(entries[k] for k in range(cfg.sisa.shards)),
+        hosts=hosts,
+        versions=library_versions(),
+        id_hashing=id_hashing,
+        origin=origin,
+        plugins=tuple(plugins),
+    )
+
+
+def _train_generation(
+    plan: TrainingPlan,
+    files: RunDir,
+    generation: int,
+    *,
+    origin: dict[str, Any],
+    id_hashing: dict[str, str] | None,
+    progress: Progress,
+    metrics: MetricsSink,
+    plugins: tuple[str, ...] = (),
+) -> tuple[Manifest, CostReport]:
+    """Train every shard and write generation ``generation`` (not yet live)."""
+    out = train_generation(plan, files, generation, progress=progress, metrics=metrics)
+    manifest = make_manifest(
+        plan,
+        generation,
+        out.entries,
+        out.partition,
+        out.test_data,
+        out.hosts,
+        origin=origin,
+        id_hashing=id_hashing,
+        plugins=plugins,
+    )
+    return manifest, out.cost
+
+
+def train(
+    config: RunConfig,
+    dataset: Dataset,
+    run_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    discard_deletion_history: bool = False,
+    progress: Progress = None,
+    partition: Partition | None = None,
+    devices: int | None = None,
+    metrics: MetricsSink = None,
+    plugins: tuple[str, ...] = (),
+):
+    """Train all S constituent models together, checkpointing every slice of every shard.
+
+    Args:
+      config: the run configuration.
+      dataset: training ids/features/labels and the held-out split.
+      run_dir: a new (or empty) directory, or an existing run with ``overwrite=True``.
+      overwrite: retrain an existing run in place: takes its writer lock, finishes interrupted
+        requests, excludes every id the run has forgotten and records a ``retrain`` request.
+      discard_deletion_history: with ``overwrite``, train on forgotten ids again (their
+        tombstones are dropped); recorded in the ledger.
+      progress: optional ``progress(description, total_steps) -> advance(n)`` factory.
+      partition: an explicit id -> (shard, slice) assignment (e.g. distribution-aware sharding);
+        default: :func:`hash_partition` by ``config.sisa.seed``.
+      devices: how many local devices to spread the shards over (default: all).
+      metrics: where per-(shard, slice) training losses go: default the run's ``metrics.jsonl``,
+        ``False`` nowhere, or a callback receiving each record.
+      plugins: modules the run needs imported (plug-in models or data sets), recorded.
+
+    Returns:
+      (the opened :class:`~sisajax.run.SisaRun`, its :class:`~sisajax.costs.CostReport`).
+
+    Raises:
+      ConfigError, PartitionError, UserInputError: invalid input, before anything is written.
+      StorageError: the disk filled up or is read-only; a new run directory is removed again, an
+        existing run stays as it was.
+    """
+    from sisajax.run import SisaRun
+
+    files = RunDir(run_dir, must_exist=False)
+    root = files.root
+    if root.exists() and not root.is_dir():
+        raise UserInputError(f"{run_dir} exists and is not a directory")
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise UserInputError(f"{run_dir} is not empty; pass overwrite=True to retrain it")
+        if discard_deletion_history is not True and discard_deletion_history is not False:
+            raise ConfigError("discard_deletion_history must be true or false")
+        return _retrain_in_place(
+            SisaRun(root),
+            config,
+            dataset,
+            partition,
+            devices,
+            progress,
+            metrics,
+            plugins,
+            discard_deletion_history,
+        )
+    if discard_deletion_history:
+        raise UserInputError(
+            "discard_deletion_history only applies when retraining an existing run"
+        )
+    ledger = Ledger(root, hash_ids=config.ledger.hash_ids, salt_file=config.ledger.salt_file)
+    plan = plan_training(config, dataset, partition, devices, np.zeros(0, np.int64))
+    created = not root.exists()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with writer_lock(root, config.ledger.lock_timeout_s):
+            id_hashing = None
+            if config.ledger.hash_ids:
+                ledger.load_salt(create=True)
+                id_hashing = {
+                    "salt_fingerprint": ledger.salt_fingerprint(),
+                    "salt_source": ledger.salt_source(),
+                }
+            sink = metrics_sink(root, metrics)
+            manifest, cost = _train_generation(
+                plan,
+                files,
+                0,
+                origin={"op": "train"},
+                id_hashing=id_hashing,
+                progress=progress,
+                metrics=sink,
+                plugins=tuple(plugins),
+            )
+            files.write_config(plan.config.to_dict())
+            files.write_manifest(manifest)
+            _log_train(sink, 0, cost)
+    except BaseException:
+        _remove_new_run(root, created)
+        raise
+    return SisaRun(root), cost
+
+
+def _log_train(sink, generation: int, cost: CostReport, **extra: Any) -> None:
+    if sink:
+        sink({"event": "train", "generation": generation, **cost.to_dict(), **extra})
+
+
+def _remove_new_run(root: Path, created: bool) -> None:
+    """Undo a failed new run: the directory we created (or the files we put in an empty one)."""
+    if not root.is_dir() or root.is_symlink():
+        return
+    if created:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for p in root.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def tombstoned(ledger: Ledger, removed: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``[N]`` bool: which of ``ids`` the run has forgotten (raw ids or salted hashes)."""
+    return np.isin(ledger.removed_keys(ids), removed)
+
+
+def _retrain_in_place(
+    run,
+    config: RunConfig,
+    dataset: Dataset,
+    partition: Partition | None,
+    devices: int | None,
+    progress: Progress,
+    metrics: MetricsSink,
+    plugins: tuple[str, ...],
+    discard: bool,
+):
+    from sisajax.unlearning import prepare_ledger, resume
+
+    old_hash = run.config.ledger.hash_ids
+    if config.ledger.hash_ids != old_hash and not discard:
+        raise ConfigError(
+            f"ledger.hash_ids={config.ledger.hash_ids} but the run keeps its deletion history "
+            f"with hash_ids={old_hash}; keep it (or discard the history explicitly)"
+        )
+    with run.writer_lock(config.ledger.lock_timeout_s):
+        run.reload()
+        old_ledger = run.ledger
+        repaired = prepare_ledger(run)
+        resume(run, _locked=True)
+        run.reload()
+        removed = np.zeros(0, np.int64) if discard else run.partition.removed
+        if old_hash and not discard:
+            old_ledger.check_salt((run.manifest.id_hashing or {}).get("salt_fingerprint"))
+        drop = tombstoned(old_ledger, removed, dataset.train_ids) if len(removed) else None
+        if drop is not None and drop.any():
+            keep = ~drop
+            dataset = dataclasses.replace(
+                dataset,
+                train_ids=dataset.train_ids[keep],
+                x_train=dataset.x_train[keep],
+                y_train=dataset.y_train[keep],
+            )
+            if partition is not None and np.isin(partition.ids, run.partition.removed).any():
+                raise PartitionError("the explicit partition lists ids this run has forgotten")
+        plan = plan_training(config, dataset, partition, devices, removed)
+        ledger = Ledger(
+            run.run_dir, hash_ids=config.ledger.hash_ids, salt_file=config.ledger.salt_file
+        )
+        id_hashing = run.manifest.id_hashing if not discard else None
+        if config.ledger.hash_ids and id_hashing is None:
+            ledger.load_salt(create=True)
+            id_hashing = {
+                "salt_fingerprint": ledger.salt_fingerprint(),
+                "salt_source": ledger.salt_source(),
+            }
+        gen = run.generation + 1
+        request_id = old_ledger.new_request_id()
+        excluded = int(drop.sum()) if drop is not None else 0
+        old_ledger.append(
+            request_id,
+            "pending",
+            kind="retrain",
+            generation_before=run.generation,
+            generation_target=gen,
+            config_fingerprint=plan.config.fingerprint(),
+            excluded_forgotten=excluded,
+            discard_deletion_history=bool(discard),
+            forgotten_before=int(len(run.partition.removed)),
+            repaired_ledger=repaired,
+        )
+        manifest, cost = _train_generation(
+            plan,
+            run.files,
+            gen,
+            origin={"op": "retrain", "request_id": request_id},
+            id_hashing=id_hashing,
+            progress=progress,
+            metrics=(sink := metrics_sink(run.run_dir, metrics)),
+            plugins=tuple(plugins),
+        )
+        run.files.write_config(plan.config.to_dict())
+        fault("retrain_before_commit")
+        removed_files, _ = run.files.commit(manifest, config.ledger.lock_timeout_s)
+        fault("retrain_after_commit")
+        old_ledger.append(
+            request_id, "done", kind="retrain", generation=gen, files_removed=len(removed_files)
+        )
+    run.reload()
+    _log_train(sink, gen, cost, retrain=True, excluded_forgotten=excluded)
+    return run, cost
+
+
+__all__ = [
+    "GenerationWriter",
+    "build_engine",
+    "check_partition",
+    "library_versions",
+    "shard_data_from",
+    "train",
+]

@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,cluster]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,cluster,tensorboard]'
 	touch $(STAMP)
 
 venv: $(STAMP)

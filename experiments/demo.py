@@ -17,8 +17,8 @@ import numpy as np
 
 def run_demo(cfg: dict[str, Any]) -> int:
     import sisajax as sj
-    from sisajax.cli.output import fmt_cost, print_table, progress_factory, say
     from sisajax.config import run_config_from
+    from sisajax.console import fmt_cost, print_table, progress_factory, say
 
     rc = run_config_from(cfg)
     k = cfg["num_forget"]

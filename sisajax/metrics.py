@@ -59,6 +59,7 @@ class MetricsLog:
                 os.close(fd)
             if self._tb is not None:
                 self._tensorboard(rec)
+                self._tb.flush()
 
     def _tensorboard(self, rec: dict[str, Any]) -> None:
         event = rec.get("event")

@@ -20,7 +20,7 @@ import numpy as np
 
 from sisajax import aggregation as agg
 from sisajax import host as host_mod
-from sisajax.config import RunConfig
+from sisajax.config import ConfigError, RunConfig
 from sisajax.data.datasets import Dataset
 from sisajax.data.partition import Partition
 from sisajax.engine import Engine, LayoutError, ShardData, TrainState, stack_states
@@ -175,12 +175,21 @@ class SisaRun:
             args = (cfg, ds.feature_shape, np.dtype(ds.x_dtype), ds.num_classes)
             kw = {"preprocessing": ds.preprocessing, "vmap_width": self.num_shards}
             try:
-                opts = layout_options(self.manifest.layout)
-                self._engine = Engine(*args, **opts, **kw)
-            except LayoutError as e:
-                # predict/evaluate still work on any layout; forget/verify must refuse
-                self._layout_error = e
-                self._engine = Engine(*args, **kw)
+                try:
+                    opts = layout_options(self.manifest.layout)
+                    self._engine = Engine(*args, **opts, **kw)
+                except LayoutError as e:
+                    # predict/evaluate still work on any layout; forget/verify must refuse
+                    self._layout_error = e
+                    self._engine = Engine(*args, **kw)
+            except ConfigError as e:
+                if self.manifest.plugins and "unknown model" in str(e):
+                    raise ConfigError(
+                        f"{e}. This run was trained with plugins {list(self.manifest.plugins)}: "
+                        "name them with plugins=[...] (a run directory never imports code by "
+                        "itself)"
+                    ) from None
+                raise
         return self._engine
 
     def check_layout(self) -> None:
@@ -345,7 +354,7 @@ class SisaRun:
     def warn_foreign_hosts(self, shards: list[int] | None, action: str) -> list[str]:
         """Warn (and return the lines) when rows of ``shards`` were made on another host."""
         lines = [
-            f"rows of this run were made on host {h} ({'; '.join(d)}): {action}"
+            f"rows of this run were made on another host {h} ({'; '.join(d)}): {action}"
             for h, d in self.foreign_hosts(shards).items()
         ]
         for line in lines:

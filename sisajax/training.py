@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import io
 import shutil
 import time
@@ -58,15 +59,17 @@ Progress = Callable[[str, int], Callable[[int], None]] | None
 MetricsSink = Callable[[dict[str, Any]], None] | bool | None
 
 
-def metrics_sink(run_dir: Path, metrics: MetricsSink) -> Callable[[dict[str, Any]], None] | None:
+def metrics_sink(
+    run_dir: Path, metrics: MetricsSink, tensorboard: bool = False
+) -> Callable[[dict[str, Any]], None] | None:
     """The metrics callback to use: the caller's, none (``False``), or by default the run's
-    ``metrics.jsonl`` (:class:`~sisajax.metrics.MetricsLog`)."""
+    ``metrics.jsonl`` (:class:`~sisajax.metrics.MetricsLog`, with TensorBoard events if asked)."""
     if metrics is False:
         return None
     if metrics is None or metrics is True:
         from sisajax.metrics import MetricsLog
 
-        return MetricsLog(run_dir)
+        return MetricsLog(run_dir, tensorboard=tensorboard)
     return metrics
 
 
@@ -124,6 +127,7 @@ class GenerationWriter:
         self.other: dict[str, Future] = {}
         self.metrics = metrics
         self.fetch_s = 0.0
+        self.last_loss: float | None = None
 
     def add_shard(self, k: int, data: ShardData) -> None:
         """Write shard ``k``'s data copy (in the background) and note its prefix fingerprints."""
@@ -165,7 +169,10 @@ class GenerationWriter:
         t0 = time.perf_counter()
         host = jax.device_get(out.states)  # waits for this slice step only
         leaves = jax.tree.leaves(host)
-        losses = out.mean_loss() if self.metrics else {}
+        losses = out.mean_loss()
+        finite = [v for v in losses.values() if v == v]
+        if finite:
+            self.last_loss = float(np.mean(finite))
         self.fetch_s += time.perf_counter() - t0
         j = out.slice
         for i, p in out.positions.items():
@@ -200,6 +207,20 @@ class GenerationWriter:
                         "examples": int(out.examples[p]) if out.examples is not None else None,
                     }
                 )
+
+    def progress(self, factory: Progress, label: str, total: int) -> Callable[[int], None] | None:
+        """The engine's ``progress(n)`` from a ``factory(label, total) -> advance``; an
+        ``advance(n, loss)`` taking two arguments also gets the latest slice's mean loss."""
+        if not factory:
+            return None
+        advance = factory(label, total)
+        try:
+            with_loss = len(inspect.signature(advance).parameters) >= 2
+        except (TypeError, ValueError):
+            with_loss = False
+        if not with_loss:
+            return advance
+        return lambda n: advance(n, self.last_loss)
 
     def finish(self) -> None:
         """Wait for every write; make the new files' folders durable."""
@@ -371,7 +392,7 @@ def train_generation(
             ds = plan.dataset
             gen.add_test(ds.test_ids, ds.x_test, ds.y_test)
         total = slice_schedule_cost(part.sizes()[mine], sisa.epochs, sisa.batch_size)[1]
-        advance = progress(label, total) if progress else None
+        advance = gen.progress(progress, label, total)
         jobs = [ShardJob(k, plan.data[k]) for k in mine]
         _, stats = engine.run(
             jobs,
@@ -485,6 +506,7 @@ def train(
     devices: int | None = None,
     metrics: MetricsSink = None,
     plugins: tuple[str, ...] = (),
+    tensorboard: bool = False,
 ):
     """Train all S constituent models together, checkpointing every slice of every shard.
 
@@ -503,6 +525,7 @@ def train(
       metrics: where per-(shard, slice) training losses go: default the run's ``metrics.jsonl``,
         ``False`` nowhere, or a callback receiving each record.
       plugins: modules the run needs imported (plug-in models or data sets), recorded.
+      tensorboard: also write the metrics as TensorBoard events (``tensorboardX``).
 
     Returns:
       (the opened :class:`~sisajax.run.SisaRun`, its :class:`~sisajax.costs.CostReport`).
@@ -533,6 +556,7 @@ def train(
             metrics,
             plugins,
             discard_deletion_history,
+            tensorboard,
         )
     if discard_deletion_history:
         raise UserInputError(
@@ -551,7 +575,7 @@ def train(
                     "salt_fingerprint": ledger.salt_fingerprint(),
                     "salt_source": ledger.salt_source(),
                 }
-            sink = metrics_sink(root, metrics)
+            sink = metrics_sink(root, metrics, tensorboard)
             manifest, cost = _train_generation(
                 plan,
                 files,
@@ -605,6 +629,7 @@ def _retrain_in_place(
     metrics: MetricsSink,
     plugins: tuple[str, ...],
     discard: bool,
+    tensorboard: bool = False,
 ):
     from sisajax.unlearning import prepare_ledger, resume
 
@@ -667,7 +692,7 @@ def _retrain_in_place(
             origin={"op": "retrain", "request_id": request_id},
             id_hashing=id_hashing,
             progress=progress,
-            metrics=(sink := metrics_sink(run.run_dir, metrics)),
+            metrics=(sink := metrics_sink(run.run_dir, metrics, tensorboard)),
             plugins=tuple(plugins),
         )
         run.files.write_config(plan.config.to_dict())

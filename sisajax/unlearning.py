@@ -400,7 +400,7 @@ def _forget_locked(
             sisa.batch_size,
             np.array([plan.restart[k] for k in shards]),
         )[1]
-        advance = progress("forget", total) if progress else None
+        advance = writer.progress(progress, "forget", total)
         _, stats = engine.run(
             jobs, capacity=run.capacity, on_slice=writer.on_slice(shards), progress=advance
         )

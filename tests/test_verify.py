@@ -218,3 +218,23 @@ def test_cli_exit_codes(run, capsys):
     assert "do not exist" in capsys.readouterr().err
     assert cli(["verify", f"run_dir={d}", "sisa.shards=4"]) == 2
     assert "sisa" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_process_compiling_for_another_isa_is_another_host(run):
+    """XLA restricted to SSE4.2 generates other code (another host for bit-identity): verify there
+    says a bitwise comparison is not meaningful and compares within its tolerance; a forget there
+    warns that the retrained rows come from another host."""
+    from conftest import cli_run
+
+    env = {"XLA_FLAGS": "--xla_cpu_max_isa=SSE4_2"}
+    r = cli_run(["verify", f"run_dir={run.run_dir}", "shards=[0]"], env)
+    assert r.returncode == 0 and "not meaningful" in r.stdout, r.stdout + r.stderr
+    assert "xla_flags" in r.stdout and "within" in r.stdout
+    r = cli_run(
+        ["forget", f"run_dir={run.run_dir}", f"ids=[{_ids_in(run, 1, 3)[0]}]", "progress=false"],
+        env,
+    )
+    assert r.returncode == 0 and "another host" in r.stdout + r.stderr
+    hosts = sj.open_run(run.run_dir).manifest.hosts
+    assert len(hosts) == 2  # shard 1 now holds rows of both hosts, each described

@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_command(cmd: Command, cfg: dict[str, Any], overrides: list[str]) -> int:
     """Set up jax, import plug-ins, run the command."""
-    from sisajax.cli.output import setup_jax
+    from sisajax.console import setup_jax
 
     setup_jax()
     return cmd.run(cfg, overrides)

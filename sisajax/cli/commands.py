@@ -7,11 +7,12 @@ new name per invocation (never replacing another), or nowhere on a read-only run
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
 from sisajax.cli.app import UsageError, command, import_plugins, run_config
-from sisajax.cli.output import fmt_cost, print_table, progress_factory, say
+from sisajax.console import fmt_cost, print_table, progress_factory, say
 
 
 def _open(cfg: dict[str, Any]):
@@ -50,7 +51,7 @@ def cmd_train(cfg: dict[str, Any], overrides: list[str]) -> int:
             progress=factory,
             devices=cfg["devices"],
             plugins=plugins,
-            metrics=_tensorboard_log(root) if cfg["tensorboard"] else None,
+            tensorboard=cfg["tensorboard"],
         )
     ev = run.evaluate()
     sizes = run.partition.sizes()
@@ -80,13 +81,6 @@ def cmd_train(cfg: dict[str, Any], overrides: list[str]) -> int:
         },
     )
     return 0
-
-
-def _tensorboard_log(root: Path):
-    from sisajax.metrics import MetricsLog
-
-    root.mkdir(parents=True, exist_ok=True)
-    return MetricsLog(root, tensorboard=True)
 
 
 @command("evaluate", "test accuracy of every constituent model and of the ensemble")
@@ -223,7 +217,8 @@ def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
         print_table(f"sequential forget -> generation {run.generation}", rows, ("", "value"))
         _result(run, f"forget-stream-g{run.generation:06d}", stream.to_dict())
         return 0
-    with bar:
+    with bar, warnings.catch_warnings():
+        warnings.simplefilter("ignore", sj.HostWarning)  # printed below from the report
         rep = sj.forget(run, ids, progress=factory, lock_timeout_s=cfg["lock_timeout_s"])
     c = rep.cost
     rows = [

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from sisajax.cli.app import UsageError, command, import_plugins
-from sisajax.cli.output import say
+from sisajax.console import say
 
 
 @command(

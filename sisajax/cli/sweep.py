@@ -167,7 +167,7 @@ class SweepReport(Callback):
             rows, _ = aggregate_jobs(sweep_dir)
             (sweep_dir / "sweep.json").write_text(json.dumps(rows, indent=1))
             if rows:
-                from sisajax.cli.output import print_table
+                from sisajax.console import print_table
 
                 print_table(
                     f"sweep of {len(jobs)} job(s) in {sweep_dir} (mean ± sd over seeds)",

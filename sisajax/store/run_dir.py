@@ -38,7 +38,6 @@ from sisajax.store.files import (
     real_run_dir,
     remove_if_ours,
     scan_dir,
-    write_file,
     write_json,
 )
 from sisajax.store.locks import reader_lock
@@ -194,6 +193,3 @@ class RunDir:
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json(self.path("config.json"), config, durable=False)
-
-    def write_bytes(self, rel: str, data: bytes, **kw: Any) -> tuple[str, int]:
-        return write_file(self.path(rel), data, **kw)

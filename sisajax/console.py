@@ -1,4 +1,5 @@
-"""Terminal output for the command line: tables, progress bars, the compile cache.
+"""Terminal output shared by the command line and the experiments: tables, progress bars,
+cost lines, and the per-host persistent compilation cache.
 
 Tables and bars go to stdout through rich with markup off for user-provided text (so ``[...]``
 in a value is printed as is); errors go to stderr (see :func:`sisajax.cli.app.fail`).

@@ -1,46 +1,33 @@
 #!/usr/bin/env bash
-# Benchmark items 1-2 (training throughput, unlearning latency) at full size on one GPU, in one
-# command, with shard_exec=vmap. Prints the same tables as bench_train / bench_forget and writes
-# benchmarks/results/bench_{train,forget}_gpu.{json,md}. Expected well under 8 minutes on one
-# H100 (the S=20, R=50 checkpoint writes, ~380 MB per training run, are CPU/disk work).
+# The GPU check (benchmarks/gpu.py) in one command, in at most ~5 minutes on one GPU: vmap vs
+# lax.map vs a per-shard loop vs one model, one-id and batched forgets vs the full retrain,
+# exactness of every checkpoint under XLA's determinism flags. Writes benchmarks/results/gpu.md.
 #
-#   benchmarks/gpu.sh            # needs a CUDA build of JAX in $PYTHON (default .venv/bin/python),
-#                                # e.g. pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"
-#   benchmarks/gpu.sh --quick    # tiny sizes; also runs on a CPU (checks that the script works)
+#   benchmarks/gpu.sh             # on the GPU machine: its python3 with a CUDA jax, from source
+#   benchmarks/gpu.sh --dry-run   # the same code at tiny sizes on any backend (CI runs this)
 #
-# Extra arguments go to both benchmarks (e.g. --cache none).
+# Runs the project from the source tree (PYTHONPATH), against the machine's own jax/flax/optax;
+# hydra-core is not needed (the library never imports it). Wheels for packages the machine
+# lacks can be put in .whl/ (installed into /tmp/sisajax-site first).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
-
-quick=()
-extra=()
-for a in "$@"; do
-  case "$a" in
-    --quick) quick=(--quick) ;;
-    *) extra+=("$a") ;;
-  esac
-done
-
+PY=${PYTHON:-python3}
+if [[ -d .whl ]] && compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/sisajax-site .whl/*.whl
+  export PYTHONPATH=/tmp/sisajax-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# bit-identity on a GPU needs deterministic reductions and scatters
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_deterministic_ops=true --xla_gpu_exclude_nondeterministic_ops=true"
+export SISAJAX_CPU_DEVICES=${SISAJAX_CPU_DEVICES:-1}
+dry=()
+if [[ "${1:-}" == "--dry-run" ]]; then dry=(--dry-run); shift; fi
 backend=$("$PY" -c 'import jax; print(jax.default_backend())')
-if [[ ${#quick[@]} -eq 0 && "$backend" != "gpu" ]]; then
-  echo "gpu.sh: JAX's backend is '$backend', not 'gpu'. Install a CUDA build of JAX into" >&2
-  echo "\$PYTHON ($PY), or run 'benchmarks/gpu.sh --quick' to check the script on a CPU." >&2
+if [[ ${#dry[@]} -eq 0 && "$backend" != "gpu" ]]; then
+  echo "gpu.sh: JAX's backend is '$backend', not 'gpu'; run 'benchmarks/gpu.sh --dry-run' to check the script here." >&2
   exit 2
 fi
-tag=gpu
-[[ "$backend" == "gpu" ]] || tag="gpu-script-on-$backend"
-out=benchmarks/results
-[[ ${#quick[@]} -eq 0 ]] || out=benchmarks/results/quick
-"$PY" -c 'import jax; print("devices:", jax.devices())'
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-
 start=$SECONDS
-# Item 1: one model vs SISA (vmap, all shards in one program) vs a per-shard loop (width 1).
-# The single model runs as a plain width-1 program (map), its fastest form.
-"$PY" -m benchmarks.bench_train ${quick[@]+"${quick[@]}"} --execs vmap --extra-execs vmap \
-  --single-exec map --tag "$tag" --cache runs/bench-cache-gpu ${extra[@]+"${extra[@]}"}
-# Item 2: forget latency vs full retrain vs the analytic speedups (run trained with vmap).
-"$PY" -m benchmarks.bench_forget ${quick[@]+"${quick[@]}"} --exec vmap --tag "$tag" \
-  --cache runs/bench-cache-gpu ${extra[@]+"${extra[@]}"}
-echo "gpu.sh: done in $((SECONDS - start)) s; results in $out/bench_{train,forget}_$tag.md"
+"$PY" -m benchmarks.gpu ${dry[@]+"${dry[@]}"} "$@"
+echo "gpu.sh: done in $((SECONDS - start)) s"

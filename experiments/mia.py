@@ -11,7 +11,7 @@ with random training points, and attack the forget set (members) against held-ou
 each per constituent (the shard model that held the point; held-out points are scored by the
 shard their id would hash to) and for the aggregate (mean probability of the ensemble). Writes
 ``results.json``, ``results.csv``, ``results.md`` and ``roc.png`` into ``mia.out_dir``, and
-checks exactness with :func:`sisajax.verify.verify` after the forget.
+checks exactness with :func:`sisajax.verification.verify` after the forget.
 
     sisajax mia [overrides, e.g. mia.shadow_ensembles=64 sisa.shards=8]
 """
@@ -213,7 +213,7 @@ def run_mia_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
     import sisajax as sj
     from sisajax.config import run_config_from
     from sisajax.mia import train_shadows
-    from sisajax.verify import verify
+    from sisajax.verification import verify
 
     t_start = time.perf_counter()
     m = options(cfg)

@@ -19,65 +19,92 @@ from sisajax.layout import configure_cpu_devices
 
 configure_cpu_devices()
 
-from sisajax.aggregation import accuracy, aggregate, mean_prob, vote  # noqa: E402
-from sisajax.audit import AuditReport, audit  # noqa: E402
-from sisajax.config import (  # noqa: E402
-    ConfigError,
-    DataConfig,
-    LedgerConfig,
-    ModelConfig,
-    OptimConfig,
-    RunConfig,
-    SisaConfig,
-)
-from sisajax.costs import CostReport, expected_speedup_single, full_retrain_cost  # noqa: E402
-from sisajax.data import (  # noqa: E402
-    DataError,
-    Dataset,
-    Partition,
-    PartitionError,
-    available_datasets,
-    from_arrays,
-    hash_partition,
-    load_dataset,
-    register_dataset,
-)
-from sisajax.engine import Engine, ShardData, ShardJob, TrainState  # noqa: E402
-from sisajax.errors import (  # noqa: E402
-    NotARunError,
-    RunError,
-    RunStateError,
-    SisajaxError,
-    StorageError,
-    UserInputError,
-)
-from sisajax.features import (  # noqa: E402
-    Extractor,
-    ExtractorConfig,
-    extract_features,
-    pretrain_extractor,
-    split_public,
-    transfer_dataset,
-)
-from sisajax.layout import LayoutError  # noqa: E402
-from sisajax.models import build_model, register_model  # noqa: E402
-from sisajax.requests import sample_requests, serve_requests  # noqa: E402
-from sisajax.run import EvalReport, HostWarning, SisaRun, open_run  # noqa: E402
-from sisajax.store.files import UnsafeRunError  # noqa: E402
-from sisajax.store.ledger import Ledger, LedgerError  # noqa: E402
-from sisajax.store.locks import RunBusyError  # noqa: E402
-from sisajax.store.rows import RowError  # noqa: E402
-from sisajax.training import train  # noqa: E402
-from sisajax.unlearning import (  # noqa: E402
-    ForgetError,
-    ForgetPlan,
-    ForgetReport,
-    forget,
-    full_retrain,
-    plan_forget,
-    resume,
-)
-from sisajax.verify import VerifyError, VerifyReport, verify  # noqa: E402
+# Names are imported on first use (PEP 562): `import sisajax` stays cheap, so the command line
+# pays only for what a command needs (no jax for `--help`, no Orbax for `forget`, ...).
+_EXPORTS = {
+    "AuditReport": "sisajax.auditing",
+    "ConfigError": "sisajax.config",
+    "CostReport": "sisajax.costs",
+    "DataConfig": "sisajax.config",
+    "DataError": "sisajax.data",
+    "Dataset": "sisajax.data",
+    "Engine": "sisajax.engine",
+    "EvalReport": "sisajax.run",
+    "Extractor": "sisajax.features",
+    "ExtractorConfig": "sisajax.features",
+    "ForgetError": "sisajax.unlearning",
+    "ForgetPlan": "sisajax.unlearning",
+    "ForgetReport": "sisajax.unlearning",
+    "HostWarning": "sisajax.run",
+    "LayoutError": "sisajax.layout",
+    "Ledger": "sisajax.store.ledger",
+    "LedgerConfig": "sisajax.config",
+    "LedgerError": "sisajax.store.ledger",
+    "ModelConfig": "sisajax.config",
+    "NotARunError": "sisajax.errors",
+    "OptimConfig": "sisajax.config",
+    "Partition": "sisajax.data",
+    "PartitionError": "sisajax.data",
+    "RowError": "sisajax.store.rows",
+    "RunBusyError": "sisajax.store.locks",
+    "RunConfig": "sisajax.config",
+    "RunError": "sisajax.errors",
+    "RunStateError": "sisajax.errors",
+    "ShardData": "sisajax.engine",
+    "ShardJob": "sisajax.engine",
+    "SisaConfig": "sisajax.config",
+    "SisaRun": "sisajax.run",
+    "SisajaxError": "sisajax.errors",
+    "StorageError": "sisajax.errors",
+    "TrainState": "sisajax.engine",
+    "UnsafeRunError": "sisajax.store.files",
+    "UserInputError": "sisajax.errors",
+    "VerifyError": "sisajax.verification",
+    "VerifyReport": "sisajax.verification",
+    "accuracy": "sisajax.aggregation",
+    "aggregate": "sisajax.aggregation",
+    "audit": "sisajax.auditing",
+    "available_datasets": "sisajax.data",
+    "build_model": "sisajax.models",
+    "expected_speedup_single": "sisajax.costs",
+    "extract_features": "sisajax.features",
+    "forget": "sisajax.unlearning",
+    "from_arrays": "sisajax.data",
+    "full_retrain": "sisajax.unlearning",
+    "full_retrain_cost": "sisajax.costs",
+    "hash_partition": "sisajax.data",
+    "load_dataset": "sisajax.data",
+    "mean_prob": "sisajax.aggregation",
+    "open_run": "sisajax.run",
+    "plan_forget": "sisajax.unlearning",
+    "pretrain_extractor": "sisajax.features",
+    "register_dataset": "sisajax.data",
+    "register_model": "sisajax.models",
+    "resume": "sisajax.unlearning",
+    "sample_requests": "sisajax.requests",
+    "serve_requests": "sisajax.requests",
+    "split_public": "sisajax.features",
+    "train": "sisajax.training",
+    "transfer_dataset": "sisajax.features",
+    "verify": "sisajax.verification",
+    "vote": "sisajax.aggregation",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sisajax' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __version__ = "0.2.0"
 

@@ -99,7 +99,8 @@ class SisaRun:
         self.run_dir = self.files.root
         self._engine: Engine | None = None
         self._layout_error: LayoutError | None = None
-        self._engine_opts: dict[str, Any] = {}
+        self._ledger: tuple[Any, Ledger] | None = None
+        self._files_cache: dict[str, Any] = {}  # sha256 -> parsed small file (test ids, ...)
         self.reload()
 
     def reload(self) -> None:
@@ -135,6 +136,16 @@ class SisaRun:
 
     @property
     def ledger(self) -> Ledger:
+        """The run's ledger (one object per run handle: it caches what it has read and verified
+        while the files are unchanged; :meth:`fresh_ledger` reads from scratch)."""
+        lc = self.config.ledger
+        key = (lc.hash_ids, lc.salt_file)
+        if self._ledger is None or self._ledger[0] != key:
+            self._ledger = (key, Ledger(self.run_dir, hash_ids=lc.hash_ids, salt_file=lc.salt_file))
+        return self._ledger[1]
+
+    def fresh_ledger(self) -> Ledger:
+        """A new ledger object (no cached reads: what audits use)."""
         lc = self.config.ledger
         return Ledger(self.run_dir, hash_ids=lc.hash_ids, salt_file=lc.salt_file)
 
@@ -159,13 +170,27 @@ class SisaRun:
     def partition(self) -> Partition:
         if self._partition is None:
             ref = self.manifest.partition
-            path = self.files.path(ref.path)
-            if not path.is_file():
-                raise RunError(f"{ref.path} is missing")
-            if sha256_file(path) != ref.sha256:
-                raise RunError(f"{ref.path} is corrupt (checksum mismatch)")
-            self._partition = Partition.load(path)
+            cached = self._files_cache.get(ref.sha256)
+            if cached is None:
+                path = self.files.path(ref.path)
+                if not path.is_file():
+                    raise RunError(f"{ref.path} is missing")
+                if sha256_file(path) != ref.sha256:
+                    raise RunError(f"{ref.path} is corrupt (checksum mismatch)")
+                cached = Partition.load(path)
+                self._remember(ref.sha256, cached)
+            self._partition = cached
         return self._partition
+
+    def _remember(self, sha: str, obj: Any) -> None:
+        """Keep a parsed file by checksum (a few: the partition and the held-out split)."""
+        if len(self._files_cache) >= 4:
+            self._files_cache.pop(next(iter(self._files_cache)))
+        self._files_cache[sha] = obj
+
+    def adopt_partition(self, partition: Partition, sha256: str) -> None:
+        """Tell the handle the partition it just wrote (so it is not read back)."""
+        self._remember(sha256, partition)
 
     @property
     def engine(self) -> Engine:
@@ -228,8 +253,12 @@ class SisaRun:
         return ShardData(z["ids"], z["x"], z["y"], z["slices"])
 
     def test_data(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(ids [M], x [M, *feat], y [M])`` of the held-out split."""
-        z = self._npz(self.manifest.test_data)
+        """``(ids [M], x [M, *feat], y [M])`` of the held-out split (checksum-verified once)."""
+        ref = self.manifest.test_data
+        z = self._files_cache.get(ref.sha256)
+        if z is None:
+            z = self._npz(ref)
+            self._remember(ref.sha256, z)
         return z["ids"], z["x"], z["y"]
 
     # -- checkpoints ----------------------------------------------------------------------------

@@ -210,11 +210,19 @@ def forget(
     """
     with run.writer_lock(lock_timeout_s):
         run.reload()
-        prepare_ledger(run)
+        return forget_locked(run, ids, progress=progress, metrics=metrics)
+
+
+def forget_locked(
+    run: SisaRun, ids: Any, *, progress: Progress = None, metrics: MetricsSink = None
+) -> ForgetReport:
+    """:func:`forget` for a caller that already holds the run's writer lock (a long-lived
+    server, :class:`sisajax.serve.ForgetServer`): repairs an interrupted ledger append, finishes
+    pending requests, then forgets ``ids``."""
+    prepare_ledger(run)
+    if run.ledger.pending():
         resume(run, progress=progress, _locked=True)
-        return _forget_locked(
-            run, ids, progress=progress, metrics=metrics_sink(run.run_dir, metrics)
-        )
+    return _forget_locked(run, ids, progress=progress, metrics=metrics_sink(run.run_dir, metrics))
 
 
 def resume(run: SisaRun, *, progress: Progress = None, _locked: bool = False) -> list[ForgetReport]:
@@ -424,6 +432,7 @@ def _forget_locked(
     )
     fault("before_commit")
     removed, _ = run.files.commit(manifest, run.config.ledger.lock_timeout_s)
+    run.adopt_partition(new_part, manifest.partition.sha256)
     run.reload()
     save_s = time.perf_counter() - t_save
     cost = CostReport(

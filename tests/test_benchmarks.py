@@ -88,3 +88,24 @@ def test_profile_phases(bench):
 
 def test_gpu_script_parses():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu.sh")], check=True)
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_run_on_this_backend(tmp_path):
+    """The GPU check's CPU dry run: the same script and code path, tiny sizes, so it is known to
+    work the day a GPU is lent."""
+    import os
+    import sys
+
+    env = {**os.environ, "PYTHON": sys.executable}
+    r = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (md,) = tmp_path.glob("gpu_dry_run_*.md")
+    text = md.read_text()
+    assert "bit for bit" in text and "identical" in text and "batched K=" in text

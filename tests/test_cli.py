@@ -246,3 +246,10 @@ def test_training_writes_metrics_and_tensorboard_events(tmp_path):
     events = list((d / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     from tensorboardX.event_file_writer import EventFileWriter  # noqa: F401  (the writer used)
+
+
+def test_api_names_are_functions_even_after_their_modules_load():
+    import sisajax.auditing  # noqa: F401
+    import sisajax.verification  # noqa: F401
+
+    assert callable(sj.audit) and callable(sj.verify) and callable(sj.forget)

@@ -20,6 +20,18 @@ def installed(tmp_path_factory):
     the test venv by a plain path entry, so no editable hook and no repository is visible)."""
     root = tmp_path_factory.mktemp("wheel")
     dist = root / "dist"
+    src = root / "src"  # a copy of the tree: building writes build/ and *.egg-info next to it
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, src / rel)
     subprocess.run(
         [
             sys.executable,
@@ -31,7 +43,7 @@ def installed(tmp_path_factory):
             "--no-build-isolation",
             "-w",
             str(dist),
-            str(REPO),
+            str(src),
         ],
         check=True,
         cwd=root,

@@ -16,7 +16,7 @@ from sisajax.cli import main as cli
 from sisajax.store.files import write_file
 from sisajax.store.manifest import RowRef, row_file
 from sisajax.store.rows import encode_row, read_row
-from sisajax.verify import CROSS_HOST_TOLERANCE, VerifyError, choose_shards, verify
+from sisajax.verification import CROSS_HOST_TOLERANCE, VerifyError, choose_shards, verify
 
 
 @pytest.fixture(scope="module")

@@ -325,7 +325,7 @@ def cmd_audit(cfg: dict[str, Any], overrides: list[str]) -> int:
 def cmd_verify(cfg: dict[str, Any], overrides: list[str]) -> int:
     """`shards=[0,2]`, `sample=K` (seeded by `seed`), `atol=` for a tolerance, `workdir=` to train
     a whole reference run on disk."""
-    from sisajax.verify import verify
+    from sisajax.verification import verify
 
     run = _open(cfg)
     shards = cfg["shards"]
@@ -381,6 +381,33 @@ def cmd_verify(cfg: dict[str, Any], overrides: list[str]) -> int:
     say(f"{verdict} ({rep.wall_s:.2f}s)")
     _result(run, "verify", rep.to_dict())
     return 0 if rep.ok else 1
+
+
+@command("serve", "serve a stream of forget requests from one long-lived process")
+def cmd_serve(cfg: dict[str, Any], overrides: list[str]) -> int:
+    """`spool=-` (stdin lines -> stdout JSON lines) or `spool=DIR` (DIR/incoming/*.req ->
+    DIR/done/*.json until DIR/STOP). Every request is an exact `forget` with the ledger's crash
+    guarantees; the program is compiled once."""
+    import sys
+
+    from sisajax.serve import ForgetServer
+
+    run = _open(cfg)
+    with ForgetServer(run, lock_timeout_s=cfg["lock_timeout_s"], evaluate=cfg["evaluate"]) as srv:
+        print(
+            json.dumps({"ready": True, "run_dir": str(run.run_dir), "generation": run.generation}),
+            flush=True,
+        )
+        if cfg["spool"] == "-":
+            responses = srv.serve_lines(sys.stdin)
+        else:
+            responses = srv.serve_spool(Path(cfg["spool"]))
+        failed = 0
+        for response in responses:
+            failed += not response["ok"]
+            print(json.dumps(response, sort_keys=True), flush=True)
+    say(f"served {srv.served} request(s), {failed} failed; run at generation {run.generation}")
+    return 0
 
 
 @command("export", "write a run's states as a standard Orbax checkpoint")

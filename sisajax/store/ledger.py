@@ -111,6 +111,7 @@ class Ledger:
         self.hash_ids = hash_ids
         self.salt_file = salt_file
         self._salt: str | None = None
+        self._cache: tuple[Any, LedgerState, ChainReport | None] | None = None
 
     # -- ids ------------------------------------------------------------------------------------
     def salt_source(self) -> str:
@@ -186,12 +187,33 @@ class Ledger:
         return np.array([i for i in cand.tolist() if self.id_hash(i) in want], dtype=np.int64)
 
     # -- reading --------------------------------------------------------------------------------
+    def _stamp(self) -> tuple[Any, Any]:
+        """(size, mtime, inode) of the ledger and its head: unchanged files are not re-read."""
+
+        def one(p: Path) -> Any:
+            try:
+                st = os.stat(p, follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            return (st.st_size, st.st_mtime_ns, st.st_ino)
+
+        return one(self.path), one(self.head_path)
+
     def read(self) -> LedgerState:
-        """Parse the ledger and its head without changing anything.
+        """Parse the ledger and its head without changing anything (cached while both files are
+        unchanged; a long-lived writer does not re-read its own history per request).
 
         Raises:
           LedgerError: a complete line that is not a JSON record (tampering or damage).
         """
+        stamp = self._stamp()
+        if self._cache is not None and self._cache[0] == stamp:
+            return self._cache[1]
+        state = self._read()
+        self._cache = (stamp, state, None)
+        return state
+
+    def _read(self) -> LedgerState:
         try:
             data = read_bytes(self.path)
         except FileNotFoundError:
@@ -230,6 +252,14 @@ class Ledger:
             st = state or self.read()
         except LedgerError as e:
             return ChainReport(False, 0, [str(e)])
+        if self._cache is not None and self._cache[1] is st and self._cache[2] is not None:
+            return self._cache[2]
+        report = self._verify(st)
+        if self._cache is not None and self._cache[1] is st:
+            self._cache = (self._cache[0], st, report)
+        return report
+
+    def _verify(self, st: LedgerState) -> ChainReport:
         recs = st.records
         problems: list[str] = []
         prev = GENESIS
@@ -366,6 +396,14 @@ class Ledger:
         fault("ledger_after_line")
         self._write_head(count + 1, record["hash"])
         fault("ledger_after_head")
+        grown = LedgerState(
+            [*st.records, record],
+            st.complete_bytes + len(line),
+            0,
+            {"count": count + 1, "hash": record["hash"]},
+            None,
+        )
+        self._cache = (self._stamp(), grown, ChainReport(True, count + 1, []))
         return record
 
     def raw_bytes(self) -> bytes:

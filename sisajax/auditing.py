@@ -88,7 +88,7 @@ def _forgotten_by_ledger(run: SisaRun, records: list[dict[str, Any]]) -> tuple[s
 def audit(run: SisaRun) -> AuditReport:
     """Run every check on ``run`` (read-only) and report."""
     run.reload()
-    ledger = run.ledger
+    ledger = run.fresh_ledger()
     chain = ledger.verify()
     problems: list[str] = []
     warnings: list[str] = []

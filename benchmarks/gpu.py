@@ -1,0 +1,216 @@
+"""The GPU check: one process, one GPU, at most ~5 minutes (run by ``benchmarks/gpu.sh``).
+
+    python -m benchmarks.gpu [--dry-run] [--out DIR]
+
+On the compass workload (Purchase-shaped 100k x 600, 100 classes, MLP 600-128-100, SGD lr 0.01,
+20 epochs, batch 16; S=20, R=50), side by side in this process:
+
+  * training: SISA with all shards in one vmapped program, the same with ``lax.map``, a Python
+    loop training one shard at a time (width 1), and one model on all the data (S=1, R=1);
+  * forgetting: single random ids (one request each) and batched requests (K=5, 20) on the vmap
+    run, against the full retrain, with the analytic speedups;
+  * exactness: every (shard, slice) checkpoint of the forgotten run against training from scratch
+    on the retained ids, bit for bit, under XLA's determinism flags (set by gpu.sh).
+
+Uses only the library (no Hydra, no command line), so it runs from the source tree against the
+GPU machine's own jax. ``--dry-run`` runs the same code at tiny sizes on whatever backend is there
+(CI runs it on a CPU). Writes ``<out>/gpu.json`` and ``gpu.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _cfg(sj, shards: int, slices: int, shard_exec: str, size: dict[str, Any]):
+    return sj.RunConfig(
+        model=sj.ModelConfig(hidden=(size["hidden"],)),
+        optim=sj.OptimConfig(learning_rate=0.01),
+        sisa=sj.SisaConfig(
+            shards=shards,
+            slices=slices,
+            epochs=size["epochs"],
+            batch_size=16,
+            shard_exec=shard_exec,
+            chunk_steps=size["chunk"],
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dry-run", action="store_true", help="tiny sizes on any backend")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--forgets", type=int, default=None, help="single-id requests to average")
+    args = ap.parse_args(argv)
+
+    import jax
+    import numpy as np
+
+    import sisajax as sj
+    from sisajax.costs import expected_cost_batched, expected_speedup_single
+    from sisajax.engine import ShardJob
+    from sisajax.verification import verify
+
+    dry = args.dry_run
+    size = (
+        {
+            "n": 1500,
+            "shards": 4,
+            "slices": 3,
+            "epochs": 2.0,
+            "hidden": 16,
+            "chunk": 32,
+            "forgets": 2,
+            "ks": [2, 3],
+        }
+        if dry
+        else {
+            "n": 100_000,
+            "shards": 20,
+            "slices": 50,
+            "epochs": 20.0,
+            "hidden": 128,
+            "chunk": 128,
+            "forgets": 20,
+            "ks": [5, 20],
+        }
+    )
+    n_forgets = args.forgets or size["forgets"]
+    t_start = time.perf_counter()
+    backend = jax.default_backend()
+    print(
+        f"gpu check: backend {backend}, devices {jax.devices()}, jax {jax.__version__}", flush=True
+    )
+    ds = sj.load_dataset("purchase_synthetic", n_train=size["n"], n_test=2000 if not dry else 200)
+    s, r = size["shards"], size["slices"]
+    res: dict[str, Any] = {
+        "backend": backend,
+        "devices": [str(d) for d in jax.devices()],
+        "dry_run": dry,
+        "size": size,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+
+        def train(name: str, shards: int, slices: int, ex: str):
+            cfg = _cfg(sj, shards, slices, ex, size)
+            run, cost = sj.train(cfg, ds, tmp / name, metrics=False)
+            out = {**cost.to_dict(), "examples_per_s": cost.examples / max(cost.retrain_s, 1e-9)}
+            print(
+                f"train {name}: {cost.wall_s:.2f}s ({out['examples_per_s']:,.0f} ex/s)", flush=True
+            )
+            return run, out
+
+        vm_run, res["train_vmap"] = train("vmap", s, r, "vmap")
+        _, res["train_map"] = train("map", s, r, "map")
+        _, res["train_single"] = train("single", 1, 1, "map")
+        # a per-shard loop with the same per-shard program, one shard at a time
+        eng = sj.open_run(tmp / "map").engine
+        solo = sj.Engine(
+            vm_run.config.replace(sisa={"shard_exec": "map"}),
+            ds.feature_shape,
+            ds.x_train.dtype,
+            ds.num_classes,
+            vmap_width=1,
+        )
+        del eng
+        t0 = time.perf_counter()
+        examples = 0
+        for k in range(s):
+            _, st = solo.run([ShardJob(k, vm_run.shard_data(k))], capacity=vm_run.capacity)
+            examples += st.examples
+        loop_s = time.perf_counter() - t0
+        res["train_loop"] = {"wall_s": loop_s, "examples": examples}
+        print(f"per-shard loop: {loop_s:.2f}s", flush=True)
+
+        rng = np.random.default_rng(0)
+        singles = []
+        for _ in range(n_forgets + 1):  # the first one warms up
+            rep = sj.forget(vm_run, [int(rng.choice(vm_run.partition.ids))], metrics=False)
+            singles.append(rep.cost.to_dict())
+        batched = {}
+        for k in size["ks"]:
+            rep = sj.forget(
+                vm_run,
+                rng.choice(vm_run.partition.ids, size=k, replace=False).tolist(),
+                metrics=False,
+            )
+            batched[str(k)] = rep.cost.to_dict()
+        res["forget_single"] = singles[1:]
+        res["forget_batched"] = batched
+        full, full_cost = sj.full_retrain(vm_run, tmp / "full")
+        res["full_retrain"] = full_cost.to_dict()
+        ver = verify(vm_run, write=False)
+        res["verify"] = {
+            "ok": ver.ok,
+            "bit_identical_shards": sum(x.identical for x in ver.shards),
+            "shards": len(ver.shards),
+            "max_abs_diff": max(x.max_abs_diff for x in ver.shards),
+        }
+        print(f"verify: {res['verify']}", flush=True)
+
+    steady = [c["wall_s"] - c["compile_s"] for c in res["forget_single"]]
+    full_wall = res["full_retrain"]["wall_s"] - res["full_retrain"]["compile_s"]
+    n = size["n"]
+    rows = [
+        ("vmap train ex/s", res["train_vmap"]["examples_per_s"]),
+        ("map train ex/s", res["train_map"]["examples_per_s"]),
+        ("single model ex/s", res["train_single"]["examples_per_s"]),
+        ("per-shard loop / vmap (train time)", loop_s / max(res["train_vmap"]["retrain_s"], 1e-9)),
+        (
+            "SISA vmap wall / single-model wall",
+            res["train_vmap"]["wall_s"] / max(res["train_single"]["wall_s"], 1e-9),
+        ),
+        ("one-id forget: mean wall s (compile excluded)", float(np.mean(steady))),
+        ("one-id forget speedup vs full retrain", full_wall / max(float(np.mean(steady)), 1e-9)),
+        ("analytic S*3R/(2R+1)", expected_speedup_single(s, r)),
+    ]
+    for k, c in batched.items():
+        analytic = size["epochs"] * n / (size["epochs"] * expected_cost_batched(n, s, r, int(k)))
+        rows.append(
+            (
+                f"batched K={k} speedup (measured / analytic)",
+                f"{full_wall / max(c['wall_s'] - c['compile_s'], 1e-9):.2f} / {analytic:.2f}",
+            )
+        )
+    rows.append(
+        (
+            "verify after forgets (every slice, bit for bit)",
+            f"{res['verify']['bit_identical_shards']}/{res['verify']['shards']} identical, "
+            f"max |diff| {res['verify']['max_abs_diff']:.3g}",
+        )
+    )
+    res["total_s"] = time.perf_counter() - t_start
+    rows.append(("total s", res["total_s"]))
+    md = [
+        "## gpu",
+        "",
+        f"Backend {backend} ({', '.join(res['devices'])}), jax {jax.__version__}, "
+        f"python {platform.python_version()}, XLA_FLAGS `{res['xla_flags']}`"
+        f"{' (dry run: tiny sizes)' if dry else ''}.",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+    ]
+    md += [f"| {a} | {b:,.4g} |" if isinstance(b, float) else f"| {a} | {b} |" for a, b in rows]
+    text = "\n".join(md) + "\n"
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "gpu" if backend == "gpu" and not dry else f"gpu_dry_run_{backend}"
+    (args.out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+    (args.out / f"{stem}.md").write_text(text)
+    return 0 if res["verify"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -211,8 +211,8 @@ class Engine:
       partitioning: ``auto`` (``per_device`` with several devices), ``per_device``,
         ``shard_map`` (``map`` only) or ``single`` (one device).
       vmap_width: the run's program width (its shard count; default ``config.sisa.shards``):
-        every program of a run has this width, so forgets reuse training's compiled program
-        (and under ``vmap``, where a shard's bits can depend on the width, they must).
+        under ``vmap``, where a shard's bits can depend on the width, every program of the run
+        has this width; under ``map`` it caps the positions per device.
       preprocessing: the data set's input map ``{"scale": s, "shift": b}`` (``float32(x) * s + b``),
         applied inside the programs; empty or None: the stored features as they are.
 
@@ -371,9 +371,11 @@ class Engine:
         avg = _average(self.config.optim, state.avg_params, params, step)
         return TrainState(params, opt_state, step, dict(new_model_state), avg), total
 
-    def _train_shard(self, state, x, y, rows, mask, n_steps, meta):
-        """Run ``n_steps`` (<= C) steps of one shard. x: ``[Ncap, *feat]``, rows/mask: ``[C, B]``,
-        meta: ``[3]`` int32 (shard, slice, index of the chunk's first step in the slice step).
+    def _train_shard(self, state, x, y, rows, mask, n_steps, meta, pos=None):
+        """Run ``n_steps`` (<= C) steps of one shard. rows/mask: ``[C, B]``, meta: ``[3]`` int32
+        (shard, slice, index of the chunk's first step in the slice step). x: ``[Ncap, *feat]``,
+        y: ``[Ncap]`` -- or, with ``pos``, every shard's ``[W, Ncap, ...]`` and this shard's
+        position in them (the batch rows are gathered from there, nothing else is touched).
 
         Returns ``(state, summed loss over the chunk's real examples)``.
         """
@@ -384,9 +386,9 @@ class Engine:
         def body(t, carry):
             st, loss = carry
             r, m = rows[t], mask[t]
-            xb = self.prepare(x[r])
+            xb = self.prepare(x[r] if pos is None else x[pos, r])
             xb = jnp.where(m.reshape((-1,) + (1,) * (xb.ndim - 1)), xb, jnp.zeros_like(xb))
-            yb = jnp.where(m, y[r], 0)
+            yb = jnp.where(m, y[r] if pos is None else y[pos, r], 0)
             k = jax.random.fold_in(key, offset + t)
             st, total = jax.lax.cond(
                 jnp.any(m),
@@ -401,10 +403,17 @@ class Engine:
     def _program(self, states, x, y, rows, mask, n_steps, meta):
         """Shards ``[W]``: x ``[W, Ncap, *feat]``, y ``[W, Ncap]``, rows/mask ``[W, C, B]``,
         n_steps ``[W]``, meta ``[W, 3]``."""
-        args = (states, x, y, rows, mask, n_steps, meta)
         if self.shard_exec == "vmap":
-            return jax.vmap(self._train_shard)(*args)
-        return jax.lax.map(lambda a: self._train_shard(*a), args)
+            return jax.vmap(self._train_shard)(states, x, y, rows, mask, n_steps, meta)
+        # lax.map over the shards with x and y closed over (not sliced per shard): a shard that
+        # runs no steps in this call costs nothing, whatever its data
+        positions = jnp.arange(n_steps.shape[0], dtype=jnp.int32)
+
+        def one(a):
+            st, r, m, n, mt, p = a
+            return self._train_shard(st, x, y, r, m, n, mt, p)
+
+        return jax.lax.map(one, (states, rows, mask, n_steps, meta, positions))
 
     def _shard_map_program(self, *args):
         spec = PartitionSpec(SHARD_AXIS)
@@ -468,12 +477,13 @@ class Engine:
     def place(self, jobs: Sequence[ShardJob]) -> tuple[int, list[int]]:
         """``(width, position of each job)``: where each job runs in the stacked program.
 
-        Every program of a run has the run's width (its shard count, padded to the devices), so
-        a forget reuses the program training compiled (in this process, or from the persistent
-        compilation cache in a new one): shards a request does not touch are inert positions that
-        run zero steps. ``vmap`` runs keep every shard at its own index (their bits can depend on
-        the position's width); ``map`` runs are balanced over the devices by their work (largest
-        first, each to the least loaded device).
+        ``vmap`` runs keep every shard at its own index in the run's width (their bits can depend
+        on the width, so every program of the run has it). ``map`` runs are balanced over the
+        devices by their work (largest first, each to the least loaded device), with as many
+        positions per device as the busiest device needs, rounded up to a power of two (few
+        distinct programs, each compiled once and kept in the persistent compilation cache) and
+        at most the run's own width: a forget of one shard runs a one-shard program, not the
+        training program with inert positions (each of which still costs memory traffic).
         """
         width = self.vmap_width
         if self.shard_exec == "vmap":
@@ -482,15 +492,17 @@ class Engine:
                 raise ValueError(f"vmap jobs must be distinct shards of a width-{width} run")
             return width, positions
         n = self.num_devices
-        local = max(width // n, -(-len(jobs) // n))
         per_device: list[list[int]] = [[] for _ in range(n)]
         load = [0] * n
         work = [len(j.data) * (self.config.sisa.slices - j.start_slice) for j in jobs]
+        cap = max(width // n, 1)
         for i in sorted(range(len(jobs)), key=lambda i: -work[i]):
-            free = [d for d in range(n) if len(per_device[d]) < local]
+            free = [d for d in range(n) if len(per_device[d]) < cap] or range(n)
             d = min(free, key=lambda d: (load[d], len(per_device[d])))
             per_device[d].append(i)
             load[d] += work[i]
+        most = max(len(p) for p in per_device)
+        local = most if most >= cap else min(_next_power_of_two(most), cap)
         positions = [0] * len(jobs)
         for d, members in enumerate(per_device):
             for slot, i in enumerate(members):
@@ -664,6 +676,13 @@ class Engine:
         if not outs:
             return np.zeros((n_models, 0, self.num_classes), np.float32)
         return np.concatenate(outs, axis=1)
+
+
+def _next_power_of_two(n: int) -> int:
+    w = 1
+    while w < n:
+        w *= 2
+    return w
 
 
 def _zero_like_step(state: TrainState) -> jax.Array:

@@ -101,7 +101,17 @@ class SisaRun:
         self._layout_error: LayoutError | None = None
         self._ledger: tuple[Any, Ledger] | None = None
         self._files_cache: dict[str, Any] = {}  # sha256 -> parsed small file (test ids, ...)
+        self._stamp: tuple[int, int, int] | None = None
         self.reload()
+
+    def adopt(self, manifest: Manifest) -> None:
+        """Make ``manifest`` (just committed by this process) the handle's current one without
+        reading it back; cached files stay valid by checksum."""
+        self.manifest = manifest
+        self._stamp = self.files.manifest_stamp()
+        self._partition = None
+        self._final = None
+        self._final_manifest = None
 
     def reload(self) -> None:
         """Re-read the manifest (another process may have switched generations).
@@ -110,7 +120,10 @@ class SisaRun:
           UnsafeRunError: a file the manifest names is a symbolic link (a run is refused whole:
             sisajax never reads, writes or deletes through links).
         """
-        self.manifest: Manifest = self.files.read_manifest()
+        stamp = self.files.manifest_stamp()
+        if stamp is None or stamp != self._stamp or not hasattr(self, "manifest"):
+            self.manifest: Manifest = self.files.read_manifest()
+            self._stamp = stamp
         self.files.check_no_links(self.manifest.files())
         self.config = RunConfig.from_dict(self.manifest.config)
         self._partition: Partition | None = None

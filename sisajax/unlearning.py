@@ -433,7 +433,7 @@ def _forget_locked(
     fault("before_commit")
     removed, _ = run.files.commit(manifest, run.config.ledger.lock_timeout_s)
     run.adopt_partition(new_part, manifest.partition.sha256)
-    run.reload()
+    run.adopt(manifest)
     save_s = time.perf_counter() - t_save
     cost = CostReport(
         wall_s=time.perf_counter() - t0,

@@ -119,7 +119,10 @@ def test_no_recompilation_when_shards_shrink(tmp_path):
     run, _ = sj.train(cfg, ds, tmp_path / "r")
     eng = run.engine
     sj.forget(run, run.partition.shard_ids(0)[:1])
-    assert list(eng._compiled) == [(cfg.sisa.shards, run.capacity)]  # training's program shape
+    # a one-shard forget runs a narrow program (a power of two per device, <= the run's width)
+    widths = [w for w, _ in eng._compiled]
+    assert all(w <= cfg.sisa.shards for w in widths)
+    assert all(cap == run.capacity for _, cap in eng._compiled)  # deletions never change shapes
     compiled_after_first = dict(eng._compiled)
     sj.forget(run, run.partition.shard_ids(1)[:2])
     sj.forget(run, run.partition.shard_ids(0)[3:5])

@@ -97,28 +97,26 @@ class Partition:
             raise PartitionError("partition ids must be sorted and unique")
 
     # -- look-ups -------------------------------------------------------------------------
-    @property
-    def _rows(self) -> dict[int, int]:
-        rows = self.__dict__.get("_row_cache")
-        if rows is None:
-            rows = dict(zip(self.ids.tolist(), range(len(self.ids)), strict=True))
-            object.__setattr__(self, "_row_cache", rows)
-        return rows
+    def _find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(row [K], found [K])``: binary search in the sorted ids (no index to build)."""
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        row = np.searchsorted(self.ids, ids)
+        found = row < len(self.ids)
+        found[found] = self.ids[row[found]] == ids[found]
+        return row, found
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         """``[K]`` bool: which ids are retained training ids."""
-        rows = self._rows
-        return np.array([int(i) in rows for i in np.asarray(ids).ravel()], dtype=bool)
+        return self._find(ids)[1]
 
     def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(shard [K], slice [K])`` of retained ids, O(1) each; unknown ids raise."""
-        rows = self._rows
+        """``(shard [K], slice [K])`` of retained ids; unknown ids raise."""
         ids = np.asarray(ids, dtype=np.int64).ravel()
-        missing = [int(i) for i in ids if int(i) not in rows]
-        if missing:
+        row, found = self._find(ids)
+        if not found.all():
+            missing = ids[~found].tolist()
             raise PartitionError(f"ids not in the retained training set: {missing[:20]}", missing)
-        r = np.array([rows[int(i)] for i in ids], dtype=np.int64)
-        return self.shard[r], self.slice[r]
+        return self.shard[row], self.slice[row]
 
     def shard_ids(self, k: int) -> np.ndarray:
         """Sorted ids of shard k."""

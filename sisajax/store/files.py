@@ -209,9 +209,14 @@ def write_file(
     return f.sha256, f.size
 
 
-def write_json(path: Path, obj: Any, *, durable: bool = True, mode: int = 0o644) -> tuple[str, int]:
-    """:func:`write_file` of canonical, indented JSON."""
-    blob = json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n"
+def write_json(
+    path: Path, obj: Any, *, durable: bool = True, mode: int = 0o644, compact: bool = False
+) -> tuple[str, int]:
+    """:func:`write_file` of canonical JSON (indented, or ``compact`` for large documents)."""
+    if compact:
+        blob = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    else:
+        blob = json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n"
     return write_file(path, blob, durable=durable, mode=mode)
 
 

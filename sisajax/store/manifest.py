@@ -154,20 +154,50 @@ class Manifest:
         return self.replace(shards=tuple(shards))
 
     def to_json(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["dataset"]["feature_shape"] = list(self.dataset.feature_shape)
-        d["plugins"] = list(self.plugins)
-        d["shards"] = [shard_entry_json(e) for e in self.shards]
-        d["row_fields"] = [f.name for f in dataclasses.fields(RowRef)]
-        return d
+        """The JSON document (built field by field: ``dataclasses.asdict`` deep-copies every
+        value, which cost ~70 ms per commit for a 20 x 50 run)."""
+        ds = self.dataset
+        return {
+            "schema": self.schema,
+            "generation": self.generation,
+            "config": self.config,
+            "config_fingerprint": self.config_fingerprint,
+            "layout": self.layout,
+            "capacity": self.capacity,
+            "dataset": {
+                "name": ds.name,
+                "feature_shape": list(ds.feature_shape),
+                "x_dtype": ds.x_dtype,
+                "num_classes": ds.num_classes,
+                "num_train": ds.num_train,
+                "num_test": ds.num_test,
+                "preprocessing": ds.preprocessing,
+            },
+            "partition": _fileref_json(self.partition),
+            "partition_kind": self.partition_kind,
+            "test_data": _fileref_json(self.test_data),
+            "shards": [shard_entry_json(e) for e in self.shards],
+            "hosts": self.hosts,
+            "versions": self.versions,
+            "id_hashing": self.id_hashing,
+            "origin": self.origin,
+            "plugins": list(self.plugins),
+            "row_fields": ["generation", "sha256", "size", "host"],
+        }
+
+
+def _fileref_json(f: FileRef) -> dict[str, Any]:
+    return {"path": f.path, "sha256": f.sha256, "size": f.size}
 
 
 def shard_entry_json(e: ShardEntry) -> dict[str, Any]:
     """A :class:`ShardEntry` as JSON (rows as ``[generation, sha256, size, host]`` lists)."""
-    d = dataclasses.asdict(e)
-    d["rows"] = [list(dataclasses.astuple(r)) for r in e.rows]
-    d["n_ids"], d["fingerprints"] = list(e.n_ids), list(e.fingerprints)
-    return d
+    return {
+        "data": _fileref_json(e.data),
+        "rows": [[r.generation, r.sha256, r.size, r.host] for r in e.rows],
+        "n_ids": list(e.n_ids),
+        "fingerprints": list(e.fingerprints),
+    }
 
 
 # -- reading and validating ---------------------------------------------------------------------

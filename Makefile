@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench paper experiments clean
+.PHONY: venv demo test lint format bench paper experiments accuracy fashion-mnist clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,14 +34,23 @@ bench: $(STAMP)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PAPER_PRESETS ?= shards slices requests dist_aware transfer
 experiments: paper
-paper: $(STAMP)
+fashion-mnist:
 	@if [ ! -f $(FASHION_MNIST) ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
 	  else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist' or pass data.params.path=DIR"; exit 1; fi; \
 	fi
+
+paper: $(STAMP) fashion-mnist
 	for p in $(PAPER_PRESETS); do $(BIN)/sisajax paper experiment=$$p experiment.out_dir=outputs/paper/$$p || exit 1; done
 	$(BIN)/sisajax report dir=outputs/paper
 
 clean:
 	rm -rf $(VENV) runs multirun outputs .pytest_cache
+
+# The accuracy study (issue 13): baseline vs the best exact recipe, S = 1..50, 3 seeds, 100
+# deletions; ~35 min on 2 CPU cores. Tables and plots go to docs/accuracy/<data set>/.
+accuracy: $(STAMP) fashion-mnist
+	$(BIN)/sisajax paper experiment=accuracy_digits experiment.out_dir=docs/accuracy/digits
+	$(BIN)/sisajax paper experiment=accuracy experiment.out_dir=docs/accuracy/fashion_mnist
+	$(BIN)/sisajax paper experiment=accuracy_purchase experiment.out_dir=docs/accuracy/purchase_hard

@@ -5,7 +5,7 @@
 On one trained S=20, R=50 run (reused from ``runs/bench-cache`` when the same config and library
 sources trained it before), in one process:
   * one warm-up ``sj.forget`` of a random id (its compile is shown, not averaged), then
-    ``--ids`` forgets of one random id each (seeded), end to end: restore, retrain, save. The ids
+    ``--ids`` (default 100) forgets of one random id each (seeded), end to end: restore, retrain, save. The ids
     are stratified by slice (the restart slice sets the cost; with 10 plain random draws the mean
     restart slice varies by about 20%, one standard deviation): draw i of n takes a uniform
     slice in [i*R/n, (i+1)*R/n) and a random id of that slice in any shard;
@@ -17,8 +17,8 @@ The ``--full-repeats`` (default 3) full retrains are interleaved with the single
 (F f..f F f..f F), so a load that drifts over the minutes of a run (the machine is shared) affects
 both sides alike. Measured speedup = mean full-retrain steady wall / mean forget steady wall (per
 group too). It is compared with the analytic expectation S*3R/(2R+1) (29.7x at S=20, R=50) for
-single requests and with ``N / costs.expected_cost_batched(N, S, R, K)`` for batched ones. Target: >= 0.8 of analytic for
-single requests. Steady state excludes compile time: the engine's own (``cost.compile_s``) or,
+single requests and with ``N / costs.expected_cost_batched(N, S, R, K)`` for batched ones. Targets: >= 0.95 of analytic for
+single requests, >= 0.90 for batched ones. Steady state excludes compile time: the engine's own (``cost.compile_s``) or,
 when larger, all tracing/lowering/compiling JAX reported during the call (``jax.monitoring``
 events; initial-state and other small jits compile on first use too). Compile time is shown in its
 own columns.
@@ -58,13 +58,15 @@ def main(argv: list[str] | None = None) -> int:
 
     p = C.parser(__doc__.splitlines()[0])
     p.add_argument("--exec", default="map", help="shard_exec of the run (map on CPU, vmap on GPU)")
-    p.add_argument("--ids", type=int, default=None, help="single-id forgets to average (>= 10)")
+    p.add_argument(
+        "--ids", type=int, default=None, help="single-id forgets to average (default 100)"
+    )
     p.add_argument("--ks", default=None, help="batch sizes K of batched requests")
     p.add_argument("--full-repeats", type=int, default=None)
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
     wl = C.workload(args)
-    n_ids = args.ids or (3 if args.quick else 10)
+    n_ids = args.ids or (3 if args.quick else 100)
     ks = [int(k) for k in (args.ks or ("1,3,8" if args.quick else "1,5,20,100")).split(",")]
     full_repeats = args.full_repeats or (1 if args.quick else 3)
     head = C.header(args, "bench_forget", wl)
@@ -150,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         "full_retrain_steady_s": full_steady,
         "forget_steady_mean_s": mean_forget,
         "forget_steady_std_s": C.std(steady),
+        "forget_steady_p50_s": float(np.percentile(steady, 50)),
+        "forget_steady_p90_s": float(np.percentile(steady, 90)),
+        "forget_first10_mean_s": C.mean(steady[:10]),
+        "forget_last10_mean_s": C.mean(steady[-10:]),
         "measured_speedup": measured,
         "measured_speedup_per_group": per_group,
         "full_retrain_steady_min_s": full_steady_min,
@@ -246,7 +252,11 @@ def make_tables(res, S, R, n, full_steady, full_steady_min, analytic) -> list[C.
     t2.add("measured speedup (wall)", sm["measured_speedup"], "", "")
     t2.add("analytic speedup S*3R/(2R+1)", analytic, "", "")
     frac = sm["fraction_of_analytic"]
-    t2.add("measured / analytic", frac, ">= 0.8", C.target(frac, 0.8, at_most=False))
+    t2.add("measured / analytic", frac, ">= 0.95", C.target(frac, 0.95, at_most=False))
+    t2.add("forget steady wall s, p50 / p90", f"{sm['forget_steady_p50_s']:.3f} / "
+           f"{sm['forget_steady_p90_s']:.3f}", "", "")  # fmt: skip
+    t2.add("forget steady wall s, first 10 / last 10 (drift)", f"{sm['forget_first10_mean_s']:.3f}"
+           f" / {sm['forget_last10_mean_s']:.3f}", "", "")  # fmt: skip
     t2.add(
         "measured speedup per forget group (full retrains around it)",
         ", ".join(f"{v:.1f}" for v in sm["measured_speedup_per_group"]),
@@ -291,7 +301,8 @@ def make_tables(res, S, R, n, full_steady, full_steady_min, analytic) -> list[C.
             "examples speedup",
             "measured / examples",
         ),
-        note="analytic = N / costs.expected_cost_batched(N, S, R, K); steady = wall - compile "
+        note="target: measured / analytic >= 0.90. "
+        "analytic = N / costs.expected_cost_batched(N, S, R, K); steady = wall - compile "
         "(as above); "
         "measured speedup = full-retrain steady wall / steady.",
     )

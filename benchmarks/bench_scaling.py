@@ -1,6 +1,6 @@
 """Scaling: throughput, unlearning speedup and peak memory as S, R and N grow (item 5).
 
-    python -m benchmarks.bench_scaling [--quick] [--budget-s 600]
+    python -m benchmarks.bench_scaling [--quick] [--budget-s 1500]
 
 Every grid point runs in its own subprocess (``--point``): generate the data, ``sj.train``, one
 warm-up ``sj.forget`` of a random id and ``--forgets`` measured ones (ids stratified by slice, as
@@ -12,12 +12,11 @@ its own peak RSS (``VmHWM``): of the whole process, and of the part after the da
 Unlearning speedup = steady wall of training one model (S=1, R=1) on the same N and epochs (its
 own point; what ``sj.full_retrain`` runs) / mean steady forget wall; analytic S*3R/(2R+1).
 
-Grid (subsampled to fit ~10 minutes on 2 cores):
-  * S in 1, 2, 5, 10, 20, 40, 64 at N=20k, R=10, 20 epochs;
-  * R in 1, 5, 10, 20, 50, 100 at N=20k, S=20, 20 epochs;
-  * N in 10k, 30k, 100k, 300k, 1M at S=20, R=50, 2 epochs (20 epochs at 1M would take ~5 min
-    alone; throughput and speedup ratios do not depend on the epoch count).
-Points are skipped (and listed) once ``--budget-s`` is spent. Plots: ``scaling[_tag].png``.
+Grid (the compass recipe, 20 epochs everywhere, ~20 minutes on 2 cores):
+  * S in 1, 2, 5, 10, 20, 50, 64, 100 at N=100k, R=10;
+  * R in 1, 5, 10, 20, 50, 100 at N=100k, S=20;
+  * N in 10k, 30k, 100k, 300k, 1M at S=20, R=50.
+Points are skipped (and listed) once ``--budget-s`` is spent. Plot: ``bench_scaling[_tag].png``.
 """
 
 from __future__ import annotations
@@ -41,11 +40,17 @@ def grid(quick: bool) -> dict[str, Any]:
             "N": {"values": [n0], "fixed": {"S": 2, "R": 2, "epochs": 1.0}},
         }
     return {
-        "S": {"values": [1, 2, 5, 10, 20, 40, 64], "fixed": {"N": 20_000, "R": 10, "epochs": 20.0}},
-        "R": {"values": [1, 5, 10, 20, 50, 100], "fixed": {"N": 20_000, "S": 20, "epochs": 20.0}},
+        "S": {
+            "values": [1, 2, 5, 10, 20, 50, 64, 100],
+            "fixed": {"N": 100_000, "R": 10, "epochs": 20.0},
+        },
+        "R": {
+            "values": [1, 5, 10, 20, 50, 100],
+            "fixed": {"N": 100_000, "S": 20, "epochs": 20.0},
+        },
         "N": {
             "values": [10_000, 30_000, 100_000, 300_000, 1_000_000],
-            "fixed": {"S": 20, "R": 50, "epochs": 2.0},
+            "fixed": {"S": 20, "R": 50, "epochs": 20.0},
         },
     }
 
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exec", default="map")
     p.add_argument("--forgets", type=int, default=None, help="measured forgets per point")
     p.add_argument("--seed", type=int, default=99)
-    p.add_argument("--budget-s", type=float, default=600.0, help="skip points after this")
+    p.add_argument("--budget-s", type=float, default=1500.0, help="skip points after this")
     p.add_argument("--point", default=None, help=argparse_hidden())
     p.add_argument("--point-out", type=Path, default=None, help=argparse_hidden())
     args = p.parse_args(argv)

@@ -1,9 +1,9 @@
 """Run every benchmark, each in its own process, then collect their markdown into SUMMARY.md.
 
-    python -m benchmarks.run_all [--quick] [--only train,forget,cli,scaling,profile]
+    python -m benchmarks.run_all [--quick] [--only train,layouts,forget,cli,scaling,profile]
 
-What ``make bench`` runs. Full size takes about 25 minutes on 2 CPU cores (the scaling sweep ~10
-of them); ``--quick`` about a minute. Options after ``--`` go to every benchmark.
+What ``make bench`` runs. Full size takes about 50 minutes on 2 CPU cores (the scaling sweep ~20
+of them); ``--quick`` (``make bench QUICK=1``) about 2 minutes. Options after ``--`` go to every benchmark.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from benchmarks import common as C
 
 BENCHMARKS = {
     "train": "bench_train",
+    "layouts": "bench_layouts",
     "forget": "bench_forget",
     "cli": "bench_cli",
     "scaling": "bench_scaling",

@@ -17,7 +17,7 @@ import numpy as np
 
 def run_demo(cfg: dict[str, Any]) -> int:
     import sisajax as sj
-    from sisajax.config import run_config_from
+    from sisajax.config import recipe_summary, run_config_from
     from sisajax.console import fmt_cost, print_table, progress_factory, say
 
     rc = run_config_from(cfg)
@@ -35,7 +35,7 @@ def run_demo(cfg: dict[str, Any]) -> int:
     say(f"data: {ds.summary()}")
     say(
         f"SISA: {s.shards} shards x {s.slices} slices, {s.epochs:g} epochs, batch {s.batch_size}, "
-        f"{rc.model.name} {list(rc.model.hidden)}, {rc.optim.name} lr={rc.optim.learning_rate}"
+        f"{rc.model.name} {list(rc.model.hidden)}; {recipe_summary(rc)}"
     )
     factory, bar = progress_factory(cfg["progress"])
     rng = np.random.default_rng(np.random.SeedSequence([cfg["seed"], 0xDE30]))

@@ -1,7 +1,7 @@
 """Paper reproduction (Bourtoule et al., "Machine Unlearning", S&P 2021): the experiment suite.
 
 :func:`run_experiment` runs the kind named by ``experiment.kind`` (one module each: ``shards``,
-``slices``, ``requests``, ``dist_aware``, ``single``) on the data set the config names, with the
+``slices``, ``requests``, ``dist_aware``, ``single``, ``accuracy``) on the data set the config names, with the
 data set's own preprocessing; a ``features`` section selects the transfer-learning setup of
 :mod:`sisajax.features`. Outputs in the experiment's folder (``experiment.out_dir``,
 ``outputs/paper/<name>``, or Hydra's job folder under ``-m``): ``results.json``, ``results.csv``,
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sisajax.experiments import dist_aware, requests, shards, single, slices
+from sisajax.experiments import accuracy, dist_aware, requests, shards, single, slices
 from sisajax.experiments.common import (
     Workspace,
     feature_options,
@@ -33,6 +33,7 @@ KINDS = {
     "slices": slices,
     "requests": requests,
     "dist_aware": dist_aware,
+    "accuracy": accuracy,
 }
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from sisajax.errors import UserInputError
 
 ShardExec = Literal["auto", "vmap", "map"]
+SCHEDULES = ("constant", "cosine", "step")
 Aggregation = Literal["vote", "mean_prob"]
 
 
@@ -111,17 +112,39 @@ class OptimConfig:
       momentum: SGD momentum (0: none).
       weight_decay: decoupled weight decay (0: none).
       averaging: ``none``, ``ema`` (exponential moving average of the weights, decay
-        ``ema_decay`` per step) or ``polyak`` (running mean of all iterates); the average is
-        carried in the state and checkpoints and used for prediction.
+        ``min(ema_decay, (1 + t) / (10 + t))`` at step t, so early steps are not frozen in),
+        ``polyak`` (running mean of all iterates) or ``tail`` (running mean of the iterates in
+        the last ``tail_fraction`` of each slice step); the average is carried in the state and
+        checkpoints and used for prediction.
       ema_decay: decay of ``averaging=ema``.
+      tail_fraction: share of each slice step averaged by ``averaging=tail``.
+      schedule: learning-rate schedule: ``constant``, ``cosine`` (to ``final_lr_fraction``),
+        ``step`` (x0.1 at 50% and 75%), each after a linear warm-up over ``warmup_fraction``.
+      schedule_horizon: what the schedule spans: ``run`` (all R slice steps: progress
+        ``(r + t / T_r) / R`` at step t of slice step r with T_r steps) or ``slice_step`` (each
+        slice step restarts it: ``t / T_r``). Both are pure functions of the slice index and of
+        the prefix's own step count, so a forget stays bit-identical to training from scratch.
+      warmup_fraction: share of the horizon spent warming up linearly from 0.
+      final_lr_fraction: the cosine schedule's final learning rate, relative to the peak.
+      label_smoothing: mix the one-hot targets with the uniform distribution by this amount.
+      lr_shard_exponent: multiply the learning rate by ``S ** lr_shard_exponent`` (recipe scaling
+        with the nominal shard size N/S; a function of S only, never of the realised shard size,
+        which deletions change and would break exactness).
     """
 
     name: Literal["sgd", "adam"] = "sgd"
     learning_rate: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
-    averaging: Literal["none", "ema", "polyak"] = "none"
+    averaging: Literal["none", "ema", "polyak", "tail"] = "none"
     ema_decay: float = 0.999
+    tail_fraction: float = 0.5
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    schedule_horizon: Literal["run", "slice_step"] = "run"
+    warmup_fraction: float = 0.0
+    final_lr_fraction: float = 0.0
+    label_smoothing: float = 0.0
+    lr_shard_exponent: float = 0.0
 
     def __post_init__(self) -> None:
         _set(self, "name", _choice(self.name, "optim.name", ("sgd", "adam")))
@@ -135,11 +158,41 @@ class OptimConfig:
         if self.weight_decay < 0:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _set(
-            self, "averaging", _choice(self.averaging, "optim.averaging", ("none", "ema", "polyak"))
+            self,
+            "averaging",
+            _choice(self.averaging, "optim.averaging", ("none", "ema", "polyak", "tail")),
         )
         _set(self, "ema_decay", _float(self.ema_decay, "optim.ema_decay"))
         if not 0 < self.ema_decay < 1:
             raise ConfigError(f"optim.ema_decay must be in (0, 1), got {self.ema_decay}")
+        _set(self, "schedule", _choice(self.schedule, "optim.schedule", SCHEDULES))
+        _set(
+            self,
+            "schedule_horizon",
+            _choice(self.schedule_horizon, "optim.schedule_horizon", ("run", "slice_step")),
+        )
+        for name, lo, hi in (
+            ("tail_fraction", 0.0, 1.0),
+            ("warmup_fraction", 0.0, 1.0),
+            ("final_lr_fraction", 0.0, 1.0),
+            ("label_smoothing", 0.0, 1.0),
+        ):
+            v = _float(getattr(self, name), f"optim.{name}")
+            if not lo <= v <= hi or (name == "tail_fraction" and v == 0.0):
+                raise ConfigError(f"optim.{name} must be in [{lo}, {hi}], got {v}")
+            _set(self, name, v)
+        if self.label_smoothing >= 1.0:
+            raise ConfigError("optim.label_smoothing must be < 1")
+        _set(self, "lr_shard_exponent", _float(self.lr_shard_exponent, "optim.lr_shard_exponent"))
+        if abs(self.lr_shard_exponent) > 2:
+            raise ConfigError(
+                f"optim.lr_shard_exponent must be in [-2, 2], got {self.lr_shard_exponent}"
+            )
+
+    @property
+    def has_schedule(self) -> bool:
+        """Whether the learning rate changes during training."""
+        return self.schedule != "constant" or self.warmup_fraction > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +211,9 @@ class SisaConfig:
         faster on CPU) or ``auto`` (``map`` on CPU, ``vmap`` on accelerators).
       chunk_steps: gradient steps per call of the compiled program (a fixed shape: one compile).
       allow_empty_shards: permit shards with no training ids (they drop out of aggregation).
+      epochs_shard_exponent: train each constituent for ``e * S ** epochs_shard_exponent``
+        epochs (recipe scaling with the nominal shard size; costs more examples, which every
+        cost report counts). 0: the same e as the full model.
     """
 
     shards: int = 5
@@ -169,6 +225,7 @@ class SisaConfig:
     shard_exec: ShardExec = "auto"
     chunk_steps: int = 128
     allow_empty_shards: bool = False
+    epochs_shard_exponent: float = 0.0
 
     def __post_init__(self) -> None:
         _set(self, "shards", _int(self.shards, "sisa.shards", 1))
@@ -188,11 +245,26 @@ class SisaConfig:
         )
         _set(self, "chunk_steps", _int(self.chunk_steps, "sisa.chunk_steps", 1))
         _set(self, "allow_empty_shards", _bool(self.allow_empty_shards, "sisa.allow_empty_shards"))
+        _set(
+            self,
+            "epochs_shard_exponent",
+            _float(self.epochs_shard_exponent, "sisa.epochs_shard_exponent"),
+        )
+        if not 0 <= self.epochs_shard_exponent <= 1:
+            raise ConfigError(
+                f"sisa.epochs_shard_exponent must be in [0, 1], got {self.epochs_shard_exponent}"
+            )
+
+    @property
+    def shard_epochs(self) -> float:
+        """e of each constituent: ``epochs * S ** epochs_shard_exponent``."""
+        return self.epochs * float(self.shards) ** self.epochs_shard_exponent
 
     @property
     def epochs_per_slice_step(self) -> float:
-        """Epochs each slice step runs over its prefix: 2e/(R+1) (e when R = 1)."""
-        return 2.0 * self.epochs / (self.slices + 1)
+        """Epochs each slice step runs over its prefix: 2e/(R+1) (e when R = 1), with e the
+        constituent's :attr:`shard_epochs`."""
+        return 2.0 * self.shard_epochs / (self.slices + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,9 +348,27 @@ class RunConfig:
         d = self.to_dict()
         d["sisa"].pop("aggregation")  # chosen at prediction time; does not change trained bits
         d.pop("ledger")  # bookkeeping only
+        # options added in 0.3 leave the fingerprints of runs that do not use them unchanged
+        for section, defaults in _LATER_OPTIONS.items():
+            for name, default in defaults.items():
+                if d[section].get(name) == default:
+                    d[section].pop(name)
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
+
+_LATER_OPTIONS: dict[str, dict[str, Any]] = {
+    "optim": {
+        "tail_fraction": 0.5,
+        "schedule": "constant",
+        "schedule_horizon": "run",
+        "warmup_fraction": 0.0,
+        "final_lr_fraction": 0.0,
+        "label_smoothing": 0.0,
+        "lr_shard_exponent": 0.0,
+    },
+    "sisa": {"epochs_shard_exponent": 0.0},
+}
 
 RUN_GROUPS = tuple(SECTIONS)
 
@@ -290,3 +380,31 @@ def run_config_from(cfg: dict[str, Any]) -> RunConfig:
     if "seed" in cfg:
         parts["sisa"]["seed"] = cfg["seed"]
     return RunConfig.from_dict(parts)
+
+
+def recipe_summary(rc: RunConfig) -> str:
+    """One line naming the training recipe: optimizer, schedule, scaling, averaging, extras."""
+    o, s = rc.optim, rc.sisa
+    parts = [f"{o.name} lr {o.learning_rate:g}"]
+    if o.momentum:
+        parts.append(f"momentum {o.momentum:g}")
+    if o.schedule != "constant" or o.warmup_fraction:
+        parts.append(
+            f"{o.schedule} schedule over the {o.schedule_horizon.replace('_', ' ')}"
+            + (f", warm-up {o.warmup_fraction:g}" if o.warmup_fraction else "")
+        )
+    if o.lr_shard_exponent:
+        parts.append(f"lr x S^{o.lr_shard_exponent:g}")
+    if o.averaging != "none":
+        extra = {"ema": f" {o.ema_decay:g}", "tail": f" last {o.tail_fraction:g}"}.get(
+            o.averaging, ""
+        )
+        parts.append(f"{o.averaging} weight averaging{extra}")
+    if o.weight_decay:
+        parts.append(f"weight decay {o.weight_decay:g}")
+    if o.label_smoothing:
+        parts.append(f"label smoothing {o.label_smoothing:g}")
+    if s.epochs_shard_exponent:
+        parts.append(f"epochs x S^{s.epochs_shard_exponent:g}")
+    parts.append(f"{s.epochs:g} epochs, batch {s.batch_size}, R={s.slices}")
+    return ", ".join(parts)

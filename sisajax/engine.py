@@ -331,6 +331,32 @@ class Engine:
         return [jax.tree_util.keystr(p) for p, _ in flat]
 
     # -- the step -----------------------------------------------------------------------------
+    def recipe(self, slice_index: jax.Array, t: jax.Array, budget: jax.Array) -> tuple[Any, Any]:
+        """``(learning-rate factor or None, tail count or None)`` at step ``t`` of the slice step
+        ``slice_index`` with ``budget`` steps.
+
+        Pure functions of (slice index, step, the slice step's own budget), which depend only on
+        the slice prefix the step trains on: a forget restarting at slice r recomputes exactly the
+        factors a from-scratch run uses from slice r on. The tail count is the number of
+        iterates in the current ``averaging=tail`` window so far (0 before it starts).
+        """
+        optim, sisa = self.config.optim, self.config.sisa
+        base = float(sisa.shards) ** optim.lr_shard_exponent
+        lr = None
+        if optim.has_schedule:
+            frac = t.astype(jnp.float32) / jnp.maximum(budget, 1).astype(jnp.float32)
+            if optim.schedule_horizon == "run":
+                frac = (slice_index.astype(jnp.float32) + frac) / jnp.float32(sisa.slices)
+            lr = schedule_factor(optim, frac) * jnp.float32(base)
+        elif base != 1.0:
+            lr = jnp.float32(base)
+        tail = None
+        if optim.averaging == "tail":
+            keep = jnp.ceil(budget.astype(jnp.float32) * optim.tail_fraction).astype(jnp.int32)
+            start = budget - jnp.maximum(keep, 1)
+            tail = jnp.where(t >= start, t - start + 1, 0)
+        return lr, tail
+
     def prepare(self, x: jax.Array) -> jax.Array:
         """Stored features -> model input (the data set's preprocessing)."""
         if not self.preprocessing:
@@ -346,10 +372,16 @@ class Engine:
             kw["mask"] = mask
         return kw
 
-    def _shard_step(self, state: TrainState, xb, yb, mask, key) -> tuple[TrainState, jax.Array]:
-        """One step; returns the new state and the summed (masked) loss of the batch."""
+    def _shard_step(
+        self, state: TrainState, xb, yb, mask, key, lr_scale=None, restart_avg=None
+    ) -> tuple[TrainState, jax.Array]:
+        """One step; returns the new state and the summed (masked) loss of the batch.
+
+        ``lr_scale`` multiplies the update (the schedule's factor); ``restart_avg`` (bool) makes
+        ``averaging=tail`` start a new mean at this step."""
         w = mask.astype(jnp.float32)
         mutable = list(state.model_state)
+        smoothing = self.config.optim.label_smoothing
 
         def loss_fn(params):
             variables = {"params": params, **state.model_state}
@@ -360,28 +392,36 @@ class Engine:
                 )
             else:
                 logits, new_state = self.model.apply(variables, xb, rngs={"dropout": key}, **kw), {}
-            ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+            if smoothing:
+                onehot = jax.nn.one_hot(yb, logits.shape[-1], dtype=logits.dtype)
+                ce = optax.softmax_cross_entropy(logits, optax.smooth_labels(onehot, smoothing))
+            else:
+                ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
             total = jnp.sum(ce * w)
             return total / jnp.maximum(jnp.sum(w), 1.0), (new_state, total)
 
         grads, (new_model_state, total) = jax.grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        if lr_scale is not None:
+            updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         step = state.step + 1
-        avg = _average(self.config.optim, state.avg_params, params, step)
+        avg = _average(self.config.optim, state.avg_params, params, step, restart_avg)
         return TrainState(params, opt_state, step, dict(new_model_state), avg), total
 
     def _train_shard(self, state, x, y, rows, mask, n_steps, meta, pos=None):
-        """Run ``n_steps`` (<= C) steps of one shard. rows/mask: ``[C, B]``, meta: ``[3]`` int32
-        (shard, slice, index of the chunk's first step in the slice step). x: ``[Ncap, *feat]``,
-        y: ``[Ncap]`` -- or, with ``pos``, every shard's ``[W, Ncap, ...]`` and this shard's
-        position in them (the batch rows are gathered from there, nothing else is touched).
+        """Run ``n_steps`` (<= C) steps of one shard. rows/mask: ``[C, B]``, meta: ``[4]`` int32
+        (shard, slice, index of the chunk's first step in the slice step, steps in the slice
+        step). x: ``[Ncap, *feat]``, y: ``[Ncap]`` -- or, with ``pos``, every shard's
+        ``[W, Ncap, ...]`` and this shard's position in them (the batch rows are gathered from
+        there, nothing else is touched).
 
         Returns ``(state, summed loss over the chunk's real examples)``.
         """
         base = jax.random.PRNGKey(self.config.sisa.seed)
         key = jax.random.fold_in(jax.random.fold_in(base, meta[0]), meta[1])
         offset = meta[2]
+        recipe = self.recipe
 
         def body(t, carry):
             st, loss = carry
@@ -390,9 +430,10 @@ class Engine:
             xb = jnp.where(m.reshape((-1,) + (1,) * (xb.ndim - 1)), xb, jnp.zeros_like(xb))
             yb = jnp.where(m, y[r] if pos is None else y[pos, r], 0)
             k = jax.random.fold_in(key, offset + t)
+            lr, restart = recipe(meta[1], offset + t, meta[3])
             st, total = jax.lax.cond(
                 jnp.any(m),
-                lambda s: self._shard_step(s, xb, yb, m, k),
+                lambda s: self._shard_step(s, xb, yb, m, k, lr, restart),
                 lambda s: (s, _zero_like_step(s)),
                 st,
             )
@@ -402,7 +443,7 @@ class Engine:
 
     def _program(self, states, x, y, rows, mask, n_steps, meta):
         """Shards ``[W]``: x ``[W, Ncap, *feat]``, y ``[W, Ncap]``, rows/mask ``[W, C, B]``,
-        n_steps ``[W]``, meta ``[W, 3]``."""
+        n_steps ``[W]``, meta ``[W, 4]``."""
         if self.shard_exec == "vmap":
             return jax.vmap(self._train_shard)(states, x, y, rows, mask, n_steps, meta)
         # lax.map over the shards with x and y closed over (not sliced per shard): a shard that
@@ -432,7 +473,7 @@ class Engine:
             spec((width, c, b), jnp.int32),
             spec((width, c, b), jnp.bool_),
             spec((width,), jnp.int32),
-            spec((width, 3), jnp.int32),
+            spec((width, 4), jnp.int32),
         )
         return jax.jit(fn).lower(*args)
 
@@ -440,8 +481,9 @@ class Engine:
         """The compiled program for ``width`` shards of ``capacity`` rows (cached).
 
         It takes states ``[W, ...]``, x ``[W, Ncap, *feat]``, y ``[W, Ncap]``, rows/mask
-        ``[W, C, B]``, n_steps ``[W]`` and meta ``[W, 3]`` (shard, slice, first step index: they
-        key dropout), placed by :meth:`shard_sharding`, returns the states, and has ``as_text()``.
+        ``[W, C, B]``, n_steps ``[W]`` and meta ``[W, 4]`` (shard, slice, first step index, the
+        slice step's budget: they key dropout and the schedule), placed by
+        :meth:`shard_sharding`, returns the states, and has ``as_text()``.
         """
         if width % self.num_devices:
             raise ValueError(f"width {width} is not a multiple of {self.num_devices} devices")
@@ -591,7 +633,7 @@ class Engine:
                     if t:
                         rows[p, :t] = sb.rows[lo : lo + t]
                         mask[p, :t] = sb.mask[lo : lo + t]
-                meta = np.stack([shard_of, np.full(width, j), np.full(width, lo)], 1)
+                meta = np.stack([shard_of, np.full(width, j), np.full(width, lo), steps], 1)
                 stats.examples += int(mask.sum())
                 states, loss = program(
                     states, x_dev, y_dev, *self.put((rows, mask, n_steps, meta.astype(np.int32)))
@@ -690,16 +732,49 @@ def _zero_like_step(state: TrainState) -> jax.Array:
     return state.step.astype(jnp.float32) * 0.0
 
 
-def _average(cfg: OptimConfig, avg: PyTree, params: PyTree, step: jax.Array) -> PyTree:
-    """Update the weight average after a step (None when averaging is off)."""
+def _average(
+    cfg: OptimConfig, avg: PyTree, params: PyTree, step: jax.Array, restart: Any = None
+) -> PyTree:
+    """Update the weight average after a step (None when averaging is off).
+
+    ``ema``: decay ``min(ema_decay, (1 + t) / (10 + t))``; ``polyak``: running mean of every
+    iterate; ``tail``: ``step`` counts iterates in the current tail (``restart`` starts over),
+    see :meth:`Engine.recipe`."""
     if avg is None:
         return None
     if cfg.averaging == "ema":
-        d = cfg.ema_decay
+        t = step.astype(jnp.float32)
+        d = jnp.minimum(jnp.float32(cfg.ema_decay), (1.0 + t) / (10.0 + t))
         return jax.tree.map(lambda a, p: d * a + (1.0 - d) * p, avg, params)
+    if cfg.averaging == "tail":
+        # restart is the count of iterates in the tail so far (0: outside the tail)
+        inv = 1.0 / jnp.maximum(restart, 1).astype(jnp.float32)
+        return jax.tree.map(
+            lambda a, p: jnp.where(restart > 0, a + (p - a) * inv, p.astype(a.dtype)), avg, params
+        )
     # "polyak": running mean of the iterates: avg_t = avg_{t-1} + (p_t - avg_{t-1}) / t
     inv = 1.0 / step.astype(jnp.float32)
     return jax.tree.map(lambda a, p: a + (p - a) * inv, avg, params)
+
+
+def schedule_factor(cfg: OptimConfig, progress: jax.Array) -> jax.Array:
+    """The learning-rate multiplier at ``progress`` in [0, 1] of the schedule's horizon, from
+    optax schedules over a fixed grid of 2**20 counts (a pure function of progress)."""
+    grid = 1 << 20
+    warm = int(round(cfg.warmup_fraction * grid))
+    count = jnp.clip(jnp.floor(progress * grid), 0, grid).astype(jnp.int32)
+    if cfg.schedule == "cosine":
+        body = optax.cosine_decay_schedule(1.0, max(grid - warm, 1), alpha=cfg.final_lr_fraction)
+    elif cfg.schedule == "step":
+        body = optax.piecewise_constant_schedule(
+            1.0, {max(grid // 2 - warm, 1): 0.1, max(3 * grid // 4 - warm, 2): 0.1}
+        )
+    else:
+        body = optax.constant_schedule(1.0)
+    if warm == 0:
+        return jnp.asarray(body(count), jnp.float32)
+    sched = optax.join_schedules([optax.linear_schedule(0.0, 1.0, warm), body], [warm])
+    return jnp.asarray(sched(count), jnp.float32)
 
 
 def _call_kwargs(model: Any) -> set[str]:

@@ -54,7 +54,7 @@ def configure_cpu_devices(devices: int | str | None = None) -> int | None:
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" in flags or os.environ.get("JAX_NUM_CPU_DEVICES"):
         return None
-    want = os.environ.get(DEVICES_ENV, "auto") if devices is None else devices
+    want = (os.environ.get(DEVICES_ENV) or "auto") if devices is None else devices
     if want == "auto":
         try:
             n = len(os.sched_getaffinity(0))

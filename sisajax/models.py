@@ -17,19 +17,42 @@ _ACTIVATIONS: dict[str, Callable] = {"tanh": jnp.tanh, "relu": nn.relu, "gelu": 
 
 
 class MLP(nn.Module):
-    """Fully connected classifier: ``[B, *feat] -> [B, num_classes]`` logits."""
+    """Fully connected classifier: ``[B, *feat] -> [B, num_classes]`` logits.
+
+    ``dropout`` (after each hidden layer) and ``input_dropout`` are active only in training; their
+    keys come from (seed, shard, slice, step), so they stay exact under forgetting.
+    """
 
     hidden: Sequence[int]
     num_classes: int
     activation: str = "tanh"
+    dropout: float = 0.0
+    input_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         act = _ACTIVATIONS[self.activation]
         x = x.reshape((x.shape[0], -1)).astype(jnp.float32)
+        if self.input_dropout:
+            x = nn.Dropout(self.input_dropout, deterministic=not train)(x)
         for h in self.hidden:
             x = act(nn.Dense(h)(x))
+            if self.dropout:
+                x = nn.Dropout(self.dropout, deterministic=not train)(x)
         return nn.Dense(self.num_classes)(x)
+
+
+def _mlp(cfg: ModelConfig, num_classes: int) -> MLP:
+    extra = set(cfg.params) - {"dropout", "input_dropout"}
+    if extra:
+        raise ConfigError(
+            f"model.params for mlp may set dropout, input_dropout; got {sorted(extra)}"
+        )
+    rates = {k: float(cfg.params.get(k, 0.0)) for k in ("dropout", "input_dropout")}
+    for k, v in rates.items():
+        if not 0.0 <= v < 1.0:
+            raise ConfigError(f"model.params.{k} must be in [0, 1), got {v}")
+    return MLP(tuple(cfg.hidden), num_classes, cfg.activation, **rates)
 
 
 class CNN(nn.Module):
@@ -56,7 +79,7 @@ class CNN(nn.Module):
 
 
 _REGISTRY: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
-    "mlp": lambda cfg, c: MLP(tuple(cfg.hidden), c, cfg.activation),
+    "mlp": _mlp,
     "cnn": lambda cfg, c: CNN(
         tuple(cfg.params.get("features", (16, 32))), tuple(cfg.hidden), c, cfg.activation
     ),

@@ -391,7 +391,7 @@ def train_generation(
             gen.add_partition(part)
             ds = plan.dataset
             gen.add_test(ds.test_ids, ds.x_test, ds.y_test)
-        total = slice_schedule_cost(part.sizes()[mine], sisa.epochs, sisa.batch_size)[1]
+        total = slice_schedule_cost(part.sizes()[mine], sisa.shard_epochs, sisa.batch_size)[1]
         advance = gen.progress(progress, label, total)
         jobs = [ShardJob(k, plan.data[k]) for k in mine]
         _, stats = engine.run(

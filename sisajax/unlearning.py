@@ -404,7 +404,7 @@ def _forget_locked(
         writer.add_partition(new_part)
         total = slice_schedule_cost(
             new_part.sizes()[shards],
-            sisa.epochs,
+            sisa.shard_epochs,
             sisa.batch_size,
             np.array([plan.restart[k] for k in shards]),
         )[1]

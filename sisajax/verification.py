@@ -8,13 +8,13 @@ directory as it is now:
    their (shard, slice) assignment from scratch with :func:`~sisajax.data.hash_partition` (the
    run's seed), independently of the stored partition and data copies.
 2. It retrains the chosen shards from their initial state with the run's engine (same config,
-   seeds, ``shard_exec`` and fixed row capacity as ``sj.train``; shards are padded to the same
-   the run's fixed program width that ``sj.forget`` uses), keeping every slice's state in memory.
-3. It compares every row of every stored block (``run.restore_block(k)``, shape ``[R, ...]``) with
-   the retrained state after the same slice: bit-for-bit, and by maximum absolute difference (the
-   useful number on a backend that is not deterministic).
-4. It checks that the id fingerprints each checkpoint records (in the manifest and in the block's
-   own ``sisa_meta.json``) name exactly the retained ids of that (shard, slice prefix).
+   seeds, ``shard_exec`` and fixed row capacity as ``sj.train``), keeping every slice's state in
+   memory.
+3. It compares every stored row (``run.read_row(k, j)``; ``run.restore_block(k)`` stacks a
+   shard's rows ``[R, ...]``) with the retrained state after the same slice: bit-for-bit, and by
+   maximum absolute difference (the useful number on a backend that is not deterministic).
+4. It checks that the id fingerprints each row records (in the manifest and in the row file's own
+   header) name exactly the retained ids of that (shard, slice prefix).
 
 Bit-identity is promised for training states produced by the same program on the same host
 (:mod:`sisajax.host`: jax/jaxlib versions, backend, device kind, CPU ISA features, XLA flags).

@@ -64,10 +64,25 @@ def test_bench_forget(bench):
 
 
 def test_bench_cli(bench):
-    res = bench("bench_cli")["results"]
-    assert [c["cache"] for c in res["calls"]] == ["cold", "warm"]
+    res = bench("bench_cli", "--warm-repeats", "2")["results"]
+    assert [c["cache"] for c in res["calls"]] == ["cold", "warm", "warm"]
+    assert [c["profiled"] for c in res["calls"]] == [True, True, False]
     for c in res["calls"]:
-        assert c["imports_s"] > 0 and c["total_s"] > c["cost"]["wall_s"] > 0
+        assert c["total_s"] > c["cost"]["wall_s"] > 0
+        assert (c["imports_s"] or 0) > 0 if c["profiled"] else c["imports_s"] is None
+    sv = res["serve"]  # one long-lived process served every request exactly once
+    assert sv["requests"] == 3 and [r["request"] for r in sv["responses"]] == [1, 2, 3]
+    assert all(r["ok"] and r["forgotten"] == 1 and r["overhead_s"] >= 0 for r in sv["responses"])
+
+
+def test_bench_layouts(bench):
+    res = bench("bench_layouts")["results"]
+    (rnd,) = res["rounds"]
+    assert rnd["SISA, 1 device per core (default)"]["cost"]["shard_slices"] == 4 * 3
+    assert rnd["single model, 1 device on all cores"]["devices"] == 1
+    single = [v for k, v in rnd.items() if k.startswith("single") and "cost" in v]
+    assert single and all(v["cost"]["shard_slices"] == 1 for v in single)
+    assert res["per_round"][0]["sisa_over_best_single"] > 0
 
 
 def test_bench_scaling(bench):

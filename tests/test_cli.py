@@ -41,6 +41,9 @@ def test_every_config_group_option_composes_and_validates(group, option):
         assert rc.data.name in sj.available_datasets()
     elif group == "model":
         assert sj.build_model(rc.model, 10) is not None
+    elif group == "optim" and option == "sharded":  # a recipe on top of sgd
+        assert rc.optim.name == "sgd" and rc.optim.schedule == "cosine"
+        assert rc.optim.lr_shard_exponent == 0.5 and rc.optim.averaging == "ema"
     elif group == "optim":
         assert rc.optim.name == option
 

@@ -79,7 +79,7 @@ def test_fully_masked_steps_leave_state_unchanged_adam():
     rows = np.zeros((2, c, b), np.int32)
     mask = np.zeros((2, c, b), bool)
     mask[1] = True  # shard 1 gets real (zero) batches, shard 0 only masked ones
-    meta = np.zeros((2, 3), np.int32)
+    meta = np.zeros((2, 4), np.int32)
     after, loss = jax.device_get(
         program(jax.device_put(state), x, y, rows, mask, np.array([c, c], np.int32), meta)
     )

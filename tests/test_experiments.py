@@ -20,7 +20,7 @@ from sisajax.data.partition import distribution_aware_partition
 from sisajax.experiments import common, dist_aware, paper
 from sisajax.requests import sample_requests
 
-PRESETS = ("shards", "slices", "requests", "dist_aware", "transfer")
+PRESETS = ("shards", "slices", "requests", "dist_aware", "transfer", "accuracy")
 TINY = {
     "shards": ["experiment.shards=[1,2]"],
     "slices": ["sisa.shards=2", "experiment.slices=[1,3]", "experiment.probe_requests=1"],
@@ -32,7 +32,13 @@ TINY = {
         "features.conv_features=[4]",
         "features.embed_dim=16",
     ],
-    "accuracy": ["experiment.shards=[1,2]", "experiment.seeds=[0,1]", "experiment.stream=3"],
+    "accuracy": [
+        "experiment.shards=[1,2]",
+        "experiment.seeds=[0,1]",
+        "experiment.deletions=3",
+        "experiment.deletion_shards=2",
+        "experiment.eval_every=2",
+    ],
 }
 COMMON = ["data=digits", "sisa.epochs=10", "sisa.batch_size=16", "sisa.chunk_steps=64"]
 
@@ -98,7 +104,8 @@ def test_preset_runs_end_to_end_at_tiny_size_on_digits(preset, tmp_path):
     rows = res["rows"]
 
     if preset == "accuracy":
-        return  # its own checks: tests/test_accuracy.py
+        _check_accuracy_study(res, report)
+        return
     if preset in ("shards", "transfer"):
         assert [r["shards"] for r in rows] == [1, 2]
         for r in rows:
@@ -226,3 +233,35 @@ def test_sweep_and_report_commands(tmp_path, capsys):
     assert (sweep / "report.md").read_text() == report
     assert cli(["report", f"dir={sweep / '0' / '.hydra'}"]) == 2
     assert "no experiment results" in capsys.readouterr().err
+
+
+def _check_accuracy_study(res: dict, report: str) -> None:
+    from sisajax.experiments import accuracy
+
+    rows = res["rows"]
+    # recipes x seeds x shards, each recipe with its own full model per seed
+    assert len(rows) == 2 * 2 * 2 and {r["recipe"] for r in rows} == {"baseline", "best"}
+    assert len(res["full_rows"]) == 4 and all(f["shards"] == 1 for f in res["full_rows"])
+    assert "momentum 0.5" in res["recipes"]["best"] and "ema" in res["recipes"]["best"]
+    assert "momentum" not in res["recipes"]["baseline"]
+    assert all(r["train_examples"] > 0 and r["train_wall_s"] > 0 for r in rows)  # cost shown
+    st = res["stream"]
+    assert [p["deleted"] for p in st["points"]] == [0, 2, 3] and st["shards"] == 2
+    assert st["remaining_ids"] == res["rows"][0]["n_train"] - 3
+    assert st["points"][-1]["examples"] > 0 and all(p["vote"] > 0.5 for p in st["points"])
+    heads = accuracy.headline(res, shards=2)
+    assert [h["recipe"] for h in heads] == ["baseline", "best"]
+    assert "loss vs own full" in report and "Deletion stream: 3 single-id requests" in report
+
+
+def test_accuracy_recipes_override_only_run_groups():
+    from sisajax.experiments import accuracy
+
+    rc = sj.RunConfig()
+    best = accuracy.recipe_config(rc, {"optim": {"schedule": "cosine", "momentum": 0.9}})
+    assert best.optim.schedule == "cosine" and best.optim.momentum == 0.9
+    assert best.sisa == rc.sisa and best.model == rc.model
+    with pytest.raises(common.ExperimentError, match="may change"):
+        accuracy.recipe_config(rc, {"data": {"name": "digits"}})
+    with pytest.raises(sj.ConfigError, match="optim.schedule"):
+        accuracy.recipe_config(rc, {"optim": {"schedule": "sometimes"}})

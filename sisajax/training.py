@@ -128,6 +128,7 @@ class GenerationWriter:
         self.metrics = metrics
         self.fetch_s = 0.0
         self.last_loss: float | None = None
+        self._pending: tuple[SliceOutput, list[int]] | None = None
 
     def add_shard(self, k: int, data: ShardData) -> None:
         """Write shard ``k``'s data copy (in the background) and note its prefix fingerprints."""
@@ -157,23 +158,39 @@ class GenerationWriter:
         self.other["partition"] = self.writer.call(write)
 
     def on_slice(self, shards: list[int]) -> Callable[[SliceOutput], None]:
-        """An ``on_slice`` for :meth:`Engine.run` whose job ``i`` is shard ``shards[i]``."""
+        """An ``on_slice`` for :meth:`Engine.run` whose job ``i`` is shard ``shards[i]``.
+
+        Slice step j's states are fetched when slice step j + 1 has been dispatched (the device
+        computes j + 1 meanwhile), on the calling thread: JAX arrays are only ever touched by
+        one thread (fetching sharded arrays from the writer thread while the main thread
+        dispatched raced inside jax and failed). Encoding, hashing and writing the rows happen
+        on the writer thread; :meth:`finish` fetches the last slice step."""
 
         def handle(out: SliceOutput) -> None:
-            self.writer.call(lambda: self._write_slice(out, shards))
+            self._fetch_pending()
+            self._pending = (out, shards)
             fault("mid_retrain")
 
         return handle
 
-    def _write_slice(self, out: SliceOutput, shards: list[int]) -> None:
+    def _fetch_pending(self) -> None:
+        if self._pending is None:
+            return
+        out, shards = self._pending
+        self._pending = None
         t0 = time.perf_counter()
-        host = jax.device_get(out.states)  # waits for this slice step only
-        leaves = jax.tree.leaves(host)
+        host = jax.device_get(out.states)  # waits for that slice step only
         losses = out.mean_loss()
         finite = [v for v in losses.values() if v == v]
         if finite:
             self.last_loss = float(np.mean(finite))
         self.fetch_s += time.perf_counter() - t0
+        self.writer.call(lambda: self._write_slice(out, host, losses, shards))
+
+    def _write_slice(
+        self, out: SliceOutput, host: Any, losses: dict[int, float], shards: list[int]
+    ) -> None:
+        leaves = jax.tree.leaves(host)
         j = out.slice
         for i, p in out.positions.items():
             k = shards[i]
@@ -223,13 +240,15 @@ class GenerationWriter:
         return lambda n: advance(n, self.last_loss)
 
     def finish(self) -> None:
-        """Wait for every write; make the new files' folders durable."""
+        """Write the last slice step, wait for every write; make the new folders durable."""
+        self._fetch_pending()
         self.writer.wait()
         self.writer.sync_dirs([self.files.root])
         self.writer.close()
 
     def abort(self) -> None:
         """Stop writing (after a failure); written files are superseded, collected later."""
+        self._pending = None
         with contextlib.suppress(BaseException):  # the first failure is being raised already
             self.writer.wait()
         self.writer.close()

@@ -71,6 +71,19 @@ def shard_loop(run) -> dict[str, Any]:
 
     fresh = sj.open_run(run.run_dir)  # a new Engine: nothing compiled yet
     engine = fresh.engine
+    if engine.shard_exec == "vmap":
+        # a vmap run's own programs always have the run's width (its bits depend on the width),
+        # so one shard through them would compute S lanes: the loop gets a width-1 engine on
+        # one device (its bits may differ from the run's in the last place; reported)
+        engine = sj.Engine(
+            fresh.config,
+            engine.feature_shape,
+            engine.x_dtype,
+            engine.num_classes,
+            devices=1,
+            vmap_width=1,
+            preprocessing=engine.preprocessing,
+        )
     data = [fresh.shard_data(k) for k in range(fresh.num_shards)]
     stats: dict[str, float] = {"compile_s": 0.0, "train_s": 0.0, "examples": 0, "grad_steps": 0}
     finals = []

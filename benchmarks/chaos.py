@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         ids = [int(base.shard_data(k).ids[j]) for k, j in ((0, 5), (2, 50), (4, 120))]
         ref_dir = tmp / "ref"
         shutil.copytree(base.run_dir, ref_dir)
+        warm = tmp / "warm"  # fills the compilation cache: the trials run warm, so must the span
+        shutil.copytree(base.run_dir, warm)
+        subprocess.run(_forget_cmd(warm, ids), env=env, check=True, capture_output=True)
+        shutil.rmtree(warm)
         t0 = time.perf_counter()
         subprocess.run(_forget_cmd(ref_dir, ids), env=env, check=True, capture_output=True)
         span = time.perf_counter() - t0
@@ -84,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             run = sj.open_run(d)
             states = [r["state"] for r in run.ledger.records()]
             never_false_done = ("done" not in states) or run.generation == 1
+            # where the kill landed: before the request's pending record, inside the request
+            # (pending, not done), or after it was done
+            phase = "after done" if "done" in states else "in request" if states else "start-up"
             r = subprocess.run(
                 [sys.executable, "-m", "sisajax.cli", "resume", f"run_dir={d}", "progress=false"],
                 env=env,
@@ -105,19 +112,25 @@ def main(argv: list[str] | None = None) -> int:
                     "trial": t,
                     "delay_s": delay,
                     "killed": killed,
+                    "phase": phase if killed else "finished",
                     "resume_rc": r.returncode,
                     "bit_identical": same,
                     "audit_ok": ok,
                     "ledger_honest": never_false_done,
                 }
             )
-            C.log(f"trial {t}: kill at {delay:.2f}s killed={killed} identical={same} audit={ok}")
+            C.log(
+                f"trial {t}: kill at {delay:.2f}s ({results[-1]['phase']}) identical={same} audit={ok}"
+            )
             shutil.rmtree(d)
     survived = sum(r["bit_identical"] and r["audit_ok"] and r["ledger_honest"] for r in results)
     killed = sum(r["killed"] for r in results)
     summary = {
         "trials": trials,
         "killed_mid_forget": killed,
+        "killed_in_request": sum(r["phase"] == "in request" for r in results),
+        "killed_in_start_up": sum(r["phase"] == "start-up" for r in results),
+        "killed_after_done": sum(r["phase"] == "after done" for r in results),
         "survived": survived,
         "forget_span_s": span,
         "ids": len(ids),

@@ -32,6 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import sisajax  # first: it gives XLA one CPU device per core before jax starts
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -186,7 +188,6 @@ def loadavg() -> list[float]:
 
 def source_digest() -> str:
     """sha256 (12 hex) over the library sources actually imported (``sisajax/**.py``)."""
-    import sisajax
 
     root = Path(sisajax.__file__).parent
     h = hashlib.sha256()
@@ -236,8 +237,6 @@ def versions() -> dict[str, str]:
     import numpy
     import optax
     import orbax.checkpoint
-
-    import sisajax
 
     return {
         "sisajax": sisajax.__version__,

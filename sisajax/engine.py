@@ -260,6 +260,7 @@ class Engine:
         self.vmap_width = self.padded_width(vmap_width or config.sisa.shards)
         self.mesh = Mesh(np.array(self.devices), (SHARD_AXIS,)) if len(self.devices) > 1 else None
         self._compiled: dict[tuple[int, int], Any] = {}
+        self._narrowed: dict[int, Engine] = {}
         self._init_fn = jax.jit(self._init_one)
         self._predict_fn = jax.jit(self._predict_stack)
         self._template: PyTree | None = None
@@ -515,6 +516,10 @@ class Engine:
                 stats.compile_s += time.perf_counter() - t0
         return self._compiled[key]
 
+    def compiled_programs(self) -> list[Any]:
+        """The programs this engine has compiled so far (each has ``as_text()``)."""
+        return list(self._compiled.values())
+
     # -- placement ----------------------------------------------------------------------------
     def place(self, jobs: Sequence[ShardJob]) -> tuple[int, list[int]]:
         """``(width, position of each job)``: where each job runs in the stacked program.
@@ -551,6 +556,30 @@ class Engine:
                 positions[i] = d * local + slot
         return local * n, positions
 
+    def narrowed(self, n: int) -> Engine:
+        """This engine on its first ``n`` devices only (cached; ``self`` when ``n`` is all).
+
+        Used by :meth:`run` for ``map`` jobs that leave devices idle: per-device ``lax.map``
+        programs do not depend on how many devices run them, so the states are the same bits,
+        without compiling and running an inert program on every idle device (a one-shard forget
+        on 2 devices lowers, loads and runs one program, not two).
+        """
+        if n >= self.num_devices:
+            return self
+        if n not in self._narrowed:
+            eng = Engine(
+                self.config,
+                self.feature_shape,
+                self.x_dtype,
+                self.num_classes,
+                devices=self.devices[:n],
+                partitioning="single" if n == 1 else self.partitioning,
+                preprocessing=self.preprocessing,
+            )
+            eng._template = self._template
+            self._narrowed[n] = eng
+        return self._narrowed[n]
+
     # -- driving slices -----------------------------------------------------------------------
     def run(
         self,
@@ -579,6 +608,10 @@ class Engine:
         cap = max(1, max(len(j.data) for j in jobs)) if capacity is None else capacity
         if any(len(j.data) > cap for j in jobs):
             raise ValueError("a shard holds more rows than the capacity")
+        if self.shard_exec == "map" and self.partitioning == "per_device":
+            narrow = self.narrowed(len(jobs))
+            if narrow is not self:
+                return narrow.run(jobs, capacity=cap, on_slice=on_slice, progress=progress)
         stats = TrainStats()
         width, pos = self.place(jobs)
         program = self.compiled(width, cap, stats)

@@ -115,13 +115,19 @@ def compose(name: str, overrides: list[str], config_dirs: list[str] = ()) -> dic
             cfg = hydra_compose(config_name=name, overrides=overrides + extra)
             folders = [conf_dir(), *(Path(p[len("file://") :]) for p in user_paths)]
             groups = [o for o in overrides if _is_group_choice(o, folders)]
-            ref = hydra_compose(config_name=name, overrides=groups + extra)
+            # Only `+key=` / `++key=` or a dict value can add keys (plain `key=` on an unknown
+            # key fails in Hydra's struct mode): compose the reference config only then.
+            ref = (
+                hydra_compose(config_name=name, overrides=groups + extra)
+                if any(o.startswith("+") or "{" in o for o in overrides)
+                else None
+            )
     except Exception as e:  # Hydra/OmegaConf errors: one line naming the bad override
         if type(e).__module__.startswith(("hydra", "omegaconf")):
             raise UsageError(_hydra_message(e)) from None
         raise
     out = OmegaConf.to_container(cfg, resolve=True)
-    unknown = _new_keys(out, OmegaConf.to_container(ref, resolve=False))
+    unknown = [] if ref is None else _new_keys(out, OmegaConf.to_container(ref, resolve=False))
     if unknown:
         raise UsageError(
             f"unknown config key(s) {', '.join(unknown)} for `sisajax {name}` "

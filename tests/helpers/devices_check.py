@@ -23,8 +23,9 @@ import numpy as np  # noqa: E402
 
 CASES = {
     # name: (tiny_config kwargs, shards to forget from). 5 shards on 4 devices: padded to 8, two
-    # per device, shards 3 and 4 on devices 1 and 2; the forget runs them at width 2, padded to
-    # 4: on devices 0 and 1. 4 shards: one per device; shards 1 and 2 move to devices 0 and 1.
+    # per device, shards 3 and 4 on devices 1 and 2; the forget of both (map) runs them on the
+    # engine narrowed to devices 0 and 1, one each, and a second forget of shard 4 alone on
+    # device 0 only. 4 shards (vmap): one per device at their own positions.
     "map_sgd": ({"shards": 5, "slices": 3}, (3, 4)),
     "vmap_adam": (
         {
@@ -68,7 +69,7 @@ def shard_map_check(run, ds) -> dict:
     eng = Engine(cfg, ds.feature_shape, ds.x_train.dtype, ds.num_classes, partitioning="shard_map")
     jobs = [ShardJob(k, run.shard_data(k)) for k in range(cfg.sisa.shards)]
     final, _ = eng.run(jobs, capacity=run.capacity)
-    (program,) = eng._compiled.values()
+    (program,) = eng.compiled_programs()
     try:  # refused with vmap: there its bits change with the shards per device
         vmap_cfg = cfg.replace(sisa={"shard_exec": "vmap"})
         Engine(vmap_cfg, ds.feature_shape, ds.x_train.dtype, 10, partitioning="shard_map")
@@ -101,7 +102,12 @@ def main(out_dir: Path) -> None:
             report["shard_map"] = shard_map_check(run, ds)
         ids = [int(run.shard_data(a).ids[0]), int(run.shard_data(b).ids[-1])]
         rep = sj.forget(run, ids)
-        programs = run.engine._compiled.values()  # what the forget ran
+        one = [int(run.shard_data(b).ids[0])]
+        rep_one = sj.forget(run, one)  # one shard: one device's program
+        # what the forgets ran (map: on the engine narrowed to the devices they needed)
+        engines = [run.engine, run.engine.narrowed(2), run.engine.narrowed(1)]
+        programs = [p for e in engines for p in e.compiled_programs()]
+        ids += one
         scratch, _ = sj.train(cfg, without(ds, ids), out_dir / f"{name}_scratch")
         blocks_equal = all(
             trees_equal(run.restore_block(k), scratch.restore_block(k))
@@ -118,6 +124,8 @@ def main(out_dir: Path) -> None:
             "layout": run.engine.layout(),
             "collectives": sorted({c for p in programs for c in collectives_in(p.as_text())}),
             "restart": {str(k): v for k, v in rep.restart.items()},
+            "restart_one": {str(k): v for k, v in rep_one.restart.items()},
+            "narrowed_programs": [len(e.compiled_programs()) for e in engines[1:]],
             "forget_equals_scratch": blocks_equal,
         }
     report["control_psum"] = psum_control()

@@ -383,9 +383,11 @@ def run_config_from(cfg: dict[str, Any]) -> RunConfig:
 
 
 def recipe_summary(rc: RunConfig) -> str:
-    """One line naming the training recipe: optimizer, schedule, scaling, averaging, extras."""
-    o, s = rc.optim, rc.sisa
-    parts = [f"{o.name} lr {o.learning_rate:g}"]
+    """One line naming the training recipe: model, optimizer, schedule, scaling, averaging,
+    extras."""
+    o, s, m = rc.optim, rc.sisa, rc.model
+    model = m.name if m.name != "mlp" else f"mlp {list(m.hidden)} {m.activation}"
+    parts = [model, f"{o.name} lr {o.learning_rate:g}"]
     if o.momentum:
         parts.append(f"momentum {o.momentum:g}")
     if o.schedule != "constant" or o.warmup_fraction:

@@ -242,7 +242,8 @@ def _check_accuracy_study(res: dict, report: str) -> None:
     # recipes x seeds x shards, each recipe with its own full model per seed
     assert len(rows) == 2 * 2 * 2 and {r["recipe"] for r in rows} == {"baseline", "best"}
     assert len(res["full_rows"]) == 4 and all(f["shards"] == 1 for f in res["full_rows"])
-    assert "momentum 0.5" in res["recipes"]["best"] and "ema" in res["recipes"]["best"]
+    best = res["recipes"]["best"]
+    assert "relu" in best and "adam" in best and "ema" in best  # the preset's best recipe
     assert "momentum" not in res["recipes"]["baseline"]
     assert all(r["train_examples"] > 0 and r["train_wall_s"] > 0 for r in rows)  # cost shown
     st = res["stream"]

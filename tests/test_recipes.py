@@ -25,6 +25,18 @@ RECIPES = {
         "optim": {"label_smoothing": 0.1, "lr_shard_exponent": 0.5, "weight_decay": 1e-4},
         "epochs_shard_exponent": 0.5,
     },
+    "adam_fashion_best": {  # conf/experiment/accuracy.yaml's best recipe (ReLU aside)
+        "optim": {
+            "name": "adam",
+            "learning_rate": 0.003,
+            "schedule": "cosine",
+            "warmup_fraction": 0.05,
+            "lr_shard_exponent": 0.5,
+            "label_smoothing": 0.2,
+            "averaging": "ema",
+            "ema_decay": 0.99,
+        }
+    },
     "adam_cosine_tail": {
         "optim": {
             "name": "adam",

@@ -33,10 +33,7 @@ def run_demo(cfg: dict[str, Any]) -> int:
     ds = sj.load_dataset(rc.data.name, **rc.data.params)
     s = rc.sisa
     say(f"data: {ds.summary()}")
-    say(
-        f"SISA: {s.shards} shards x {s.slices} slices, {s.epochs:g} epochs, batch {s.batch_size}, "
-        f"{rc.model.name} {list(rc.model.hidden)}; {recipe_summary(rc)}"
-    )
+    say(f"SISA: {s.shards} shards x {s.slices} slices; recipe: {recipe_summary(rc)}")
     factory, bar = progress_factory(cfg["progress"])
     rng = np.random.default_rng(np.random.SeedSequence([cfg["seed"], 0xDE30]))
     with bar:

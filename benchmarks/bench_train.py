@@ -12,8 +12,10 @@ Side by side, in one process, on the same data:
     files written). Its final parameters are compared bit for bit with the SISA run's.
 
 Reported: wall clock (with compile and saving), compile, training (the compiled program and its
-host-side batch building), saving, examples/s, the ratios, and bytes on disk. Targets: SISA
-S=20,R=50 wall <= 1.25x the single model's; checkpoint saving < 10% of SISA training time.
+host-side batch building), saving, examples/s, the ratios, and bytes on disk. Targets (issue 12):
+checkpoint time not hidden behind training <= 3% of it; >= 180k examples/s on 2 CPU cores; on a
+GPU the per-shard loop >= 5x slower than one vmapped program. SISA vs the single model in its
+fastest CPU layout (<= 0.80) is measured by ``bench_layouts`` (fresh process per layout).
 
 ``--repeats`` rounds (default 2) of the main config run in alternating order; the tables show the
 median of every measurement over rounds and a last table each round's own ratios.
@@ -322,10 +324,11 @@ def make_tables(results: dict[str, Any], main_cfg: tuple[int, int]) -> list[C.Ta
         m, c = e["sisa"], e["sisa"]["cost"]
         v = C.ratio(c["wall_s"], sw)
         t2.add(
-            f"SISA ({m['shard_exec']}) wall / single-model wall",
+            f"SISA ({m['shard_exec']}) wall / single-model wall (same process; layouts: "
+            "bench_layouts)",
             v,
-            "<= 1.25",
-            C.target(v, 1.25, at_most=True),
+            "-",
+            "",
         )
         v2 = C.ratio(c["retrain_s"], st)
         t2.add(f"SISA ({m['shard_exec']}) train / single-model train", v2, "-", "")
@@ -338,15 +341,18 @@ def make_tables(results: dict[str, Any], main_cfg: tuple[int, int]) -> list[C.Ta
         )
         if e["loop"] is not None:
             lv = C.ratio(e["loop"]["train_s"], c["retrain_s"])
-            tgt = ">= 5 (GPU, vmap)" if m["shard_exec"] == "vmap" else "-"
-            verdict = C.target(lv, 5.0, at_most=False) if m["shard_exec"] == "vmap" else ""
+            import jax
+
+            on_gpu = m["shard_exec"] == "vmap" and jax.default_backend() == "gpu"
+            tgt = ">= 5 (GPU, vmap)" if on_gpu else "-"
+            verdict = C.target(lv, 5.0, at_most=False) if on_gpu else ""
             t2.add(
                 f"per-shard loop / SISA one program, train ({m['shard_exec']})", lv, tgt, verdict
             )
             t2.add(
                 f"per-shard loop bit-identical to SISA ({m['shard_exec']})",
                 e["loop"]["bit_identical_to_sisa"],
-                "yes",
+                "yes" if m["shard_exec"] == "map" else "- (width 1 is another vmap program)",
                 "",
             )
     by_exec = {e["sisa"]["shard_exec"]: e["sisa"]["cost"]["retrain_s"] for e in main}

@@ -87,9 +87,16 @@ def run_cli(run_dir: Path, ids: list[int], cache: Path, importtime: bool = True)
     }
 
 
-def run_serve(run_dir: Path, ids: list[int], cache: Path) -> dict[str, Any]:
-    """``sisajax serve spool=-`` fed one single-id request per line; per-request responses."""
+def run_serve(
+    run_dir: Path, ids: list[int], cache: Path, layout: str | None = None
+) -> dict[str, Any]:
+    """``sisajax serve spool=-`` fed one single-id request per line; per-request responses.
+    ``layout``: a ``SISAJAX_CPU_DEVICES`` value for the serving process (None: the default)."""
     env = dict(os.environ, SISAJAX_CACHE_DIR=str(cache))
+    env.pop("SISAJAX_CPU_DEVICES", None)
+    env.pop("XLA_FLAGS", None)  # this process's device count: the child chooses its own
+    if layout is not None:
+        env["SISAJAX_CPU_DEVICES"] = layout
     cmd = sisajax_command() + ["serve", f"run_dir={run_dir}", "spool=-"]
     text = "".join(f"{i}\n" for i in ids)
     with C.span() as sp:
@@ -104,6 +111,7 @@ def run_serve(run_dir: Path, ids: list[int], cache: Path) -> dict[str, Any]:
         raise RuntimeError(f"serve answered {responses}")
     return {
         "command": " ".join(cmd),
+        "layout": layout or "default",
         "total_s": sp.wall_s,
         "requests": len(ids),
         "responses": responses,
@@ -146,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         C.log(f"run S={wl.shards} R={wl.slices} {args.exec}")
         run, info = C.trained_run(args, cfg, ds, work / "run")
         res["train"] = info
-        pool = rng.choice(run.partition.ids, size=1 + warm_repeats + n_serve, replace=False)
+        n_layout = max(2, n_serve // 4)  # per serve process of the layout comparison
+        size = 1 + warm_repeats + n_serve + 4 * n_layout
+        pool = rng.choice(run.partition.ids, size=size, replace=False)
         ids = [int(i) for i in pool[: 1 + warm_repeats]]
-        served = [int(i) for i in pool[1 + warm_repeats :]]
+        served = [int(i) for i in pool[1 + warm_repeats : 1 + warm_repeats + n_serve]]
+        rest = [int(i) for i in pool[1 + warm_repeats + n_serve :]]
         with tempfile.TemporaryDirectory(prefix="sisajax-jax-cache-", dir=work) as cache:
             C.log("bare imports")
             res["bare"] = bare_imports(1 if args.quick else 2)
@@ -168,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
             res["calls"] = calls
             C.log(f"sisajax serve: {len(served)} single-id requests")
             res["serve"] = run_serve(run.run_dir, served, Path(cache))
+            # the same single-id requests served by the default layout and by the `serial` one
+            # (1 device, XLA pools for one core), alternating, 2 processes each
+            res["serve_layouts"] = []
+            for r, layout in enumerate((None, "serial", "serial", None)):
+                chunk = rest[r * n_layout : (r + 1) * n_layout]
+                C.log(f"sisajax serve, layout {layout or 'default'}: {len(chunk)} requests")
+                res["serve_layouts"].append(run_serve(run.run_dir, chunk, Path(cache), layout))
     tables = make_tables(res, wl)
     C.show(tables, head)
     path = C.write_results(args, "bench_cli", head, tables, res)
@@ -242,6 +260,27 @@ def make_tables(res: dict[str, Any], wl: C.Workload) -> list[C.Table]:
         t2.add("serve: overhead beyond retrain + save, s (mean; target <= 0.1)", C.mean(over))
         t2.add("serve: overhead verdict", C.target(C.mean(over), 0.1, at_most=True))
         t2.add("serve: overhead p90 s", sorted(over)[int(0.9 * (len(over) - 1))] if over else None)
+    if res.get("serve_layouts"):
+        per: dict[str, list[dict[str, Any]]] = {}
+        for sv in res["serve_layouts"]:
+            per.setdefault(sv["layout"], []).extend(sv["responses"][1:])  # first: warm-up
+        t2.add(
+            "serve layouts: requests per process (the first, a warm-up, not in the means)",
+            len(sv["responses"]),
+        )
+        for layout, rs in per.items():
+            wall = C.mean([r["wall_s"] for r in rs])
+            rate = C.mean([r["examples"] / r["retrain_s"] for r in rs if r.get("retrain_s")])
+            t2.add(f"serve, {layout} layout: wall s per request (mean)", wall)
+            t2.add(f"serve, {layout} layout: retrain examples/s (mean)", rate)
+        if {"default", "serial"} <= per.keys():
+            t2.add(
+                "serve: default / serial wall per request",
+                C.ratio(
+                    C.mean([r["wall_s"] for r in per["default"]]),
+                    C.mean([r["wall_s"] for r in per["serial"]]),
+                ),
+            )
     names = {}
     for c in res["calls"]:
         for n, s in c["slowest_imports"]:

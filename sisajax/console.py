@@ -94,6 +94,9 @@ def setup_jax() -> None:
     import jax
 
     from sisajax import host
+    from sisajax.layout import restore_cpu_affinity
+
+    restore_cpu_affinity()
 
     base = os.environ.get(
         "SISAJAX_CACHE_DIR",

@@ -146,3 +146,62 @@ def test_layout_options_reproduce_or_refuse_clearly():
         layout_options({**four, "device_kind": "TPU v5"})
     with pytest.raises(LayoutError, match="vmap: its bits depend on the shards per device"):
         layout_options({**four, "shard_exec": "vmap"})  # even without strict
+
+
+SERIAL_CHILD = """
+import json, os, sys
+sys.path.insert(0, sys.argv[2])
+start = sorted(os.sched_getaffinity(0))
+import sisajax as sj  # the serial layout narrows this process to one core until jax starts
+narrowed = sorted(os.sched_getaffinity(0))
+import jax
+from conftest import tiny_config, tiny_digits
+run, _ = sj.train(tiny_config(), tiny_digits(), sys.argv[1])  # its engine starts jax
+after = sorted({tuple(sorted(os.sched_getaffinity(int(t)))) for t in os.listdir("/proc/self/task")})
+ids = [int(run.shard_data(1).ids[run.shard_data(1).slices == 2][0])]
+rep = sj.forget(run, ids)
+print(json.dumps({"start": start, "narrowed": narrowed, "after": after, "ids": ids,
+                  "devices": jax.device_count(), "restart": rep.restart}))
+"""
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs CPU affinity and two cores",
+)
+def test_serial_layout_same_bits_and_gives_the_cores_back(tmp_path):
+    """``SISAJAX_CPU_DEVICES=serial``: one device, XLA's pools sized while the process ran on one
+    core, every thread given all its cores back once jax has started; training and a forget
+    produce the same bits as this process's layout."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["SISAJAX_CPU_DEVICES"] = "serial"
+    tests_dir = str(Path(__file__).parent)
+    proc = subprocess.run(
+        [sys.executable, "-c", SERIAL_CHILD, str(tmp_path / "serial"), tests_dir],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["devices"] == 1
+    assert got["narrowed"] == [min(got["start"])]  # one core while jax started
+    assert got["after"] == [got["start"]]  # every thread has all its cores again
+    assert got["restart"] == {"1": 2}
+    ds = tiny_digits()
+    scratch, _ = sj.train(tiny_config(), without(ds, got["ids"]), tmp_path / "scratch")
+    served = sj.open_run(tmp_path / "serial")
+    for k in range(scratch.num_shards):
+        assert_trees_equal(served.restore_block(k), scratch.restore_block(k))
+
+
+def test_bad_cpu_layout_value_is_refused():
+    from sisajax.layout import configure_cpu_devices
+
+    code = "import sisajax"
+    env = {**os.environ, "SISAJAX_CPU_DEVICES": "lots"}
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "'serial'" in proc.stderr
+    assert configure_cpu_devices() is None  # jax is imported here: nothing changes

@@ -8,7 +8,9 @@ order):
   * SISA S=20,R=50 with checkpoints, default layout (one CPU device per core);
   * SISA on one core (``taskset -c 0``: one device);
   * the single model (S=1,R=1) in the default layout, as one device on all cores
-    (``SISAJAX_CPU_DEVICES=1``: XLA's own thread pool) and pinned to one core.
+    (``SISAJAX_CPU_DEVICES=1``: XLA's own thread pool) and pinned to one core;
+  * the single model and SISA in the ``serial`` layout (``SISAJAX_CPU_DEVICES=serial``: one
+    device whose XLA pools were sized while the process ran on one core, all cores usable after).
 
 The single model's best layout is the fair reference: SISA / best single is the headline ratio,
 and SISA on one core / single on one core the like-for-like one. Reported: wall (with compile and
@@ -35,6 +37,8 @@ LAYOUTS = [
     ("single model, 1 device per core (default)", "single", False, None),
     ("single model, 1 device on all cores", "single", False, "1"),
     ("single model, one core", "single", True, None),
+    ("single model, serial (1 device, XLA pools for one core)", "single", False, "serial"),
+    ("SISA, serial (1 device, XLA pools for one core)", "sisa", False, "serial"),
 ]
 
 

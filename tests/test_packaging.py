@@ -91,6 +91,11 @@ def test_wheel_contents(installed):
     assert "sisajax/conf/train.yaml" in names and "sisajax/conf/data/digits.yaml" in names
     assert "sisajax/experiments/shards.py" in names and "sisajax/cli/app.py" in names
     assert not [n for n in names if n.startswith(("experiments/", "conf/", "tests/"))]
+    # every config of the repository ships (a new group folder must be listed in pyproject)
+    configs = {
+        f"sisajax/conf/{p.relative_to(REPO / 'conf')}" for p in (REPO / "conf").rglob("*.yaml")
+    }
+    assert configs and configs <= set(names), sorted(configs - set(names))
 
 
 @pytest.mark.slow

@@ -577,6 +577,7 @@ class Engine:
                 preprocessing=self.preprocessing,
             )
             eng._template = self._template
+            eng._init_fn = self._init_fn  # the same width-1 init program, compiled once
             self._narrowed[n] = eng
         return self._narrowed[n]
 

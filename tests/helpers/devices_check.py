@@ -102,8 +102,9 @@ def main(out_dir: Path) -> None:
             report["shard_map"] = shard_map_check(run, ds)
         ids = [int(run.shard_data(a).ids[0]), int(run.shard_data(b).ids[-1])]
         rep = sj.forget(run, ids)
-        one = [int(run.shard_data(b).ids[0])]
-        rep_one = sj.forget(run, one)  # one shard: one device's program
+        db = run.shard_data(b)
+        one = [int(db.ids[db.slices == 0][0])]
+        rep_one = sj.forget(run, one)  # one shard from slice 0: one device's program and init
         # what the forgets ran (map: on the engine narrowed to the devices they needed)
         engines = [run.engine, run.engine.narrowed(2), run.engine.narrowed(1)]
         programs = [p for e in engines for p in e.compiled_programs()]

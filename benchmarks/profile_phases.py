@@ -476,6 +476,22 @@ def phase_table(title: str, unit: str, recs: list[dict[str, Any]], note: str) ->
     return t
 
 
+def section(
+    title: str, unit: str, recs: list[dict[str, Any]], note: str, stale: list[str], writers: int
+) -> tuple[C.Table, dict[str, Any]]:
+    """The phase table of one profiled call (stale phases named in its note) and its JSON."""
+    if stale:
+        note += " Not seen / stale: " + "; ".join(stale) + "."
+    data = {
+        "rows": [(r["label"], r["s"]) for r in recs],
+        "phases": recs,
+        "not_seen": [r["phase"] for r in recs if r["status"] == NOT_SEEN],
+        "undefined": [r["phase"] for r in recs if r["status"] == NO_SUCH],
+        "writer_threads_profiled": writers,
+    }
+    return phase_table(title, unit, recs, note), data
+
+
 def value(recs: list[dict[str, Any]], phase: str) -> float:
     """Seconds of the (first) phase labelled ``phase`` (0 when not seen)."""
     return next((r["s"] or 0.0 for r in recs if r["phase"] == phase), 0.0)
@@ -519,25 +535,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fmt_cost(cost.to_dict())}. Unprofiled retrain in place: "
                 f"{fmt_cost(cost2.to_dict())}; load {sp2.load_after}."
             )
-            if stale:
-                note += " Not seen / stale: " + "; ".join(stale) + "."
-            tables.append(
-                phase_table(
-                    f"sj.train S={wl.shards} R={wl.slices} ({args.exec}) under cProfile",
-                    "s",
-                    recs,
-                    note,
-                )
-            )
-            data["train"] = {
-                "rows": [(r["label"], r["s"]) for r in recs],
-                "phases": recs,
-                "not_seen": [r["phase"] for r in recs if r["status"] == NOT_SEEN],
-                "undefined": [r["phase"] for r in recs if r["status"] == NO_SUCH],
-                "writer_threads_profiled": len(prof.writers),
-                "cost": cost.to_dict(),
-                "unprofiled_cost": cost2.to_dict(),
-            }
+            title = f"sj.train S={wl.shards} R={wl.slices} ({args.exec}) under cProfile"
+            table, sec = section(title, "s", recs, note, stale, len(prof.writers))
+            tables.append(table)
+            data["train"] = {**sec, "cost": cost.to_dict(), "unprofiled_cost": cost2.to_dict()}
         if "forget" in what:
             C.log("profiling sj.forget")
             run, info = C.trained_run(args, cfg, ds, work / "forget")
@@ -566,23 +567,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{fmt_cost(mean_cost)}. Unprofiled, mean of {n_forgets} other ids: "
                 f"{fmt_cost(mean_unprof)}."
             )
-            if stale:
-                note += " Not seen / stale: " + "; ".join(stale) + "."
-            tables.append(
-                phase_table(
-                    f"sj.forget of one random id, S={wl.shards} R={wl.slices} ({args.exec}), "
-                    f"mean of {n_forgets} under cProfile",
-                    "s per forget",
-                    recs,
-                    note,
-                )
+            title = (
+                f"sj.forget of one random id, S={wl.shards} R={wl.slices} ({args.exec}), "
+                f"mean of {n_forgets} under cProfile"
             )
+            table, sec = section(title, "s per forget", recs, note, stale, len(prof.writers))
+            tables.append(table)
             data["forget"] = {
-                "rows": [(r["label"], r["s"]) for r in recs],
-                "phases": recs,
-                "not_seen": [r["phase"] for r in recs if r["status"] == NOT_SEEN],
-                "undefined": [r["phase"] for r in recs if r["status"] == NO_SUCH],
-                "writer_threads_profiled": len(prof.writers),
+                **sec,
                 "restarts": [{str(k): v for k, v in r.items()} for r in restarts],
                 "costs": costs,
                 "unprofiled_costs": unprof,

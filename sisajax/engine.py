@@ -374,12 +374,12 @@ class Engine:
         return kw
 
     def _shard_step(
-        self, state: TrainState, xb, yb, mask, key, lr_scale=None, restart_avg=None
+        self, state: TrainState, xb, yb, mask, key, lr_scale=None, tail_count=None
     ) -> tuple[TrainState, jax.Array]:
         """One step; returns the new state and the summed (masked) loss of the batch.
 
-        ``lr_scale`` multiplies the update (the schedule's factor); ``restart_avg`` (bool) makes
-        ``averaging=tail`` start a new mean at this step."""
+        ``lr_scale`` multiplies the update (the schedule's factor); ``tail_count`` is this
+        iterate's index in the ``averaging=tail`` window (0: before it, see :meth:`recipe`)."""
         w = mask.astype(jnp.float32)
         mutable = list(state.model_state)
         smoothing = self.config.optim.label_smoothing
@@ -407,7 +407,7 @@ class Engine:
             updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
         params = optax.apply_updates(state.params, updates)
         step = state.step + 1
-        avg = _average(self.config.optim, state.avg_params, params, step, restart_avg)
+        avg = _average(self.config.optim, state.avg_params, params, step, tail_count)
         return TrainState(params, opt_state, step, dict(new_model_state), avg), total
 
     def _train_shard(self, state, x, y, rows, mask, n_steps, meta, pos=None):
@@ -431,10 +431,10 @@ class Engine:
             xb = jnp.where(m.reshape((-1,) + (1,) * (xb.ndim - 1)), xb, jnp.zeros_like(xb))
             yb = jnp.where(m, y[r] if pos is None else y[pos, r], 0)
             k = jax.random.fold_in(key, offset + t)
-            lr, restart = recipe(meta[1], offset + t, meta[3])
+            lr, tail = recipe(meta[1], offset + t, meta[3])
             st, total = jax.lax.cond(
                 jnp.any(m),
-                lambda s: self._shard_step(s, xb, yb, m, k, lr, restart),
+                lambda s: self._shard_step(s, xb, yb, m, k, lr, tail),
                 lambda s: (s, _zero_like_step(s)),
                 st,
             )
@@ -767,13 +767,13 @@ def _zero_like_step(state: TrainState) -> jax.Array:
 
 
 def _average(
-    cfg: OptimConfig, avg: PyTree, params: PyTree, step: jax.Array, restart: Any = None
+    cfg: OptimConfig, avg: PyTree, params: PyTree, step: jax.Array, tail_count: Any = None
 ) -> PyTree:
     """Update the weight average after a step (None when averaging is off).
 
     ``ema``: decay ``min(ema_decay, (1 + t) / (10 + t))``; ``polyak``: running mean of every
-    iterate; ``tail``: ``step`` counts iterates in the current tail (``restart`` starts over),
-    see :meth:`Engine.recipe`."""
+    iterate; ``tail``: running mean of the iterates in the current window (``tail_count`` is
+    this iterate's index in it, 0 before it starts), see :meth:`Engine.recipe`."""
     if avg is None:
         return None
     if cfg.averaging == "ema":
@@ -781,10 +781,11 @@ def _average(
         d = jnp.minimum(jnp.float32(cfg.ema_decay), (1.0 + t) / (10.0 + t))
         return jax.tree.map(lambda a, p: d * a + (1.0 - d) * p, avg, params)
     if cfg.averaging == "tail":
-        # restart is the count of iterates in the tail so far (0: outside the tail)
-        inv = 1.0 / jnp.maximum(restart, 1).astype(jnp.float32)
+        inv = 1.0 / jnp.maximum(tail_count, 1).astype(jnp.float32)
         return jax.tree.map(
-            lambda a, p: jnp.where(restart > 0, a + (p - a) * inv, p.astype(a.dtype)), avg, params
+            lambda a, p: jnp.where(tail_count > 0, a + (p - a) * inv, p.astype(a.dtype)),
+            avg,
+            params,
         )
     # "polyak": running mean of the iterates: avg_t = avg_{t-1} + (p_t - avg_{t-1}) / t
     inv = 1.0 / step.astype(jnp.float32)

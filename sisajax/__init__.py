@@ -15,9 +15,9 @@ SISA's independent shards; see :mod:`sisajax.layout`). Set ``SISAJAX_CPU_DEVICES
 XLA's single default device.
 """
 
-from sisajax.layout import configure_cpu_devices
+from sisajax.layout import configure_cpu_devices_at_import
 
-configure_cpu_devices()
+configure_cpu_devices_at_import()
 
 # Names are imported on first use (PEP 562): `import sisajax` stays cheap, so the command line
 # pays only for what a command needs (no jax for `--help`, no Orbax for `forget`, ...).

@@ -35,6 +35,7 @@ COLLECTIVE_OPS = (
 DEVICES_ENV = "SISAJAX_CPU_DEVICES"
 SERIAL = "serial"
 _saved_affinity: set[int] | None = None  # set by the serial layout until jax has started
+_setting_error: ConfigError | None = None  # a bad SISAJAX_CPU_DEVICES seen at import
 
 
 class LayoutError(ConfigError):
@@ -83,6 +84,17 @@ def configure_cpu_devices(devices: int | str | None = None) -> int | None:
         return None
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     return n
+
+
+def configure_cpu_devices_at_import() -> None:
+    """:func:`configure_cpu_devices` for ``import sisajax``: a bad ``SISAJAX_CPU_DEVICES`` does
+    not break the import; it is raised as a one-line :class:`ConfigError` when devices are first
+    chosen (:func:`select_devices`), and the command line reports it before anything runs."""
+    global _setting_error
+    try:
+        configure_cpu_devices()
+    except ConfigError as e:
+        _setting_error = e
 
 
 def _narrow_affinity() -> None:
@@ -135,6 +147,8 @@ def select_devices(devices: int | Sequence[Any] | None = None) -> tuple[Any, ...
     """
     import jax
 
+    if _setting_error is not None:
+        raise _setting_error
     restore_cpu_affinity()
     local = jax.local_devices()
     if devices is None:

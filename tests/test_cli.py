@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import cli_run, copy_run, pick, tree_bytes
+from conftest import cli_env, cli_run, copy_run, pick, tree_bytes
 
 import sisajax as sj
 from sisajax.cli import main as cli
@@ -256,3 +259,23 @@ def test_api_names_are_functions_even_after_their_modules_load():
     import sisajax.verification  # noqa: F401
 
     assert callable(sj.audit) and callable(sj.verify) and callable(sj.forget)
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"]])
+def test_a_closed_output_pipe_is_not_reported_as_a_storage_error(args):
+    """``sisajax ... | head`` where head has gone: no 'file system' error, no traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes anything
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "sisajax.cli", *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env=cli_env(),
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == ""

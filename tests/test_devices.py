@@ -196,12 +196,25 @@ def test_serial_layout_same_bits_and_gives_the_cores_back(tmp_path):
         assert_trees_equal(served.restore_block(k), scratch.restore_block(k))
 
 
-def test_bad_cpu_layout_value_is_refused():
+def test_bad_cpu_layout_value_is_refused_clearly(tmp_path):
+    """A bad ``SISAJAX_CPU_DEVICES``: the command line says so in one line (exit 2) before doing
+    anything; ``import sisajax`` still works and the API raises when it first picks devices."""
     from sisajax.layout import configure_cpu_devices
 
-    code = "import sisajax"
     env = {**os.environ, "SISAJAX_CPU_DEVICES": "lots"}
     env.pop("XLA_FLAGS", None)
+    cli = [sys.executable, "-m", "sisajax.cli", "status", f"run_dir={tmp_path}"]
+    proc = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "'serial'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    code = (
+        "import sisajax as sj\n"
+        "try:\n"
+        "    sj.Engine(sj.RunConfig(), (4,), 'float32', 2)\n"
+        "except sj.ConfigError as e:\n"
+        "    print('refused:', e)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert proc.returncode != 0 and "'serial'" in proc.stderr
+    assert proc.returncode == 0 and "refused:" in proc.stdout and "'lots'" in proc.stdout
     assert configure_cpu_devices() is None  # jax is imported here: nothing changes

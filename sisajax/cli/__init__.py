@@ -12,12 +12,20 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """``sisajax COMMAND [...]`` (``argv=None``: the process's arguments, and the process ends
     here, see :func:`exit_now`)."""
+    from sisajax.cli.app import fail, output_closed
+    from sisajax.cli.app import main as app_main
+    from sisajax.config import ConfigError
     from sisajax.layout import configure_cpu_devices
 
-    configure_cpu_devices()
-    from sisajax.cli.app import main as app_main
-
-    code = app_main(argv)
+    try:
+        configure_cpu_devices()
+    except ConfigError as e:  # a bad SISAJAX_CPU_DEVICES: one line, before anything runs
+        code = fail(str(e), 2)
+    else:
+        try:
+            code = app_main(argv)
+        except BrokenPipeError:  # printed outside the command's error handler (top-level help)
+            code = output_closed()
     if argv is None:
         exit_now(code)
     return code

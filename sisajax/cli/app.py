@@ -21,6 +21,7 @@ This module holds no library rules: commands only compose library calls.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -321,12 +322,24 @@ def run_command(cmd: Command, cfg: dict[str, Any], overrides: list[str]) -> int:
     return cmd.run(cfg, overrides)
 
 
+def output_closed() -> int:
+    """Our reader went away (``sisajax status | head``): not an error of the run. Point stdout at
+    /dev/null (so nothing fails again at exit) and return 1, quietly."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 1
+
+
 def report_error(e: BaseException) -> int:
     """One line on stderr and the exit code for ``e`` (a traceback only for bugs)."""
     from sisajax.errors import SisajaxError, exit_code_of, storage_error
 
     if isinstance(e, UsageError | SisajaxError):
         return fail(str(e), getattr(e, "exit_code", 2))
+    if isinstance(e, BrokenPipeError):
+        return output_closed()
     if isinstance(e, OSError):
         return fail(str(storage_error(e, "file system")), exit_code_of(e))
     if type(e).__module__.startswith(("hydra", "omegaconf")):

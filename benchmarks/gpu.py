@@ -10,7 +10,14 @@ On the compass workload (Purchase-shaped 100k x 600, 100 classes, MLP 600-128-10
   * forgetting: single random ids (one request each) and batched requests (K=5, 20) on the vmap
     run, against the full retrain, with the analytic speedups;
   * exactness: every (shard, slice) checkpoint of the forgotten run against training from scratch
-    on the retained ids, bit for bit, under XLA's determinism flags (set by gpu.sh).
+    on the retained ids, bit for bit, under XLA's determinism flags (set by sisajax on import,
+    and by gpu.sh);
+  * the compiled program: HLO op counts of the vmapped train chunk (scatters, conditionals,
+    loops and their trip counts, kernels per step) and its device time per step at width 1 and
+    S, for a few (chunk, unroll) choices; the fastest is used for the training runs;
+  * ResNet-18 on CIFAR-shaped images (bf16 compute, crop+flip augmentation): SISA S=10 in one
+    vmapped program, the same with ``lax.map``, and one model, same per-model batch and total
+    examples.
 
 Uses only the library (no Hydra, no command line), so it runs from the source tree against the
 GPU machine's own jax. ``--dry-run`` runs the same code at tiny sizes on whatever backend is there
@@ -41,8 +48,121 @@ def _cfg(sj, shards: int, slices: int, shard_exec: str, size: dict[str, Any]):
             batch_size=16,
             shard_exec=shard_exec,
             chunk_steps=size["chunk"],
+            unroll=size.get("unroll", 1),
         ),
     )
+
+
+def step_time_us(engine: Any, width: int, capacity: int, calls: int) -> float:
+    """Device time per step (microseconds) of ``engine``'s program at ``width`` with every step
+    live: ``calls`` chunks dispatched back to back after a warm-up call, then one wait."""
+    import jax
+    import numpy as np
+
+    from sisajax.engine import stack_states
+    from sisajax.step import StepMeta
+
+    program = engine.compiled(width, capacity)
+    c, b = engine.chunk_steps, engine.batch_size
+    rng = np.random.default_rng(0)
+    states = engine.put(stack_states([engine.init_state(k) for k in range(width)]))
+    x = engine.put(np.zeros((width, capacity, *engine.feature_shape), engine.x_dtype))
+    offsets = engine.row_offsets(width, capacity)[:, None, None]
+    rows = (rng.integers(0, capacity, (width, c, b)) + offsets).astype(np.int32)
+    inputs = engine.put(
+        (
+            rows,
+            np.ones((width, c, b), bool),
+            rng.integers(0, engine.num_classes, (width, c, b)).astype(np.int32),
+            StepMeta.stack(np.arange(width), np.zeros(width), np.zeros(width), np.full(width, c)),
+        )
+    )
+    states, _ = program(states, x, *inputs)
+    jax.block_until_ready(states)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        states, _ = program(states, x, *inputs)
+    jax.block_until_ready(states)
+    return (time.perf_counter() - t0) / (calls * c) * 1e6
+
+
+def program_study(sj, ds, size: dict[str, Any], dry: bool) -> dict[str, Any]:
+    """HLO census and device time per step of the vmapped chunk at width 1 and S, for a few
+    (chunk, unroll) choices. Returns the rows and the fastest choice at width S."""
+    from sisajax.hlo import census
+
+    s = size["shards"]
+    rows = []
+    for chunk, unroll in size["program_grid"]:
+        cfg = _cfg(sj, s, size["slices"], "vmap", {**size, "chunk": chunk, "unroll": unroll})
+        for width in (1, s):
+            eng = sj.Engine(
+                cfg, ds.feature_shape, ds.x_train.dtype, ds.num_classes, vmap_width=width
+            )
+            cap = -(-len(ds.train_ids) // s // 8) * 8 + 64
+            t0 = time.perf_counter()
+            text = eng.compiled(width, cap).as_text()
+            compile_s = time.perf_counter() - t0
+            us = step_time_us(eng, width, cap, calls=2 if dry else 20)
+            c = census(text)
+            rows.append(
+                {
+                    "chunk": chunk,
+                    "unroll": unroll,
+                    "width": width,
+                    "us_per_step": us,
+                    "compile_s": compile_s,
+                    **{k: v for k, v in c.items() if k != "loops"},
+                    "loops": c["loops"],
+                }
+            )
+            print(
+                f"program chunk={chunk} unroll={unroll} width={width}: {us:.1f} us/step, "
+                f"{c['instructions']} instructions, scatter {c['scatter']}, conditional "
+                f"{c['conditional']}, loops {[lp['trip_count'] for lp in c['loops']]}",
+                flush=True,
+            )
+    best = min((r for r in rows if r["width"] == s), key=lambda r: r["us_per_step"])
+    return {"rows": rows, "best": {"chunk": best["chunk"], "unroll": best["unroll"]}}
+
+
+def resnet_study(sj, size: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """ResNet-18 on CIFAR-shaped images: SISA S shards (vmap, map) vs one model, the same
+    per-model batch and the same total examples (each SISA model sees its shard; the one model
+    all of it)."""
+    rs = size["resnet"]
+    ds = sj.load_dataset("cifar_synthetic", n_train=rs["n"], n_test=rs["n_test"])
+    out: dict[str, Any] = {"size": rs}
+    for name, shards, ex in (
+        ("sisa_vmap", rs["shards"], "vmap"),
+        ("sisa_map", rs["shards"], "map"),
+        ("single", 1, "map"),
+    ):
+        cfg = sj.RunConfig(
+            model=sj.ModelConfig(
+                name="resnet18", hidden=(), params=rs["params"], compute_dtype="bfloat16"
+            ),
+            optim=sj.OptimConfig(
+                name="sgd", learning_rate=0.05, momentum=0.9, augment="crop_flip", augment_pad=4
+            ),
+            sisa=sj.SisaConfig(
+                shards=shards,
+                slices=1,
+                epochs=rs["epochs"],
+                batch_size=rs["batch"],
+                shard_exec=ex,
+                chunk_steps=rs["chunk"],
+            ),
+        )
+        run, cost = sj.train(cfg, ds, tmp / f"resnet_{name}", metrics=False)
+        acc = run.evaluate().vote_accuracy
+        out[name] = {**cost.to_dict(), "accuracy": acc}
+        print(
+            f"resnet18 {name}: wall {cost.wall_s:.2f}s (compile {cost.compile_s:.2f}, train "
+            f"{cost.retrain_s:.2f}), {cost.examples:,} examples, accuracy {acc:.3f}",
+            flush=True,
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +191,16 @@ def main(argv: list[str] | None = None) -> int:
             "chunk": 32,
             "forgets": 2,
             "ks": [2, 3],
+            "program_grid": [(8, 1), (8, 4)],
+            "resnet": {
+                "n": 64,
+                "n_test": 16,
+                "shards": 2,
+                "epochs": 1.0,
+                "batch": 8,
+                "chunk": 4,
+                "params": {"width": 4, "stages": [1, 1, 1, 1]},
+            },
         }
         if dry
         else {
@@ -82,6 +212,16 @@ def main(argv: list[str] | None = None) -> int:
             "chunk": 128,
             "forgets": 20,
             "ks": [5, 20],
+            "program_grid": [(32, 1), (32, 8), (128, 8), (64, 16)],
+            "resnet": {
+                "n": 10_000,
+                "n_test": 1000,
+                "shards": 10,
+                "epochs": 10.0,
+                "batch": 64,
+                "chunk": 16,
+                "params": {"width": 64},
+            },
         }
     )
     n_forgets = args.forgets or size["forgets"]
@@ -99,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         "size": size,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
+    res["program"] = program_study(sj, ds, size, dry)
+    size = {**size, **res["program"]["best"]}
+    res["size"] = size
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
 
@@ -158,11 +301,34 @@ def main(argv: list[str] | None = None) -> int:
             "max_abs_diff": max(x.max_abs_diff for x in ver.shards),
         }
         print(f"verify: {res['verify']}", flush=True)
+        res["resnet18"] = resnet_study(sj, size, tmp)
 
     steady = [c["wall_s"] - c["compile_s"] for c in res["forget_single"]]
     full_wall = res["full_retrain"]["wall_s"] - res["full_retrain"]["compile_s"]
     n = size["n"]
-    rows = [
+    prog = res["program"]["rows"]
+    rows: list[tuple[str, Any]] = [
+        (
+            f"device time per step, chunk={p['chunk']} unroll={p['unroll']}, width {p['width']} "
+            "(us)",
+            p["us_per_step"],
+        )
+        for p in prog
+    ]
+    p0 = next(p for p in prog if p["width"] == s)
+    rows += [
+        (
+            "vmapped chunk HLO: instructions / fusions / scatter / conditional / gather",
+            f"{p0['instructions']} / {p0['fusion']} / {p0['scatter']} / {p0['conditional']} / "
+            f"{p0['gather']}",
+        ),
+        (
+            "vmapped chunk loops: trip counts / kernels per iteration",
+            f"{[lp['trip_count'] for lp in p0['loops']]} / "
+            f"{[lp['kernels_per_iteration'] for lp in p0['loops']]}",
+        ),
+        ("chosen chunk, unroll", f"{size['chunk']}, {size.get('unroll', 1)}"),
+        ("SISA vmap training wall s (incl. compile and checkpoints)", res["train_vmap"]["wall_s"]),
         ("vmap train ex/s", res["train_vmap"]["examples_per_s"]),
         ("map train ex/s", res["train_map"]["examples_per_s"]),
         ("single model ex/s", res["train_single"]["examples_per_s"]),
@@ -188,6 +354,26 @@ def main(argv: list[str] | None = None) -> int:
             "verify after forgets (every slice, bit for bit)",
             f"{res['verify']['bit_identical_shards']}/{res['verify']['shards']} identical, "
             f"max |diff| {res['verify']['max_abs_diff']:.3g}",
+        )
+    )
+    rn = res["resnet18"]
+    rows += [
+        (
+            f"ResNet-18 CIFAR-shaped, {rn['size']['epochs']:g} epochs: {label} wall s "
+            "(compile / train)",
+            f"{rn[key]['wall_s']:.2f} ({rn[key]['compile_s']:.2f} / {rn[key]['retrain_s']:.2f}), "
+            f"accuracy {rn[key]['accuracy']:.3f}",
+        )
+        for key, label in (
+            ("sisa_vmap", f"SISA S={rn['size']['shards']} vmap"),
+            ("sisa_map", f"SISA S={rn['size']['shards']} lax.map"),
+            ("single", "one model"),
+        )
+    ]
+    rows.append(
+        (
+            "ResNet-18: SISA vmap train time / one model's train time",
+            rn["sisa_vmap"]["retrain_s"] / max(rn["single"]["retrain_s"], 1e-9),
         )
     )
     res["total_s"] = time.perf_counter() - t_start

@@ -12,12 +12,15 @@ Researcher-facing API::
 
 On a CPU, importing sisajax before jax gives XLA one device per core (the fastest layout for
 SISA's independent shards; see :mod:`sisajax.layout`). Set ``SISAJAX_CPU_DEVICES=1`` to keep
-XLA's single default device.
+XLA's single default device. On a GPU, importing sisajax before jax starts also turns on XLA's
+deterministic ops, which bit-exact unlearning needs (``SISAJAX_ALLOW_NONDETERMINISTIC=1`` opts
+out; such runs record it and are not exact).
 """
 
-from sisajax.layout import configure_cpu_devices_at_import
+from sisajax.layout import configure_cpu_devices_at_import, configure_gpu_determinism
 
 configure_cpu_devices_at_import()
+configure_gpu_determinism()
 
 # Names are imported on first use (PEP 562): `import sisajax` stays cheap, so the command line
 # pays only for what a command needs (no jax for `--help`, no Orbax for `forget`, ...).
@@ -57,7 +60,8 @@ _EXPORTS = {
     "SisaRun": "sisajax.run",
     "SisajaxError": "sisajax.errors",
     "StorageError": "sisajax.errors",
-    "TrainState": "sisajax.engine",
+    "TrainState": "sisajax.step",
+    "StepSpec": "sisajax.step",
     "UnsafeRunError": "sisajax.store.files",
     "UserInputError": "sisajax.errors",
     "VerifyError": "sisajax.verification",
@@ -145,6 +149,7 @@ __all__ = [
     "SisajaxError",
     "StorageError",
     "TrainState",
+    "StepSpec",
     "UnsafeRunError",
     "UserInputError",
     "VerifyError",

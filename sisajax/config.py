@@ -17,6 +17,13 @@ from typing import Any, Literal
 from sisajax.errors import UserInputError
 
 ShardExec = Literal["auto", "vmap", "map"]
+
+# Version of the compiled training program (sisajax.step). Part of every fingerprint and recorded
+# in every run's layout: a change that moves the trained bits bumps it, and a run trained by
+# another version is refused by forget/verify (it cannot be replayed bit for bit) but can still
+# be evaluated or retrained in place. 2: static-trip-count chunks, where-masked steps, one-hot
+# cross-entropy, host-prepared labels.
+TRAINING_PROGRAM = 2
 SCHEDULES = ("constant", "cosine", "step")
 Aggregation = Literal["vote", "mean_prob"]
 
@@ -86,15 +93,30 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A model from the registry in :mod:`sisajax.models` (or a plug-in's)."""
+    """A model from the registry in :mod:`sisajax.models` (or a plug-in's).
+
+    Attributes:
+      name: registry name.
+      hidden: hidden layer sizes (MLP, CNN head).
+      activation: ``tanh``, ``relu`` or ``gelu``.
+      params: model-specific options (each model refuses keys it does not know).
+      compute_dtype: dtype of activations and matmuls/convolutions (``bfloat16`` halves memory
+        traffic on accelerators); parameters, optimizer state and the loss stay float32.
+    """
 
     name: str = "mlp"
     hidden: tuple[int, ...] = (128,)
     activation: str = "tanh"
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         _set(self, "name", _str(self.name, "model.name"))
+        _set(
+            self,
+            "compute_dtype",
+            _choice(self.compute_dtype, "model.compute_dtype", ("float32", "bfloat16")),
+        )
         if not isinstance(self.hidden, list | tuple):
             raise ConfigError(f"model.hidden must be a list of layer sizes, got {self.hidden!r}")
         _set(self, "hidden", tuple(_int(h, "model.hidden sizes", 1) for h in self.hidden))
@@ -130,6 +152,11 @@ class OptimConfig:
       lr_shard_exponent: multiply the learning rate by ``S ** lr_shard_exponent`` (recipe scaling
         with the nominal shard size N/S; a function of S only, never of the realised shard size,
         which deletions change and would break exactness).
+      augment: data augmentation of training batches (images ``[H, W]`` or ``[H, W, C]``):
+        ``none`` or ``crop_flip`` (random crop after zero padding by ``augment_pad`` pixels, and
+        a random horizontal flip), with keys from (seed, shard, slice, step), so a retrain
+        replays exactly the augmented batches training saw.
+      augment_pad: padding in pixels of ``crop_flip``.
     """
 
     name: Literal["sgd", "adam"] = "sgd"
@@ -145,8 +172,12 @@ class OptimConfig:
     final_lr_fraction: float = 0.0
     label_smoothing: float = 0.0
     lr_shard_exponent: float = 0.0
+    augment: Literal["none", "crop_flip"] = "none"
+    augment_pad: int = 4
 
     def __post_init__(self) -> None:
+        _set(self, "augment", _choice(self.augment, "optim.augment", ("none", "crop_flip")))
+        _set(self, "augment_pad", _int(self.augment_pad, "optim.augment_pad", 0))
         _set(self, "name", _choice(self.name, "optim.name", ("sgd", "adam")))
         _set(self, "learning_rate", _float(self.learning_rate, "optim.learning_rate"))
         if not self.learning_rate > 0:
@@ -209,7 +240,14 @@ class SisaConfig:
       aggregation: ``vote`` (majority of labels) or ``mean_prob`` (mean of probabilities).
       shard_exec: how shards run inside one compiled program: ``vmap``, ``map`` (``lax.map``,
         faster on CPU) or ``auto`` (``map`` on CPU, ``vmap`` on accelerators).
-      chunk_steps: gradient steps per call of the compiled program (a fixed shape: one compile).
+      chunk_steps: gradient steps per call of the compiled program (a fixed shape and a static
+        trip count: one compile; a slice step's last chunk runs masked no-op steps to fill it).
+      unroll: steps per loop iteration inside the compiled program (fewer loop iterations on an
+        accelerator; part of the program, hence of the fingerprint).
+      chunk_trip: the loop over a chunk's steps: ``static`` (always ``chunk_steps`` steps, empty
+        ones exact no-ops: no host round trip on an accelerator), ``dynamic`` (only the live
+        steps: no wasted work on a CPU) or ``auto`` (``dynamic`` under ``map``, ``static``
+        under ``vmap``; resolved when a run is trained and recorded).
       allow_empty_shards: permit shards with no training ids (they drop out of aggregation).
       epochs_shard_exponent: train each constituent for ``e * S ** epochs_shard_exponent``
         epochs (recipe scaling with the nominal shard size; costs more examples, which every
@@ -224,6 +262,8 @@ class SisaConfig:
     aggregation: Aggregation = "vote"
     shard_exec: ShardExec = "auto"
     chunk_steps: int = 128
+    unroll: int = 1
+    chunk_trip: Literal["auto", "static", "dynamic"] = "auto"
     allow_empty_shards: bool = False
     epochs_shard_exponent: float = 0.0
 
@@ -244,6 +284,17 @@ class SisaConfig:
             self, "shard_exec", _choice(self.shard_exec, "sisa.shard_exec", ("auto", "vmap", "map"))
         )
         _set(self, "chunk_steps", _int(self.chunk_steps, "sisa.chunk_steps", 1))
+        _set(self, "unroll", _int(self.unroll, "sisa.unroll", 1))
+        _set(
+            self,
+            "chunk_trip",
+            _choice(self.chunk_trip, "sisa.chunk_trip", ("auto", "static", "dynamic")),
+        )
+        if self.chunk_steps % self.unroll:
+            raise ConfigError(
+                f"sisa.chunk_steps ({self.chunk_steps}) must be a multiple of sisa.unroll "
+                f"({self.unroll})"
+            )
         _set(self, "allow_empty_shards", _bool(self.allow_empty_shards, "sisa.allow_empty_shards"))
         _set(
             self,
@@ -353,6 +404,7 @@ class RunConfig:
             for name, default in defaults.items():
                 if d[section].get(name) == default:
                     d[section].pop(name)
+        d["training_program"] = TRAINING_PROGRAM
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -366,8 +418,11 @@ _LATER_OPTIONS: dict[str, dict[str, Any]] = {
         "final_lr_fraction": 0.0,
         "label_smoothing": 0.0,
         "lr_shard_exponent": 0.0,
+        "augment": "none",
+        "augment_pad": 4,
     },
-    "sisa": {"epochs_shard_exponent": 0.0},
+    "model": {"compute_dtype": "float32"},
+    "sisa": {"epochs_shard_exponent": 0.0, "unroll": 1},
 }
 
 RUN_GROUPS = tuple(SECTIONS)

@@ -1,86 +1,61 @@
-"""The training engine: one pure train step for ONE shard, run for many shards in one program.
+"""The training engine: compiles the pure step of :mod:`sisajax.step`, places shards on devices,
+and drives slice steps. It holds no training rule of its own.
 
 Structure (one compiled program per (width, capacity); nothing recompiles when deletions shrink
-a shard):
-  * ``_shard_step``: one gradient step of one constituent model on a masked batch.
-  * ``_train_shard``: ``lax.fori_loop`` over up to ``C`` steps of one shard (``C`` =
-    ``sisa.chunk_steps``; the shard's own step count is a traced scalar).
-  * ``_program``: many shards at once, by ``jax.vmap`` (accelerators) or ``lax.map`` (CPU, see
-    STACK-NOTES). A shard past its step count is an exact no-op (``lax.cond`` on "batch has an
-    example"), optimizer counters included.
+a shard): :func:`sisajax.step.train_chunk_shards` runs ``C = sisa.chunk_steps`` steps of ``W``
+shards (``jax.vmap`` on accelerators, ``lax.map`` on CPUs); a shard with fewer steps left gets
+all-false masks, which are exact no-ops.
 
 :meth:`Engine.run` is the one training recipe every caller uses (``train``, ``forget``,
 ``verify``, membership-inference shadows, multi-process training, benchmarks): it takes
 :class:`ShardJob` s (a shard, its data, the slice to start from and the state before it), places
-them on the devices (:mod:`sisajax.layout`), pads the width with inert shards, runs every slice
-step, and hands each slice's states to ``on_slice`` as soon as the slice is done (device arrays;
-nothing waits for them), so checkpoint writing overlaps with the next slice.
+them on the devices (:mod:`sisajax.layout`), pads the width with inert shards, prepares every
+chunk's rows, masks, labels and step meta on the host, dispatches the chunks asynchronously, and
+hands each slice's states to ``on_slice`` as soon as the slice step is dispatched (device arrays;
+nothing waits for them), so checkpoint writing overlaps with the next slice step.
 
-Randomness: parameter init uses ``fold_in(PRNGKey(seed), shard)``; batch order comes from
-:mod:`sisajax.data.schedule` (keys: seed, shard, slice, epoch); dropout keys are
-``fold_in(fold_in(fold_in(PRNGKey(seed), shard), slice), step within the slice step)``. Nothing
-reads global RNG state, so a retrain replays exactly what training from scratch does.
+Randomness: see :mod:`sisajax.step` (keys from seed, shard, slice and step only).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from sisajax.config import OptimConfig, RunConfig
+from sisajax.config import TRAINING_PROGRAM, RunConfig
 from sisajax.data.schedule import slice_step_batches
 from sisajax.layout import (
     SHARD_AXIS,
     LayoutError,
     PerDeviceProgram,
+    check_deterministic,
+    deterministic_backend,
     device_blocks,
     resolve_shard_exec,
     select_devices,
 )
-from sisajax.models import build_model
+from sisajax.step import (
+    StepMeta,
+    StepSpec,
+    TrainState,
+    init_state,
+    make_optimizer,
+    prepare,
+    resolve_trip,
+    train_chunk_shards,
+)
 
 PyTree = Any
+# How initial states are compiled on a CPU (part of the training program: it fixes their bits).
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 Partitioning = Literal["auto", "single", "per_device", "shard_map"]
-
-
-class TrainState(NamedTuple):
-    """State of one constituent model (or a stack ``[W, ...]`` of them).
-
-    Attributes:
-      params: the model's parameters.
-      opt_state: the optimizer's state.
-      step: int32 scalar, gradient steps taken (masked steps do not count).
-      model_state: the model's other variable collections (e.g. BatchNorm ``batch_stats``);
-        ``{}`` for models without any.
-      avg_params: averaged parameters used for prediction when weight averaging is on, else None.
-    """
-
-    params: PyTree
-    opt_state: PyTree
-    step: jax.Array
-    model_state: PyTree
-    avg_params: PyTree
-
-
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """The optax transformation for ``cfg`` (sgd with optional momentum, or adam)."""
-    if cfg.name == "sgd":
-        tx = optax.sgd(cfg.learning_rate, momentum=cfg.momentum or None)
-    else:
-        tx = optax.adam(cfg.learning_rate)
-    if cfg.weight_decay:
-        tx = optax.chain(optax.add_decayed_weights(cfg.weight_decay), tx)
-    return tx
 
 
 def pad_rows(tree: PyTree, width: int) -> PyTree:
@@ -234,14 +209,17 @@ class Engine:
     ):
         self.config = config
         self.preprocessing = dict(preprocessing or {})
-        self.model = build_model(config.model, num_classes)
-        self.tx = make_optimizer(config.optim)
+        self.spec = StepSpec.build(config, num_classes, self.preprocessing)
+        self.model = self.spec.model
+        self.tx = self.spec.tx
         self.feature_shape = tuple(feature_shape)
         self.x_dtype = np.dtype(x_dtype)
         self.num_classes = num_classes
         self.batch_size = config.sisa.batch_size
         self.chunk_steps = config.sisa.chunk_steps
+        self.unroll = config.sisa.unroll
         self.shard_exec = resolve_shard_exec(config.sisa.shard_exec)
+        self.trip = resolve_trip(config.sisa.chunk_trip, self.shard_exec)
         self.devices = select_devices(devices)
         if partitioning not in ("auto", "single", "per_device", "shard_map"):
             raise LayoutError(f"unknown partitioning {partitioning!r}")
@@ -261,10 +239,9 @@ class Engine:
         self.mesh = Mesh(np.array(self.devices), (SHARD_AXIS,)) if len(self.devices) > 1 else None
         self._compiled: dict[tuple[int, int], Any] = {}
         self._narrowed: dict[int, Engine] = {}
-        self._init_fn = jax.jit(self._init_one)
+        self._init_fn: Any = None
         self._predict_fn = jax.jit(self._predict_stack)
         self._template: PyTree | None = None
-        self._call_kwargs = _call_kwargs(self.model)
 
     # -- layout -------------------------------------------------------------------------------
     @property
@@ -280,7 +257,10 @@ class Engine:
             "device_kind": d.device_kind,
             "partitioning": self.partitioning,
             "shard_exec": self.shard_exec,
+            "chunk_trip": self.trip,
             "num_processes": jax.process_count(),
+            "training_program": TRAINING_PROGRAM,
+            "deterministic": deterministic_backend(d.platform),
         }
 
     def padded_width(self, width: int) -> int:
@@ -299,24 +279,22 @@ class Engine:
         return jax.device_put(tree, self.shard_sharding())
 
     # -- state --------------------------------------------------------------------------------
-    def _variables(self, key: jax.Array) -> dict[str, Any]:
-        dummy = jnp.zeros((1, *self.feature_shape), jnp.float32)
-        p_key, d_key = jax.random.split(key)
-        variables = self.model.init({"params": p_key, "dropout": d_key}, dummy, **self._kw(False))
-        return dict(variables)
-
     def _init_one(self, key: jax.Array) -> TrainState:
-        variables = self._variables(key)
-        params = variables.pop("params")
-        avg = params if self.config.optim.averaging != "none" else None
-        return TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32), variables, avg)
+        return init_state(self.spec, key, self.feature_shape)
 
     def init_state(self, shard: int) -> PyTree:
         """Initial state of ``shard`` (numpy), from ``fold_in(PRNGKey(seed), shard)``.
 
         Always built by the same width-1 program, so its bits never depend on which shards are
-        initialised together.
+        initialised together. On a CPU that program is compiled without LLVM's optimisations
+        (:data:`INIT_COMPILER_OPTIONS`): random initialisers expand to thousands of tiny ops
+        (a ResNet-18's took 10 s to compile, 1.5 s this way), and an init runs once per shard.
         """
+        if self._init_fn is None:
+            key = jax.random.PRNGKey(0)
+            opts = INIT_COMPILER_OPTIONS if self.devices[0].platform == "cpu" else None
+            lowered = jax.jit(self._init_one).lower(key)
+            self._init_fn = lowered.compile(compiler_options=opts)
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.sisa.seed), shard)
         return jax.device_get(self._init_fn(key))
 
@@ -331,131 +309,16 @@ class Engine:
         flat = jax.tree_util.tree_flatten_with_path(self.state_template())[0]
         return [jax.tree_util.keystr(p) for p, _ in flat]
 
-    # -- the step -----------------------------------------------------------------------------
-    def recipe(self, slice_index: jax.Array, t: jax.Array, budget: jax.Array) -> tuple[Any, Any]:
-        """``(learning-rate factor or None, tail count or None)`` at step ``t`` of the slice step
-        ``slice_index`` with ``budget`` steps.
-
-        Pure functions of (slice index, step, the slice step's own budget), which depend only on
-        the slice prefix the step trains on: a forget restarting at slice r recomputes exactly the
-        factors a from-scratch run uses from slice r on. The tail count is the number of
-        iterates in the current ``averaging=tail`` window so far (0 before it starts).
-        """
-        optim, sisa = self.config.optim, self.config.sisa
-        base = float(sisa.shards) ** optim.lr_shard_exponent
-        lr = None
-        if optim.has_schedule:
-            frac = t.astype(jnp.float32) / jnp.maximum(budget, 1).astype(jnp.float32)
-            if optim.schedule_horizon == "run":
-                frac = (slice_index.astype(jnp.float32) + frac) / jnp.float32(sisa.slices)
-            lr = schedule_factor(optim, frac) * jnp.float32(base)
-        elif base != 1.0:
-            lr = jnp.float32(base)
-        tail = None
-        if optim.averaging == "tail":
-            keep = jnp.ceil(budget.astype(jnp.float32) * optim.tail_fraction).astype(jnp.int32)
-            start = budget - jnp.maximum(keep, 1)
-            tail = jnp.where(t >= start, t - start + 1, 0)
-        return lr, tail
-
+    # -- the program --------------------------------------------------------------------------
     def prepare(self, x: jax.Array) -> jax.Array:
         """Stored features -> model input (the data set's preprocessing)."""
-        if not self.preprocessing:
-            return x
-        x = x.astype(jnp.float32) * jnp.float32(self.preprocessing.get("scale", 1.0))
-        return x + jnp.float32(self.preprocessing.get("shift", 0.0))
+        return prepare(self.spec, x)
 
-    def _kw(self, train: bool, mask: jax.Array | None = None) -> dict[str, Any]:
-        kw = {}
-        if "train" in self._call_kwargs:
-            kw["train"] = train
-        if mask is not None and "mask" in self._call_kwargs:
-            kw["mask"] = mask
-        return kw
-
-    def _shard_step(
-        self, state: TrainState, xb, yb, mask, key, lr_scale=None, tail_count=None
-    ) -> tuple[TrainState, jax.Array]:
-        """One step; returns the new state and the summed (masked) loss of the batch.
-
-        ``lr_scale`` multiplies the update (the schedule's factor); ``tail_count`` is this
-        iterate's index in the ``averaging=tail`` window (0: before it, see :meth:`recipe`)."""
-        w = mask.astype(jnp.float32)
-        mutable = list(state.model_state)
-        smoothing = self.config.optim.label_smoothing
-
-        def loss_fn(params):
-            variables = {"params": params, **state.model_state}
-            kw = self._kw(True, mask)
-            if mutable:
-                logits, new_state = self.model.apply(
-                    variables, xb, rngs={"dropout": key}, mutable=mutable, **kw
-                )
-            else:
-                logits, new_state = self.model.apply(variables, xb, rngs={"dropout": key}, **kw), {}
-            if smoothing:
-                onehot = jax.nn.one_hot(yb, logits.shape[-1], dtype=logits.dtype)
-                ce = optax.softmax_cross_entropy(logits, optax.smooth_labels(onehot, smoothing))
-            else:
-                ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-            total = jnp.sum(ce * w)
-            return total / jnp.maximum(jnp.sum(w), 1.0), (new_state, total)
-
-        grads, (new_model_state, total) = jax.grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        if lr_scale is not None:
-            updates = jax.tree.map(lambda u: u * lr_scale.astype(u.dtype), updates)
-        params = optax.apply_updates(state.params, updates)
-        step = state.step + 1
-        avg = _average(self.config.optim, state.avg_params, params, step, tail_count)
-        return TrainState(params, opt_state, step, dict(new_model_state), avg), total
-
-    def _train_shard(self, state, x, y, rows, mask, n_steps, meta, pos=None):
-        """Run ``n_steps`` (<= C) steps of one shard. rows/mask: ``[C, B]``, meta: ``[4]`` int32
-        (shard, slice, index of the chunk's first step in the slice step, steps in the slice
-        step). x: ``[Ncap, *feat]``, y: ``[Ncap]`` -- or, with ``pos``, every shard's
-        ``[W, Ncap, ...]`` and this shard's position in them (the batch rows are gathered from
-        there, nothing else is touched).
-
-        Returns ``(state, summed loss over the chunk's real examples)``.
-        """
-        base = jax.random.PRNGKey(self.config.sisa.seed)
-        key = jax.random.fold_in(jax.random.fold_in(base, meta[0]), meta[1])
-        offset = meta[2]
-        recipe = self.recipe
-
-        def body(t, carry):
-            st, loss = carry
-            r, m = rows[t], mask[t]
-            xb = self.prepare(x[r] if pos is None else x[pos, r])
-            xb = jnp.where(m.reshape((-1,) + (1,) * (xb.ndim - 1)), xb, jnp.zeros_like(xb))
-            yb = jnp.where(m, y[r] if pos is None else y[pos, r], 0)
-            k = jax.random.fold_in(key, offset + t)
-            lr, tail = recipe(meta[1], offset + t, meta[3])
-            st, total = jax.lax.cond(
-                jnp.any(m),
-                lambda s: self._shard_step(s, xb, yb, m, k, lr, tail),
-                lambda s: (s, _zero_like_step(s)),
-                st,
-            )
-            return st, loss + total
-
-        return jax.lax.fori_loop(0, n_steps, body, (state, _zero_like_step(state)))
-
-    def _program(self, states, x, y, rows, mask, n_steps, meta):
-        """Shards ``[W]``: x ``[W, Ncap, *feat]``, y ``[W, Ncap]``, rows/mask ``[W, C, B]``,
-        n_steps ``[W]``, meta ``[W, 4]``."""
-        if self.shard_exec == "vmap":
-            return jax.vmap(self._train_shard)(states, x, y, rows, mask, n_steps, meta)
-        # lax.map over the shards with x and y closed over (not sliced per shard): a shard that
-        # runs no steps in this call costs nothing, whatever its data
-        positions = jnp.arange(n_steps.shape[0], dtype=jnp.int32)
-
-        def one(a):
-            st, r, m, n, mt, p = a
-            return self._train_shard(st, x, y, r, m, n, mt, p)
-
-        return jax.lax.map(one, (states, rows, mask, n_steps, meta, positions))
+    def _program(self, states, x, rows, mask, labels, meta):
+        """``W`` shards, ``C`` steps: see :func:`sisajax.step.train_chunk_shards`."""
+        return train_chunk_shards(
+            self.spec, self.shard_exec, states, x, rows, mask, labels, meta, self.unroll, self.trip
+        )
 
     def _shard_map_program(self, *args):
         spec = PartitionSpec(SHARD_AXIS)
@@ -470,21 +333,20 @@ class Engine:
         args = (
             state,
             spec((width, capacity, *self.feature_shape), self.x_dtype),
-            spec((width, capacity), jnp.int32),
-            spec((width, c, b), jnp.int32),
-            spec((width, c, b), jnp.bool_),
-            spec((width,), jnp.int32),
-            spec((width, 4), jnp.int32),
+            spec((width, c, b), np.int32),
+            spec((width, c, b), np.bool_),
+            spec((width, c, b), np.int32),
+            spec((width, 4), np.int32),
         )
         return jax.jit(fn).lower(*args)
 
     def compiled(self, width: int, capacity: int, stats: TrainStats | None = None):
         """The compiled program for ``width`` shards of ``capacity`` rows (cached).
 
-        It takes states ``[W, ...]``, x ``[W, Ncap, *feat]``, y ``[W, Ncap]``, rows/mask
-        ``[W, C, B]``, n_steps ``[W]`` and meta ``[W, 4]`` (shard, slice, first step index, the
-        slice step's budget: they key dropout and the schedule), placed by
-        :meth:`shard_sharding`, returns the states, and has ``as_text()``.
+        It takes states ``[W, ...]``, x ``[W, Ncap, *feat]``, rows/mask/labels
+        ``[W, C, B]`` (rows as :meth:`chunk_rows` prepares them) and meta ``[W, 4]``
+        (:class:`~sisajax.step.StepMeta` rows), placed by :meth:`shard_sharding`; returns
+        ``(states, summed loss [W])`` and has ``as_text()``.
         """
         if width % self.num_devices:
             raise ValueError(f"width {width} is not a multiple of {self.num_devices} devices")
@@ -609,6 +471,7 @@ class Engine:
         cap = max(1, max(len(j.data) for j in jobs)) if capacity is None else capacity
         if any(len(j.data) > cap for j in jobs):
             raise ValueError("a shard holds more rows than the capacity")
+        check_deterministic(self.devices[0].platform)
         if self.shard_exec == "map" and self.partitioning == "per_device":
             narrow = self.narrowed(len(jobs))
             if narrow is not self:
@@ -616,26 +479,28 @@ class Engine:
         stats = TrainStats()
         width, pos = self.place(jobs)
         program = self.compiled(width, cap, stats)
-        t0 = time.perf_counter()
+        t_init = time.perf_counter()
         x = np.zeros((width, cap, *self.feature_shape), self.x_dtype)
-        y = np.zeros((width, cap), np.int32)
         starts = np.full(width, sisa.slices, np.int64)
         shard_of = np.zeros(width, np.int64)
         init: list[PyTree | None] = [None] * width
         for i, job in enumerate(jobs):
             p = pos[i]
             x[p, : len(job.data)] = job.data.x
-            y[p, : len(job.data)] = job.data.y
             starts[p], shard_of[p] = job.start_slice, job.shard
             if job.start_state is None and job.start_slice != 0:
                 raise ValueError(f"shard {job.shard}: start_state is needed after slice 0")
             init[p] = self.init_state(job.shard) if job.start_state is None else job.start_state
         filler = next(s for s in init if s is not None)
         states = self.put(stack_states([filler if s is None else s for s in init]))
-        x_dev, y_dev = self.put(x), self.put(y)
-        c, b = self.chunk_steps, self.batch_size
+        x_dev = self.put(x)
+        stats.compile_s += time.perf_counter() - t_init  # initial states: mostly their compile
+        t0 = time.perf_counter()
+        c = self.chunk_steps
+        offsets = self.row_offsets(width, cap)
         for j in range(int(starts.min()), sisa.slices):
             batches: dict[int, Any] = {}
+            labels_of: dict[int, np.ndarray] = {}
             for i, job in enumerate(jobs):
                 if job.start_slice > j:
                     continue
@@ -648,34 +513,29 @@ class Engine:
                     shard=job.shard,
                     slice_index=j,
                     epochs=sisa.epochs_per_slice_step,
-                    batch_size=b,
+                    batch_size=self.batch_size,
                 )
+                labels_of[pos[i]] = d.y
                 stats.shard_slices += 1
             steps = np.zeros(width, np.int64)
             examples = np.zeros(width, np.int64)
             for p, sb in batches.items():
                 steps[p] = sb.num_steps
                 examples[p] = sb.num_examples
+            n_chunks = math.ceil(steps.max(initial=0) / c)
+            rows, mask, labels = self.chunk_inputs(batches, labels_of, width, n_chunks, offsets)
             losses = []
-            for chunk in range(math.ceil(steps.max(initial=0) / c)):
+            for chunk in range(n_chunks):
                 lo = chunk * c
-                rows = np.zeros((width, c, b), np.int32)
-                mask = np.zeros((width, c, b), bool)
-                n_steps = np.clip(steps - lo, 0, c).astype(np.int32)
-                for p, sb in batches.items():
-                    t = int(n_steps[p])
-                    if t:
-                        rows[p, :t] = sb.rows[lo : lo + t]
-                        mask[p, :t] = sb.mask[lo : lo + t]
-                meta = np.stack([shard_of, np.full(width, j), np.full(width, lo), steps], 1)
-                stats.examples += int(mask.sum())
+                meta = StepMeta.stack(shard_of, np.full(width, j), np.full(width, lo), steps)
+                stats.examples += int(mask[chunk].sum())
                 states, loss = program(
-                    states, x_dev, y_dev, *self.put((rows, mask, n_steps, meta.astype(np.int32)))
+                    states, x_dev, *self.put((rows[chunk], mask[chunk], labels[chunk], meta))
                 )
                 losses.append(loss)
                 stats.program_calls += 1
                 if progress is not None:
-                    progress(int(n_steps.sum()))
+                    progress(int(np.clip(steps - lo, 0, c).sum()))
             stats.grad_steps += int(steps.sum())
             if on_slice is not None:
                 active = {i: pos[i] for i, job in enumerate(jobs) if job.start_slice <= j}
@@ -685,18 +545,60 @@ class Engine:
         finals = [jax.tree.map(lambda a, p=p: np.asarray(a[p]), host) for p in pos]
         return finals, stats
 
+    def row_offsets(self, width: int, capacity: int) -> np.ndarray:
+        """``[W]`` what each position adds to its row indices: under ``map`` the program reads
+        its device's block of shards as one flat ``[W_local * Ncap]`` array, so position ``p``
+        adds ``(p mod W_local) * Ncap``; under ``vmap`` each shard reads its own rows (0)."""
+        if self.shard_exec == "vmap":
+            return np.zeros(width, np.int64)
+        local = width // self.num_devices
+        return (np.arange(width) % local) * capacity
+
+    def chunk_inputs(
+        self,
+        batches: dict[int, Any],
+        labels_of: dict[int, np.ndarray],
+        width: int,
+        n_chunks: int,
+        offsets: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows, masks and labels of every chunk of a slice step, each ``[n_chunks, W, C, B]``.
+
+        Args:
+          batches: ``{position: StepBatches}`` of the shards this slice step trains.
+          labels_of: ``{position: [n] labels of the shard's data rows}``.
+          offsets: :meth:`row_offsets`. Steps past a shard's budget stay masked (no-ops).
+        """
+        c, b = self.chunk_steps, self.batch_size
+        total = n_chunks * c
+        rows = np.zeros((width, total, b), np.int32)
+        mask = np.zeros((width, total, b), bool)
+        labels = np.zeros((width, total, b), np.int32)
+        for p, sb in batches.items():
+            t = sb.num_steps
+            rows[p, :t] = sb.rows + offsets[p]
+            mask[p, :t] = sb.mask
+            labels[p, :t] = np.where(sb.mask, labels_of[p][sb.rows], 0)
+
+        def chunks(a: np.ndarray) -> np.ndarray:
+            return a.reshape(width, n_chunks, c, b).swapaxes(0, 1)
+
+        return chunks(rows), chunks(mask), chunks(labels)
+
     # -- inference ----------------------------------------------------------------------------
     def _predict_stack(self, variables, x):
         x = self.prepare(x)
 
         def one(v):
-            return self.model.apply(v, x, **self._kw(False))
+            return self.model.apply(v, x, **self.spec.model_kwargs(False))
 
         if self.partitioning != "shard_map":
             return jax.vmap(one)(variables)
         spec = PartitionSpec(SHARD_AXIS)
         return jax.shard_map(
-            lambda v, xb: jax.vmap(lambda q: self.model.apply(q, xb, **self._kw(False)))(v),
+            lambda v, xb: jax.vmap(
+                lambda q: self.model.apply(q, xb, **self.spec.model_kwargs(False))
+            )(v),
             mesh=self.mesh,
             in_specs=(spec, PartitionSpec()),
             out_specs=spec,
@@ -759,66 +661,6 @@ def _next_power_of_two(n: int) -> int:
     while w < n:
         w *= 2
     return w
-
-
-def _zero_like_step(state: TrainState) -> jax.Array:
-    """A float32 zero carrying the state's sharding type (shard_map needs matching branches)."""
-    return state.step.astype(jnp.float32) * 0.0
-
-
-def _average(
-    cfg: OptimConfig, avg: PyTree, params: PyTree, step: jax.Array, tail_count: Any = None
-) -> PyTree:
-    """Update the weight average after a step (None when averaging is off).
-
-    ``ema``: decay ``min(ema_decay, (1 + t) / (10 + t))``; ``polyak``: running mean of every
-    iterate; ``tail``: running mean of the iterates in the current window (``tail_count`` is
-    this iterate's index in it, 0 before it starts), see :meth:`Engine.recipe`."""
-    if avg is None:
-        return None
-    if cfg.averaging == "ema":
-        t = step.astype(jnp.float32)
-        d = jnp.minimum(jnp.float32(cfg.ema_decay), (1.0 + t) / (10.0 + t))
-        return jax.tree.map(lambda a, p: d * a + (1.0 - d) * p, avg, params)
-    if cfg.averaging == "tail":
-        inv = 1.0 / jnp.maximum(tail_count, 1).astype(jnp.float32)
-        return jax.tree.map(
-            lambda a, p: jnp.where(tail_count > 0, a + (p - a) * inv, p.astype(a.dtype)),
-            avg,
-            params,
-        )
-    # "polyak": running mean of the iterates: avg_t = avg_{t-1} + (p_t - avg_{t-1}) / t
-    inv = 1.0 / step.astype(jnp.float32)
-    return jax.tree.map(lambda a, p: a + (p - a) * inv, avg, params)
-
-
-def schedule_factor(cfg: OptimConfig, progress: jax.Array) -> jax.Array:
-    """The learning-rate multiplier at ``progress`` in [0, 1] of the schedule's horizon, from
-    optax schedules over a fixed grid of 2**20 counts (a pure function of progress)."""
-    grid = 1 << 20
-    warm = int(round(cfg.warmup_fraction * grid))
-    count = jnp.clip(jnp.floor(progress * grid), 0, grid).astype(jnp.int32)
-    if cfg.schedule == "cosine":
-        body = optax.cosine_decay_schedule(1.0, max(grid - warm, 1), alpha=cfg.final_lr_fraction)
-    elif cfg.schedule == "step":
-        body = optax.piecewise_constant_schedule(
-            1.0, {max(grid // 2 - warm, 1): 0.1, max(3 * grid // 4 - warm, 2): 0.1}
-        )
-    else:
-        body = optax.constant_schedule(1.0)
-    if warm == 0:
-        return jnp.asarray(body(count), jnp.float32)
-    sched = optax.join_schedules([optax.linear_schedule(0.0, 1.0, warm), body], [warm])
-    return jnp.asarray(sched(count), jnp.float32)
-
-
-def _call_kwargs(model: Any) -> set[str]:
-    """Keyword arguments the model's ``__call__`` accepts among ``train`` and ``mask``."""
-    try:
-        params = inspect.signature(type(model).__call__).parameters
-    except (TypeError, ValueError):
-        return set()
-    return {k for k in ("train", "mask") if k in params}
 
 
 __all__ = [

@@ -33,6 +33,13 @@ COLLECTIVE_OPS = (
     "collective-broadcast",
 )
 DEVICES_ENV = "SISAJAX_CPU_DEVICES"
+NONDETERMINISTIC_ENV = "SISAJAX_ALLOW_NONDETERMINISTIC"
+# XLA's switches for run-to-run reproducible GPU programs (deterministic reductions and
+# scatters, no atomics-based ops); exact unlearning replays training, so it needs them.
+GPU_DETERMINISM_FLAGS = (
+    "--xla_gpu_deterministic_ops=true",
+    "--xla_gpu_exclude_nondeterministic_ops=true",
+)
 SERIAL = "serial"
 _saved_affinity: set[int] | None = None  # set by the serial layout until jax has started
 _setting_error: ConfigError | None = None  # a bad SISAJAX_CPU_DEVICES seen at import
@@ -84,6 +91,54 @@ def configure_cpu_devices(devices: int | str | None = None) -> int | None:
         return None
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
     return n
+
+
+def configure_gpu_determinism() -> bool:
+    """Ask XLA for deterministic GPU programs (:data:`GPU_DETERMINISM_FLAGS`) in ``XLA_FLAGS``,
+    before jax starts its backends. Harmless on other backends. Skipped when the user chose a
+    ``xla_gpu_deterministic_ops`` value or set ``SISAJAX_ALLOW_NONDETERMINISTIC=1``, or when the
+    backends have started (then :func:`deterministic_backend` tells). Returns whether it set them.
+    """
+    if os.environ.get(NONDETERMINISTIC_ENV) == "1":
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" in flags:
+        return False
+    if "jax" in sys.modules:
+        try:
+            from jax._src import xla_bridge
+
+            if xla_bridge.backends_are_initialized():
+                return False
+        except (ImportError, AttributeError):
+            return False
+    os.environ["XLA_FLAGS"] = " ".join([flags, *GPU_DETERMINISM_FLAGS]).strip()
+    return True
+
+
+def deterministic_backend(platform: str) -> bool:
+    """Whether programs on ``platform`` give the same bits run after run (what exact unlearning
+    needs): CPUs and TPUs do; GPUs only with XLA's deterministic ops (``XLA_FLAGS``)."""
+    if platform != "gpu" and platform != "cuda" and platform != "rocm":
+        return True
+    return "--xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS", "")
+
+
+def check_deterministic(platform: str) -> None:
+    """Refuse to train or retrain on a backend that is not deterministic, unless
+    ``SISAJAX_ALLOW_NONDETERMINISTIC=1`` (the run's layout records ``deterministic: false``).
+
+    Raises:
+      LayoutError: a GPU without XLA's determinism flags.
+    """
+    if deterministic_backend(platform) or os.environ.get(NONDETERMINISTIC_ENV) == "1":
+        return
+    raise LayoutError(
+        f"{platform} programs are not deterministic without XLA_FLAGS="
+        f"'{' '.join(GPU_DETERMINISM_FLAGS)}' (sisajax sets them when it is imported before jax "
+        f"starts); import sisajax first, or set {NONDETERMINISTIC_ENV}=1 to train anyway "
+        "(unlearning is then not bit-exact)"
+    )
 
 
 def configure_cpu_devices_at_import() -> None:
@@ -191,6 +246,16 @@ def layout_options(layout: dict[str, Any] | None, *, strict: bool = False) -> di
     local = jax.local_devices()
     if layout is None:
         return {"devices": (local[0],), "partitioning": "single"}
+    from sisajax.config import TRAINING_PROGRAM
+
+    program = int(layout.get("training_program", 1))
+    if program != TRAINING_PROGRAM:
+        raise LayoutError(
+            f"this run was trained by training program version {program}; this sisajax trains "
+            f"with version {TRAINING_PROGRAM}, whose last bits differ, so it cannot replay the "
+            "run exactly: retrain it in place (sisajax train ... overwrite=true) or use the "
+            "sisajax version that trained it"
+        )
     here = local[0]
     platform, kind = layout.get("platform"), layout.get("device_kind")
     if platform is not None and platform != here.platform:

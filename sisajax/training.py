@@ -36,8 +36,9 @@ from sisajax.data.partition import Partition, PartitionError, fingerprint_ids, h
 from sisajax.engine import Engine, ShardData, ShardJob, SliceOutput, TrainStats
 from sisajax.errors import UserInputError
 from sisajax.layout import resolve_shard_exec
+from sisajax.step import resolve_trip
 from sisajax.store.faults import fault
-from sisajax.store.files import write_file
+from sisajax.store.files import sync_files, write_file
 from sisajax.store.ledger import Ledger
 from sisajax.store.locks import writer_lock
 from sisajax.store.manifest import (
@@ -192,6 +193,7 @@ class GenerationWriter:
     ) -> None:
         leaves = jax.tree.leaves(host)
         j = out.slice
+        written = []
         for i, p in out.positions.items():
             k = shards[i]
             n_ids, fps = self.prefix[k]
@@ -205,12 +207,15 @@ class GenerationWriter:
                 "host": self.host_id,
             }
             rel = row_file(k, j, self.generation)
+            path = self.files.path(rel)
             sha, size = write_file(
-                self.files.path(rel),
+                path,
                 encode_row(header, self.paths, [np.asarray(a[p]) for a in leaves]),
+                durable=False,
                 sync_dir=False,
                 what=rel,
             )
+            written.append(path)
             self.rows[(k, j)] = RowRef(self.generation, sha, size, self.host_id)
             fault("mid_save")
             if self.metrics:
@@ -224,6 +229,7 @@ class GenerationWriter:
                         "examples": int(out.examples[p]) if out.examples is not None else None,
                     }
                 )
+        sync_files(self.files.root, written)  # one durable sync per slice step, not per row
 
     def progress(self, factory: Progress, label: str, total: int) -> Callable[[int], None] | None:
         """The engine's ``progress(n)`` from a ``factory(label, total) -> advance``; an
@@ -349,7 +355,10 @@ def plan_training(
             raise PartitionError("the partition's ids are not the dataset's training ids")
     partition = dataclasses.replace(partition, removed=np.union1d(partition.removed, removed))
     check_partition(partition, config, len(dataset.train_ids))
-    resolved = config.replace(sisa={"shard_exec": resolve_shard_exec(sisa.shard_exec)})
+    shard_exec = resolve_shard_exec(sisa.shard_exec)
+    resolved = config.replace(
+        sisa={"shard_exec": shard_exec, "chunk_trip": resolve_trip(sisa.chunk_trip, shard_exec)}
+    )
     engine = build_engine(resolved, dataset, devices)
     data = [shard_data_from(partition, dataset, k) for k in range(sisa.shards)]
     capacity = int(-(-max(len(d) for d in data) // 8) * 8)

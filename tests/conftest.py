@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -43,16 +45,11 @@ def tiny_config(**sisa) -> sj.RunConfig:
 
 
 def without(ds: sj.Dataset, ids) -> sj.Dataset:
+    """``ds`` without the training rows of ``ids`` (everything else, preprocessing included,
+    kept)."""
     keep = ~np.isin(ds.train_ids, np.asarray(ids))
-    return sj.Dataset(
-        ds.name,
-        ds.train_ids[keep],
-        ds.x_train[keep],
-        ds.y_train[keep],
-        ds.test_ids,
-        ds.x_test,
-        ds.y_test,
-        ds.num_classes,
+    return dataclasses.replace(
+        ds, train_ids=ds.train_ids[keep], x_train=ds.x_train[keep], y_train=ds.y_train[keep]
     )
 
 

@@ -119,7 +119,10 @@ def test_layout_of_one_device_engine():
         "device_kind": jax.devices()[0].device_kind,
         "partitioning": "single",
         "shard_exec": "map",
+        "chunk_trip": "dynamic",
         "num_processes": 1,
+        "training_program": sj.config.TRAINING_PROGRAM,
+        "deterministic": True,
     }
     assert eng.padded_width(5) == 5
     with pytest.raises(LayoutError, match="xla_force_host_platform_device_count=4"):
@@ -133,6 +136,7 @@ def test_layout_options_reproduce_or_refuse_clearly():
         "platform": "cpu",
         "device_kind": cpu.device_kind,
         "partitioning": "per_device",
+        "training_program": sj.config.TRAINING_PROGRAM,
     }
     assert layout_options(None) == {"devices": (cpu,), "partitioning": "single"}
     # fewer (or more) devices here than the run used: map bits are the same (tested above), so a

@@ -11,7 +11,7 @@ import pytest
 from conftest import assert_trees_equal, tiny_config, tiny_digits, without
 
 import sisajax as sj
-from sisajax.engine import schedule_factor
+from sisajax.step import schedule_factor
 
 RECIPES = {
     "ema": {"optim": {"averaging": "ema", "ema_decay": 0.99}},

@@ -4,6 +4,8 @@ Built in (no download at run time):
   * ``digits``: scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes).
   * ``purchase_synthetic``: a seeded generator shaped like Purchase-100 (600 binary features,
     100 classes from prototype shoppers plus noise).
+  * ``cifar_synthetic``: a seeded generator shaped like CIFAR-10 (uint8 images ``[32, 32, 3]``,
+    10 classes of translated colour textures plus clutter and noise).
 
 Register more with :func:`register_dataset`.
 """
@@ -235,4 +237,121 @@ def make_purchase_synthetic(
         x[n_train:],
         y[n_train:],
         num_classes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-shaped generator
+
+_CIFAR_SIDE = 32
+_CIFAR_CHUNK = 4096  # ids generated per random stream: an image depends only on (seed, id)
+
+
+def _fourier_basis(side: int, max_freq: int) -> tuple[np.ndarray, np.ndarray]:
+    """Low-frequency 2-D Fourier basis on a ``side x side`` torus.
+
+    Returns:
+      ``omega [F, 2]`` angular frequencies (every ``(ky, kx)`` with ``0 <= ky, kx <= max_freq``
+      except ``(0, 0)``) and ``basis [2F, side * side]`` float32: ``cos(omega . p)`` rows, then
+      ``-sin(omega . p)`` rows, for the pixel positions p in row-major order.
+    """
+    k = np.array([(a, b) for a in range(max_freq + 1) for b in range(max_freq + 1)][1:])
+    omega = 2.0 * np.pi * k / side
+    yy, xx = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    phase = omega[:, :1] * yy.reshape(1, -1) + omega[:, 1:] * xx.reshape(1, -1)
+    return omega, np.concatenate([np.cos(phase), -np.sin(phase)]).astype(np.float32)
+
+
+@register_dataset("cifar_synthetic")
+def make_cifar_synthetic(
+    n_train: int = 50_000,
+    n_test: int = 10_000,
+    num_classes: int = 10,
+    prototypes: int = 3,
+    max_freq: int = 3,
+    shift: int = 8,
+    clutter: float = 0.8,
+    noise: float = 0.35,
+    seed: int = 0,
+) -> Dataset:
+    """A seeded generator shaped like CIFAR-10: uint8 images ``[n, 32, 32, 3]``, 10 classes.
+
+    Each class has ``prototypes`` smooth colour textures: random sums of the low 2-D frequencies
+    ``(ky, kx)``, ``0 <= ky, kx <= max_freq`` (amplitude ~ 1 / (1 + |k|)), plus a mean colour.
+    An image is one of its class's textures, translated (periodically) by up to ``shift``
+    pixels in each direction, with a random contrast (x0.7-1.3) and brightness, class-independent
+    smooth clutter (a texture of the same kind, relative amplitude ``clutter``) and per-pixel
+    uniform noise (standard deviation ``noise``; a texture's is 1); pixels are
+    ``clip(128 + 40 * value)``. The defaults make a task a small CNN learns well above chance but
+    not perfectly. Measured with 20,000 training images: nearest class mean 46%, logistic
+    regression on pixels (5,000 images) 50%, the ``cnn`` model (features [16, 32], hidden [64],
+    Adam 1e-3, batch 128) 84% after 4 epochs.
+
+    Ids are ``0..n_train + n_test - 1`` (train first). Images are drawn in blocks of 4,096 ids,
+    each from its own stream of (seed, block), so an id's image and label do not depend on
+    ``n_train`` or ``n_test``. The model sees ``pixels / 255`` (``preprocessing``).
+    """
+    if n_train < 1 or n_test < 0:
+        raise DataError("cifar_synthetic: n_train must be >= 1 and n_test >= 0")
+    if num_classes < 2 or prototypes < 1 or max_freq < 1 or shift < 0:
+        raise DataError(
+            "cifar_synthetic: num_classes >= 2, prototypes >= 1, max_freq >= 1 and shift >= 0"
+        )
+    if clutter < 0 or noise < 0:
+        raise DataError("cifar_synthetic: clutter and noise must be >= 0")
+    side, ch = _CIFAR_SIDE, 3
+    omega, basis = _fourier_basis(side, max_freq)
+    nf = len(omega)
+    decay = (1.0 / (1.0 + np.hypot(omega[:, 0], omega[:, 1]) * side / (2 * np.pi))).astype(
+        np.float32
+    )
+    decay /= np.sqrt(np.sum(decay**2))  # a texture's pixels then have variance 1
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC1FA, 0]))
+    # texture coefficients [class, prototype, channel, (cos | sin) x frequency] and mean colours
+    protos = rng.standard_normal((num_classes, prototypes, ch, 2, nf), dtype=np.float32) * decay
+    colours = rng.uniform(-0.5, 0.5, (num_classes, prototypes, ch)).astype(np.float32)
+
+    n = n_train + n_test
+    x = np.empty((n, side, side, ch), dtype=np.uint8)
+    y = np.empty(n, dtype=np.int32)
+    for start in range(0, n, _CIFAR_CHUNK):
+        stop = min(start + _CIFAR_CHUNK, n)
+        block = start // _CIFAR_CHUNK
+        r = np.random.default_rng(np.random.SeedSequence([seed, 0xC1FA, 1, block]))
+        m = _CIFAR_CHUNK  # draw a full block, keep the first rows: ids stay put
+        yc = r.integers(0, num_classes, size=m)
+        pc = r.integers(0, prototypes, size=m)
+        s = r.integers(-shift, shift + 1, size=(m, 2)).astype(np.float32)
+        gain = r.uniform(0.7, 1.3, size=(m, 1, 1)).astype(np.float32)
+        bright = r.normal(0.0, 0.2, size=(m, 1, 1)).astype(np.float32)
+        junk = r.standard_normal((m, ch, 2, nf), dtype=np.float32) * (clutter * decay)
+        eps = r.random((m, ch, side * side), dtype=np.float32)
+        rows = slice(0, stop - start)
+        # translating a texture by s rotates each frequency's (cos, sin) pair by -omega . s
+        theta = (s[rows] @ omega.T.astype(np.float32))[:, None, :]  # [m, 1, F]
+        c, si = np.cos(theta), np.sin(theta)
+        a, b = protos[yc[rows], pc[rows], :, 0], protos[yc[rows], pc[rows], :, 1]
+        coef = np.concatenate([a * c + b * si, b * c - a * si], axis=-1)  # [m, ch, 2F]
+        coef += junk[rows].reshape(-1, ch, 2 * nf)
+        # pixel = 128 + 40 * (gain * texture + colour + brightness + noise), in place
+        img = (coef.reshape(-1, 2 * nf) @ basis).reshape(-1, ch, side * side)
+        img *= 40.0 * gain[rows]
+        amp = np.float32(40.0 * noise * np.sqrt(12.0))  # uniform noise of std 40 * noise
+        img += 128.0 + 40.0 * (colours[yc[rows], pc[rows]][..., None] + bright[rows]) - amp / 2
+        eps *= amp
+        img += eps[rows]
+        np.clip(np.rint(img, out=img), 0, 255, out=img)
+        x[start:stop] = img.reshape(-1, ch, side, side).transpose(0, 2, 3, 1)
+        y[start:stop] = yc[rows]
+    ids = np.arange(n, dtype=np.int64)
+    return Dataset(
+        "cifar_synthetic",
+        ids[:n_train],
+        x[:n_train],
+        y[:n_train],
+        ids[n_train:],
+        x[n_train:],
+        y[n_train:],
+        num_classes,
+        {"scale": 1.0 / 255.0},
     )

@@ -26,7 +26,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -233,19 +233,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def sync_filesystem(path: Path) -> None:
-    """Make everything written on ``path``'s file system durable (``syncfs``; one call instead of an
-    fsync per file). Falls back to fsyncing every file under ``path`` where ``syncfs`` is missing."""
+def _syncfs(path: Path) -> bool:
+    """``syncfs`` on ``path``'s file system; False where the call is missing or fails."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
-            if libc.syncfs(fd) == 0:
-                return
+            return libc.syncfs(fd) == 0
         finally:
             os.close(fd)
     except (OSError, AttributeError):
-        pass
+        return False
+
+
+def sync_filesystem(path: Path) -> None:
+    """Make everything written on ``path``'s file system durable (``syncfs``; one call instead of an
+    fsync per file). Falls back to fsyncing every file under ``path`` where ``syncfs`` is missing."""
+    if _syncfs(path):
+        return
     for dirpath, _, files in os.walk(path):
         for name in files:
             p = Path(dirpath) / name
@@ -257,6 +262,26 @@ def sync_filesystem(path: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(dirpath))
+
+
+def sync_files(root: Path, paths: Sequence[Path]) -> None:
+    """Make ``paths`` (files written without fsync under ``root``) durable with one call:
+    ``syncfs`` on ``root``'s file system, or an fsync of each file where ``syncfs`` is missing.
+
+    Raises:
+      StorageError: the sync failed (e.g. the disk filled up while the data was cached).
+    """
+    if _syncfs(root):
+        return
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise storage_error(e, f"syncing {p.name}") from None
 
 
 def ensure_dir(root: Path, rel: str) -> Path:

@@ -325,10 +325,15 @@ def shard_step(
     return TrainState(params, opt_state, step, dict(new_model_state), avg), total
 
 
+def slice_key(seed: int, shard: jax.Array, slice_index: jax.Array) -> jax.Array:
+    """The key of slice step ``slice_index`` of ``shard``: ``fold_in(fold_in(PRNGKey(seed),
+    shard), slice_index)``; step ``t``'s key folds ``t`` into it (:func:`step_key`)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), shard), slice_index)
+
+
 def step_key(seed: int, shard: jax.Array, slice_index: jax.Array, t: jax.Array) -> jax.Array:
     """The key of step ``t`` of slice step ``slice_index`` of ``shard``."""
-    base = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), shard), slice_index)
-    return jax.random.fold_in(base, t)
+    return jax.random.fold_in(slice_key(seed, shard, slice_index), t)
 
 
 def train_chunk(
@@ -365,13 +370,14 @@ def train_chunk(
     m = StepMeta(*(meta[i] for i in range(4)))
     augment = spec.optim.augment
     pad = spec.optim.augment_pad
+    base = slice_key(spec.seed, m.shard, m.slice)  # once per chunk, not per step
 
     def step(st, t, r, mk, yb):
         xb = prepare(spec, x[r])
         live_rows = mk.reshape((-1,) + (1,) * (xb.ndim - 1))
         xb = jnp.where(live_rows, xb, jnp.zeros_like(xb))
         index = m.first_step + t
-        k = step_key(spec.seed, m.shard, m.slice, index)
+        k = jax.random.fold_in(base, index)  # = step_key(seed, shard, slice, index)
         if augment != "none":
             xb = augment_batch(xb, jax.random.fold_in(k, AUGMENT_STREAM), kind=augment, pad=pad)
             xb = jnp.where(live_rows, xb, jnp.zeros_like(xb))
@@ -461,6 +467,7 @@ __all__ = [
     "resolve_trip",
     "schedule_factor",
     "shard_step",
+    "slice_key",
     "step_key",
     "train_chunk",
     "train_chunk_shards",

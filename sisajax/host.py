@@ -70,10 +70,15 @@ def cpu_description() -> tuple[str, tuple[str, ...]]:
     return model, tuple(sorted(flags.intersection(ISA_FEATURES)))
 
 
-def code_flags(xla_flags: str | None = None) -> list[str]:
-    """The ``XLA_FLAGS`` tokens that can change generated code (layout flags dropped), sorted."""
+def code_flags(xla_flags: str | None = None, backend: str | None = None) -> list[str]:
+    """The ``XLA_FLAGS`` tokens that can change generated code, sorted: layout flags dropped, and
+    on a ``backend`` other than a GPU the ``--xla_gpu_*`` ones (which ``import sisajax`` adds
+    everywhere, and which change no code there)."""
     tokens = (os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags).split()
-    return sorted(t for t in tokens if not t.startswith(LAYOUT_FLAGS))
+    drop = (
+        LAYOUT_FLAGS if backend in (None, "gpu", "cuda", "rocm") else (*LAYOUT_FLAGS, "--xla_gpu_")
+    )
+    return sorted(t for t in tokens if not t.startswith(drop))
 
 
 def host_info() -> dict[str, Any]:
@@ -83,14 +88,15 @@ def host_info() -> dict[str, Any]:
 
     model, isa = cpu_description()
     dev = jax.devices()[0]
+    backend = jax.default_backend()
     return {
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
-        "backend": jax.default_backend(),
+        "backend": backend,
         "device_kind": dev.device_kind,
         "machine": platform.machine(),
         "isa": list(isa),
-        "xla_flags": code_flags(),
+        "xla_flags": code_flags(backend=backend),
         "cpu_model": model,
     }
 

@@ -230,3 +230,13 @@ def test_image_workloads_forget_exactly(tmp_path, model, params, dtype):
     for j in range(cfg.sisa.slices):
         for k in range(cfg.sisa.shards):
             assert_trees_equal(run.read_row(k, j), scratch.read_row(k, j))
+
+
+def test_gpu_flags_do_not_make_a_cpu_process_another_host():
+    """``import sisajax`` adds XLA's GPU determinism flags everywhere; on a CPU they change no
+    code, so a process that imported jax first (no flags) is the same host for bit-identity."""
+    from sisajax.host import code_flags
+
+    flags = " ".join([*GPU_DETERMINISM_FLAGS, "--xla_cpu_max_isa=SSE4_2"])
+    assert code_flags(flags, backend="cpu") == ["--xla_cpu_max_isa=SSE4_2"]
+    assert code_flags(flags, backend="gpu") == sorted(flags.split())

@@ -164,10 +164,13 @@ class GenerationWriter:
         Slice step j's states are fetched when slice step j + 1 has been dispatched (the device
         computes j + 1 meanwhile), on the calling thread: JAX arrays are only ever touched by
         one thread (fetching sharded arrays from the writer thread while the main thread
-        dispatched raced inside jax and failed). Encoding, hashing and writing the rows happen
-        on the writer thread; :meth:`finish` fetches the last slice step."""
+        dispatched raced inside jax and failed); the device-to-host copies are started as soon as
+        a slice step is handed over, so the fetch finds them done. Encoding, hashing and writing
+        the rows happen on the writer thread; :meth:`finish` fetches the last slice step."""
 
         def handle(out: SliceOutput) -> None:
+            for leaf in jax.tree.leaves(out.states):
+                leaf.copy_to_host_async()  # the transfer starts when the slice step is computed
             self._fetch_pending()
             self._pending = (out, shards)
             fault("mid_retrain")

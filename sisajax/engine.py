@@ -19,7 +19,6 @@ Randomness: see :mod:`sisajax.step` (keys from seed, shard, slice and step only)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +30,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from sisajax.config import TRAINING_PROGRAM, RunConfig
 from sisajax.data.schedule import slice_step_batches
+from sisajax.jobs import (
+    ShardData,
+    ShardJob,
+    SliceOutput,
+    TrainStats,
+    pad_rows,
+    stack_states,
+    unstack_state,
+)
 from sisajax.layout import (
     SHARD_AXIS,
     LayoutError,
@@ -56,121 +64,6 @@ PyTree = Any
 # How initial states are compiled on a CPU (part of the training program: it fixes their bits).
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 Partitioning = Literal["auto", "single", "per_device", "shard_map"]
-
-
-def pad_rows(tree: PyTree, width: int) -> PyTree:
-    """Pad axis 0 of every leaf to ``width`` with copies of row 0 (numpy; inert filler)."""
-
-    def pad(a: Any) -> np.ndarray:
-        a = np.asarray(a)
-        if len(a) >= width:
-            return a
-        return np.concatenate([a, np.repeat(a[:1], width - len(a), axis=0)])
-
-    return jax.tree.map(pad, tree)
-
-
-def stack_states(states: Sequence[PyTree]) -> PyTree:
-    """``[W]`` list of per-shard pytrees -> one pytree with a leading ``[W]`` axis (numpy)."""
-    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
-
-
-def unstack_state(states: PyTree, i: int) -> PyTree:
-    """Row ``i`` of a stacked pytree."""
-    return jax.tree.map(lambda x: x[i], states)
-
-
-@dataclasses.dataclass
-class TrainStats:
-    """What a training call cost. ``examples`` counts real (unmasked) rows processed."""
-
-    examples: int = 0
-    grad_steps: int = 0
-    shard_slices: int = 0
-    compile_s: float = 0.0
-    train_s: float = 0.0
-    program_calls: int = 0
-
-    def add(self, other: TrainStats) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardData:
-    """The retained training data of one shard, sorted by id.
-
-    Attributes:
-      ids: ``[n]`` int64.  x: ``[n, *feat]``.  y: ``[n]`` int32.  slices: ``[n]`` int32.
-    """
-
-    ids: np.ndarray
-    x: np.ndarray
-    y: np.ndarray
-    slices: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def without(self, ids: np.ndarray) -> ShardData:
-        keep = ~np.isin(self.ids, ids)
-        return ShardData(self.ids[keep], self.x[keep], self.y[keep], self.slices[keep])
-
-    def empty(self) -> ShardData:
-        return ShardData(self.ids[:0], self.x[:0], self.y[:0], self.slices[:0])
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardJob:
-    """One shard to train: from ``start_slice`` to the last slice.
-
-    Attributes:
-      shard: the shard index (keys its init, batch order and dropout).
-      data: its retained data.
-      start_slice: first slice to (re)train (0-based); ``R`` trains nothing.
-      start_state: its state just before ``start_slice`` (one shard, numpy); None = its initial
-        state (requires ``start_slice == 0``).
-    """
-
-    shard: int
-    data: ShardData
-    start_slice: int = 0
-    start_state: PyTree | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class SliceOutput:
-    """The states after one slice step, handed to ``on_slice`` (nothing has waited for them).
-
-    Attributes:
-      slice: the slice index ``j``.
-      states: stacked ``[W, ...]`` device arrays of every position (inert ones included).
-      positions: ``{job index: position in states}`` of the jobs trained up to slice ``j``.
-      losses: per program call of the slice step, the summed training loss ``[W]`` (device).
-      examples: ``[W]`` real examples each position trained on in this slice step.
-    """
-
-    slice: int
-    states: PyTree
-    positions: dict[int, int]
-    losses: list[Any] = dataclasses.field(default_factory=list)
-    examples: np.ndarray | None = None
-
-    def fetch(self) -> dict[int, PyTree]:
-        """``{job index: one-shard numpy state}`` (waits for the slice to be computed)."""
-        host = jax.device_get(self.states)
-        return {
-            i: jax.tree.map(lambda a, p=p: np.asarray(a[p]), host)
-            for i, p in self.positions.items()
-        }
-
-    def mean_loss(self) -> dict[int, float]:
-        """``{job index: mean training loss per example over this slice step}``."""
-        if not self.losses:
-            return {i: float("nan") for i in self.positions}
-        total = sum(np.asarray(x, np.float64) for x in jax.device_get(self.losses))
-        n = self.examples if self.examples is not None else np.zeros(len(total))
-        return {i: float(total[p] / max(n[p], 1)) for i, p in self.positions.items()}
 
 
 class Engine:

@@ -58,6 +58,7 @@ WRITER_THREAD_PREFIX = "sisajax-writer"  # BackgroundWriter's ThreadPoolExecutor
 TRAINING = "sisajax/training.py"
 UNLEARN = "sisajax/unlearning.py"
 ENGINE = "sisajax/engine.py"
+JOBS = "sisajax/jobs.py"
 RUN = "sisajax/run.py"
 LAYOUT = "sisajax/layout.py"
 METRICS = "sisajax/metrics.py"
@@ -97,7 +98,7 @@ def engine_run_phases(d: int, *, forget: bool) -> list[Phase]:
             d,
             only_when=slice0,
         ),
-        Phase("stacking the start states (stack_states)", (ENGINE, "stack_states"), run, d),
+        Phase("stacking the start states (stack_states)", (JOBS, "stack_states"), run, d),
         Phase("host->device puts: data, states, batches (Engine.put)", (ENGINE, "put"), run, d),
         Phase("batch schedules (slice_step_batches)", (SCHEDULE, "slice_step_batches"), run, d),
         Phase("program dispatch (PerDeviceProgram/Compiled.__call__)", DISPATCH, run, d),
@@ -116,7 +117,7 @@ def engine_run_phases(d: int, *, forget: bool) -> list[Phase]:
         ),
         Phase(
             "slice losses (SliceOutput.mean_loss)",
-            (ENGINE, "mean_loss"),
+            (JOBS, "mean_loss"),
             (TRAINING, "_fetch_pending"),
             d + 2,
         ),

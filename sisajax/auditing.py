@@ -3,7 +3,8 @@
 Read-only (works on a read-only run directory). Checks, each reported separately:
   * the ledger's hash chain and head anchor (an interrupted append is reported as such: ``resume``
     completes or drops it; edits, removals and reordering are reported as damage);
-  * no request left ``pending`` (an interrupted command: run ``sisajax resume``);
+  * no request left ``pending`` (an interrupted command: run ``sisajax resume``); reported
+    first, as it explains what else such a run shows (the files the request left behind);
   * the ledger agrees with the run: every forgotten id has a ``done`` request and every done
     request's ids are forgotten; a run past generation 0 names the request that made it (so a
     deleted or truncated ledger is noticed);
@@ -101,6 +102,11 @@ def audit(run: SisaRun) -> AuditReport:
     for r in records:
         requests[str(r.get("request_id"))] = r
     pending = [rid for rid, r in requests.items() if r.get("state") == "pending"]
+    if pending:  # the cause of most other findings below: say it first
+        problems.append(
+            f"pending request: {len(pending)} request(s) left unfinished by an interrupted "
+            "command; run `sisajax resume`"
+        )
     m = run.manifest
     hashed = run.config.ledger.hash_ids
 
@@ -129,12 +135,16 @@ def audit(run: SisaRun) -> AuditReport:
         if salt.exists() and stat.S_IMODE(os.lstat(salt).st_mode) & 0o077:
             warnings.append("ledger.salt is readable by other users (expected mode 0600)")
     done_keys = {id_key(i) if hashed else int(i) for i in done_ids}
+    # a pending request that committed its generation before being interrupted has forgotten its
+    # ids without a done record yet: `resume` writes it
+    pending_ids = {i for rid in pending for i in _first_record(records, rid).get("ids", [])}
+    pending_keys = {id_key(i) if hashed else int(i) for i in pending_ids}
     if done_keys - removed:
         problems.append(f"{len(done_keys - removed)} id(s) of done requests are not forgotten")
-    if removed - done_keys:
+    if removed - done_keys - pending_keys:
         problems.append(
-            f"{len(removed - done_keys)} forgotten id(s) have no done request in the ledger "
-            "(ledger deleted, truncated or replaced?)"
+            f"{len(removed - done_keys - pending_keys)} forgotten id(s) have no done request in "
+            "the ledger (ledger deleted, truncated or replaced?)"
         )
 
     def keys_of(ids: np.ndarray) -> np.ndarray:
@@ -188,7 +198,12 @@ def audit(run: SisaRun) -> AuditReport:
     for h, diff in foreign_hosts.items():
         warnings.append(f"rows made on another host {h}: {'; '.join(diff)}")
     superseded, foreign = run.files.scan(m.files())
-    if superseded:
+    if superseded and pending:
+        warnings.append(
+            f"files the interrupted request left behind (`sisajax resume` removes them): "
+            f"{superseded[:10]}"
+        )
+    elif superseded:
         problems.append(f"superseded files not deleted: {superseded[:10]}")
     if foreign:
         warnings.append(f"foreign entries left alone (not sisajax's): {foreign[:10]}")
@@ -206,6 +221,11 @@ def audit(run: SisaRun) -> AuditReport:
         checked,
         len(removed),
     )
+
+
+def _first_record(records: list[dict[str, Any]], request_id: str) -> dict[str, Any]:
+    """The first record of ``request_id`` (the one that lists its ids)."""
+    return next((r for r in records if str(r.get("request_id")) == request_id), {})
 
 
 def _check_file(run: SisaRun, rel: str, sha: str, problems: list[str]) -> None:

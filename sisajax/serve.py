@@ -11,8 +11,9 @@ Requests come from an iterator of lines (``sisajax serve run_dir=... spool=-`` r
 spool folder (``spool=DIR``): each file ``DIR/incoming/*.req`` holds one request; when it is done
 its response goes to ``DIR/done/<name>.json`` and the request file is removed. A request left in
 ``incoming/`` by a crash is served again on restart, which is safe: ids already forgotten are
-reported, not retrained. A request line (or file) is whitespace/comma separated ids, or JSON
-``{"ids": [...], "tag": "..."}``. Responses never repeat raw ids when the run keeps only hashes.
+reported, not retrained. A request line (or file) is whitespace/comma separated ids, a JSON list
+of ids ``[3, 17]``, or JSON ``{"ids": [...], "tag": "..."}``. Responses never repeat raw ids when
+the run keeps only hashes.
 """
 
 from __future__ import annotations
@@ -30,13 +31,18 @@ STOP_FILE = "STOP"
 
 
 def parse_request(text: str) -> tuple[list[Any], str | None]:
-    """``(ids, tag)`` from one request: ``"3 17 256"``, ``"3,17"`` or ``{"ids": [...]}``."""
+    """``(ids, tag)`` from one request: ``"3 17 256"``, ``"3,17"``, ``[3, 17]`` or
+    ``{"ids": [...], "tag": "..."}``."""
     text = text.strip()
-    if text.startswith("{"):
+    if text.startswith(("{", "[")):
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
             raise UserInputError("request is not valid JSON") from None
+        if isinstance(obj, list):
+            if not obj or any(isinstance(v, bool) or not isinstance(v, int) for v in obj):
+                raise UserInputError("a JSON list request is a non-empty list of integer ids")
+            return obj, None
         if not isinstance(obj, dict) or not isinstance(obj.get("ids"), list):
             raise UserInputError('a JSON request needs "ids": [...]')
         tag = obj.get("tag")

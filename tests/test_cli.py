@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import cli_env, cli_run, copy_run, pick, tree_bytes
+from conftest import REPO, cli_env, cli_run, copy_run, pick, tree_bytes
 
 import sisajax as sj
 from sisajax.cli import main as cli
@@ -69,7 +69,58 @@ def test_top_level_help_and_unknown_command(capsys):
     assert "usage: sisajax COMMAND [--help] [--cfg job] [-m] [key=value ...]" in out  # [..] kept
     assert cli(["foo"]) == 2
     err = capsys.readouterr().err
-    assert "unknown command 'foo'" in err and len(err.strip().splitlines()) == 1
+    assert "unknown command 'foo';" in err and len(err.strip().splitlines()) == 1
+    assert cli(["forgt", "run_dir=x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'forgt' (did you mean forget?);" in err and err.count("\n") == 1
+
+
+def test_version_is_printed_without_importing_jax():
+    from importlib.metadata import version
+
+    code = (
+        "import sys; from sisajax.cli import main; rc = main(['--version']); "
+        "assert 'jax' not in sys.modules, 'jax imported'; sys.exit(rc)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"sisajax {version('sisajax')}\n" and r.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "override, hint",
+    [
+        ("sisa.shard=3", "(no such key; did you mean sisa.shards?)"),
+        ("shards=3", "(no such key; did you mean sisa.shards?)"),
+        ("+sisa.shard=3", "for `sisajax train` (did you mean sisa.shards?)"),
+        ("model.hiden=[8]", "(no such key; did you mean model.hidden?)"),
+        ("sisa.seed=1", "(no such key; did you mean seed?)"),
+        ("model.params.dropout=0.1", "model.params takes new keys with a leading +"),
+        ("nonsense=1", "(no such key; see --help)"),
+    ],
+)
+def test_mistyped_config_keys_get_a_suggestion(override, hint, capsys):
+    assert cli(["train", override, "--cfg", "job"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and hint in err, err
+
+
+@pytest.mark.parametrize(
+    "launcher, plugin",
+    [("parallel", "hydra_joblib_launcher"), ("slurm", "hydra_submitit_launcher")],
+)
+def test_sweep_launcher_without_its_plugin_says_which_extra(
+    launcher, plugin, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setitem(sys.modules, f"hydra_plugins.{plugin}", None)  # as if not installed
+    sweep = tmp_path / "sweep"
+    argv = ["train", "-m", f"hydra/launcher={launcher}", f"hydra.sweep.dir={sweep}", *TINY]
+    assert cli([*argv, "seed=0,1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'sisajax[cluster]'" in err, err
+    assert f"hydra/launcher={launcher}" in err and not sweep.exists()
 
 
 def test_seed_drives_the_run(tmp_path):
@@ -85,15 +136,34 @@ def test_seed_drives_the_run(tmp_path):
 def test_results_are_never_overwritten(tmp_path, capsys):
     d = tmp_path / "run"
     assert cli(["train", f"run_dir={d}", *TINY]) == 0
-    ids = pick(sj.open_run(d), 0, 0)
-    assert cli(["forget", f"run_dir={d}", f"ids=[{ids[0]}]", "progress=false"]) == 0
-    assert cli(["forget", f"run_dir={d}", f"ids=[{ids[0]}]", "progress=false"]) == 0  # no-op
     out = capsys.readouterr().out
-    assert "nothing retrained" in out and "28340.0x" not in out
-    forgets = sorted((d / "results").glob("forget-g000001-*.json"))
-    assert len(forgets) == 2  # the no-op got its own file; the real report is intact
-    real = [json.loads(p.read_text()) for p in forgets]
-    assert sorted(len(r["ids"]) for r in real) == [0, 1]
+    # the data line states the value range a model (or a plug-in) gets
+    assert "data: digits:" in out and "float32 in 0..1, 10 classes" in out
+    assert cli(["status", f"run_dir={d}"]) == 0
+    assert cli(["status", f"run_dir={d}"]) == 0  # same command, same generation
+    assert len(list((d / "results").glob("status-*.json"))) == 2
+
+
+def test_forgetting_already_forgotten_ids(tmp_path, capsys):
+    """Only already-forgotten ids: exit 2, one line, nothing written (not even a ledger record).
+    Mixed with new ids: the new ones are forgotten, exit 0, the skipped ones named."""
+    d = tmp_path / "run"
+    assert cli(["train", f"run_dir={d}", *TINY]) == 0
+    a, b = pick(sj.open_run(d), 0, 0, 2)
+    assert cli(["forget", f"run_dir={d}", f"ids=[{a}]", "progress=false"]) == 0
+    capsys.readouterr()
+    before = tree_bytes(d)
+    assert cli(["forget", f"run_dir={d}", f"ids=[{a}]", "progress=false"]) == 2
+    out, err = capsys.readouterr()
+    assert err == "error: the id of the request was already forgotten; nothing changed\n", err
+    assert tree_bytes(d) == before and out == ""
+    assert cli(["forget", f"run_dir={d}", f"ids=[{b},{a}]", "progress=false"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped 1 id(s) forgotten before: [{a}]" in out and "generation 2" in out
+    assert cli(["forget", f"run_dir={d}", f"ids=[{a},{b}]", "progress=false"]) == 2
+    assert "all 2 ids of the request were already forgotten" in capsys.readouterr().err
+    reports = [json.loads(p.read_text()) for p in sorted((d / "results").glob("forget-*.json"))]
+    assert [(r["ids"], r["already_forgotten"]) for r in reports] == [([a], []), ([b], [a])]
 
 
 def test_hydra_run_dir_refused_without_multirun_and_honoured_with_it(tmp_path, capsys):
@@ -131,6 +201,7 @@ def _bad_inputs(tmp_path, run_dir):
     floats = tmp_path / "floats.json"
     floats.write_text("[1.5, 2]")
     r = f"run_dir={run_dir}"
+    gone = int(sj.open_run(run_dir).partition.removed[0])
     return {
         # name: (argv, expected exit code, a word the message must contain)
         "binary ids_file": (["forget", r, f"ids_file={binary}"], 2, "ids_file"),
@@ -140,6 +211,7 @@ def _bad_inputs(tmp_path, run_dir):
         "float json ids": (["forget", r, f"ids_file={floats}"], 2, "integers"),
         "float id": (["forget", r, "ids=[45.0]"], 2, "integers"),
         "unknown id": (["forget", r, "ids=[99999]"], 2, "not training ids"),
+        "already forgotten id": (["forget", r, f"ids=[{gone}]"], 2, "already forgotten"),
         "no ids": (["forget", r], 2, "ids"),
         "requests.k=0": (["forget", r, "requests.k=0"], 2, "requests.k"),
         "requests.k huge": (["forget", r, "requests.k=100000"], 2, "requests.k"),
@@ -191,7 +263,7 @@ def test_every_bad_input_is_one_line_and_changes_nothing(cli_base, tmp_path, cap
         assert tree_bytes(run_dir) == before, name
         assert sorted(p.name for p in tmp_path.iterdir()) == listing, name
         rejected += 1
-    assert rejected == len(cases) >= 25
+    assert rejected == len(cases) >= 28
 
 
 def test_errors_in_a_fresh_process_are_one_line(cli_base, tmp_path):
@@ -279,3 +351,41 @@ def test_a_closed_output_pipe_is_not_reported_as_a_storage_error(args):
         os.close(write_end)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr == ""
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_train_says_what_happened(tmp_path):
+    """Ctrl-C while a new run trains: exit 130, one line that is true (the new directory is
+    removed, nothing is kept)."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sisajax.cli",
+            "train",
+            "data=digits",
+            "sisa.shards=2",
+            "sisa.slices=4",
+            "sisa.epochs=400",
+            "progress=false",
+            f"run_dir={run_dir}",
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(run_dir.glob("checkpoints/*.row")):
+        time.sleep(0.05)
+    assert list(run_dir.glob("checkpoints/*.row")), "training never wrote a row"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
+    assert len(err.strip().splitlines()) == 1 and "directory was removed" in err
+    assert not run_dir.exists()

@@ -381,6 +381,46 @@ def test_csv_errors(tmp_path):
         load_dataset("csv", path=str(p), id_column="id")
 
 
+def test_csv_with_class_names_as_labels(tmp_path):
+    p = tmp_path / "iris.csv"
+    names = ["virginica", "setosa", "versicolor"]
+    rows = "".join(f"{i},{i * 0.5},{names[i % 3]}\n" for i in range(30))
+    p.write_text("a,b,species\n" + rows.replace("setosa", '"setosa"'))  # quoted or not
+    ds = load_dataset("csv", path=str(p), label_column="species", test_fraction=0.2)
+    assert ds.class_names == ("setosa", "versicolor", "virginica")  # sorted -> 0..C-1
+    assert ds.num_classes == 3 and ds.feature_shape == (2,)
+    for ids, x, y in ((ds.train_ids, ds.x_train, ds.y_train), (ds.test_ids, ds.x_test, ds.y_test)):
+        want = [ds.class_names.index(names[i % 3]) for i in ids.tolist()]
+        np.testing.assert_array_equal(y, want)
+        np.testing.assert_array_equal(x[:, 0], ids)
+    assert "3 classes (0=setosa, 1=versicolor, 2=virginica)" in ds.summary()
+    assert f"float32 in 0..{ds.x_train.max():g}, 3 classes" in ds.summary()  # x_train's range
+
+    p.write_text("a,label\n1,0.5\n2,1\n")  # numbers, not all integers: refused, not names
+    with pytest.raises(DataError, match="not all integers"):
+        load_dataset("csv", path=str(p))
+    p.write_text("a,label\n1,cat\n2,\n")
+    with pytest.raises(DataError, match=r"empty label in column 'label' \(data row 2\)"):
+        load_dataset("csv", path=str(p))
+    p.write_text("a,label\n1,cat\n2,dog\n")
+    with pytest.raises(DataError, match="names 2 classes"):
+        load_dataset("csv", path=str(p), num_classes=5)
+    p.write_text("a,label\nsecret-token,cat\n2,dog\n")
+    with pytest.raises(DataError, match="cannot parse") as e:
+        load_dataset("csv", path=str(p))
+    assert "secret-token" not in str(e.value)
+
+
+def test_summary_states_the_value_range_and_preprocessing():
+    import sisajax as sj
+
+    x = np.array([[0, 3], [255, 7]], np.uint8)
+    ds = sj.from_arrays(x, [0, 1], x, [1, 0])
+    assert "features (2,) uint8 in 0..255, 2 classes" in ds.summary()
+    scaled = sj.Dataset(**{**ds.__dict__, "preprocessing": {"scale": 1 / 255}})
+    assert "uint8 in 0..255 (model input x * 0.00392157 + 0: 0..1)" in scaled.summary()
+
+
 def test_cifar10_pickle_that_would_run_code_is_refused(tmp_path):
     """A crafted batch file whose unpickling calls os.system: refused, never executed."""
     d = _cifar_dir(tmp_path)

@@ -37,6 +37,15 @@ def test_parse_request():
             parse_request(bad)
 
 
+def test_parse_request_accepts_a_bare_json_list():
+    assert parse_request("[5]") == ([5], None)
+    assert parse_request(" [3, 17, -2] ") == ([3, 17, -2], None)
+    for bad in ("[]", "[1.5]", '["7"]', "[true]", "[[1]]", "[1, 2", "[1] 2"):
+        with pytest.raises(sj.UserInputError) as e:
+            parse_request(bad)
+        assert "\n" not in str(e.value)
+
+
 def test_server_serves_a_stream_exactly(base_run, tmp_path):
     run = copy_run(base_run, tmp_path / "run")
     a, b, c = pick(run, 0, 1), pick(run, 1, 3), pick(run, 2, 0)

@@ -369,6 +369,29 @@ def test_audit_detects_residual_exposure(base_run, tmp_path):
     assert {e["slice"] for e in rep.exposures} == {1, 2, 3}
 
 
+@pytest.mark.parametrize("point", ["mid_save", "after_commit"])
+def test_audit_names_a_pending_request_as_the_cause(base_run, tmp_path, capsys, point):
+    """Interrupted before or after its commit: the audit's first problem is the pending request
+    and what to run, not the files it left behind or its ids' missing done record."""
+    run, _, _ = _copy(base_run, tmp_path)
+    r = cli_run(
+        ["forget", f"run_dir={run.run_dir}", f"ids=[{pick(run, 1, 1)[0]}]", "progress=false"],
+        {"SISAJAX_FAULT": point},
+    )
+    assert r.returncode == -9, r.stdout + r.stderr
+    rep = sj.audit(sj.open_run(run.run_dir))
+    assert not rep.ok and len(rep.pending_requests) == 1
+    assert rep.problems == [
+        "pending request: 1 request(s) left unfinished by an interrupted command; "
+        "run `sisajax resume`"
+    ]
+    assert cli(["audit", f"run_dir={run.run_dir}"]) == 1
+    problems = [x for x in capsys.readouterr().out.splitlines() if "problem:" in x]
+    assert problems[0].strip().startswith("problem: pending request:") and len(problems) == 1
+    sj.resume(run)
+    assert sj.audit(run).ok
+
+
 # -- request streams --------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 """The ``sisajax`` command line: subcommands with Hydra's conventions, one error handler.
 
     sisajax COMMAND [--help] [--cfg job] [-m|--multirun] [key=value ...]
+    sisajax --version
 
 Each command has its own primary config in the packaged configs (the repository's ``conf/``, shipped
 as ``sisajax.conf``): ``conf/<command>.yaml`` plus the config groups it uses. Users extend them by
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import inspect
 import os
 import sys
@@ -109,13 +111,13 @@ def compose(name: str, overrides: list[str], config_dirs: list[str] = ()) -> dic
             "-m/--multirun uses; a single run writes where run_dir= says"
         )
     user_paths = search_path(list(config_dirs))
+    extra = [f"hydra.searchpath=[{','.join(user_paths)}]"] if user_paths else []
+    folders = [conf_dir(), *(Path(p[len("file://") :]) for p in user_paths)]
+    groups = [o for o in overrides if _is_group_choice(o, folders)]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
-            extra = [f"hydra.searchpath=[{','.join(user_paths)}]"] if user_paths else []
             cfg = hydra_compose(config_name=name, overrides=overrides + extra)
-            folders = [conf_dir(), *(Path(p[len("file://") :]) for p in user_paths)]
-            groups = [o for o in overrides if _is_group_choice(o, folders)]
             # Only `+key=` / `++key=` or a dict value can add keys (plain `key=` on an unknown
             # key fails in Hydra's struct mode): compose the reference config only then.
             ref = (
@@ -125,16 +127,75 @@ def compose(name: str, overrides: list[str], config_dirs: list[str] = ()) -> dic
             )
     except Exception as e:  # Hydra/OmegaConf errors: one line naming the bad override
         if type(e).__module__.startswith(("hydra", "omegaconf")):
-            raise UsageError(_hydra_message(e)) from None
+            bad = _overridden_key(e)
+            hint = "" if bad is None else _suggestion(bad, _reference_keys(name, groups + extra))
+            raise UsageError(_hydra_message(e, hint)) from None
         raise
     out = OmegaConf.to_container(cfg, resolve=True)
-    unknown = [] if ref is None else _new_keys(out, OmegaConf.to_container(ref, resolve=False))
+    ref_dict = None if ref is None else OmegaConf.to_container(ref, resolve=False)
+    unknown = [] if ref_dict is None else _new_keys(out, ref_dict)
     if unknown:
+        hint = _suggestion(unknown[0], _dotted_keys(ref_dict)) if len(unknown) == 1 else ""
         raise UsageError(
             f"unknown config key(s) {', '.join(unknown)} for `sisajax {name}` "
-            f"(see `sisajax {name} --help`)"
+            f"({hint or f'see `sisajax {name} --help`'})"
         )
     return out  # type: ignore[return-value]
+
+
+def _overridden_key(e: Exception) -> str | None:
+    """The key of Hydra's "Could not override 'KEY'." error, if that is the error."""
+    import re
+
+    m = re.match(r"\s*Could not override '([^']+)'", str(e))
+    return m.group(1) if m else None
+
+
+def _reference_keys(name: str, overrides: list[str]) -> list[str]:
+    """Every dotted key of ``conf/<name>.yaml`` composed with ``overrides`` (group choices);
+    empty when that does not compose either."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+            ref = hydra_compose(config_name=name, overrides=overrides)
+    except Exception:  # noqa: BLE001 - only a hint: the error being reported is the real one
+        return []
+    return _dotted_keys(OmegaConf.to_container(ref, resolve=False))
+
+
+def _dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """``["seed", "sisa", "sisa.shards", ...]``: every key of a nested dict, dotted."""
+    if not isinstance(cfg, dict):
+        return []
+    out = []
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        out += [key, *_dotted_keys(v, key + ".")]
+    return out
+
+
+def _suggestion(key: str, known: list[str]) -> str:
+    """``did you mean sisa.shards?`` for a mistyped ``key`` (a known key with the same last part,
+    or a sibling spelled alike), how to add a key under a free-form section, or ""."""
+    key = key.lstrip("+~")
+    parent, _, leaf = key.rpartition(".")
+    same_leaf = [k for k in known if k.rpartition(".")[2] == leaf and k != key]
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(leaf, list(siblings), n=1)
+    options = same_leaf[:3] or [siblings[c] for c in close]
+    if options:
+        alternatives = " or ".join(
+            [", ".join(options[:-1]), options[-1]] if options[1:] else options
+        )
+        return f"did you mean {alternatives}?"
+    if parent in ("data.params", "model.params"):
+        return f"{parent} takes new keys with a leading +: +{key}=..."
+    return ""
 
 
 def _is_group_choice(override: str, folders: list[Path]) -> bool:
@@ -143,10 +204,11 @@ def _is_group_choice(override: str, folders: list[Path]) -> bool:
     return "=" in override and "." not in key and any((f / key).is_dir() for f in folders)
 
 
-def _hydra_message(e: Exception) -> str:
+def _hydra_message(e: Exception, hint: str = "") -> str:
+    """The first line of a Hydra/OmegaConf error (plus ``hint`` for a key it does not know)."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "Could not override" in msg:
-        msg += " (no such key; see --help)"
+        msg += f" (no such key; {hint or 'see --help'})"
     return msg
 
 
@@ -224,6 +286,17 @@ def help_text(name: str) -> str:
     return "\n".join(lines)
 
 
+def version() -> str:
+    """The installed package's version (no jax import)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("sisajax")
+    except PackageNotFoundError:
+        return "unknown (not installed as a package)"
+
+
 def top_help() -> str:
     width = max(len(n) for n in COMMANDS)
     lines = [
@@ -234,7 +307,8 @@ def top_help() -> str:
     lines += [f"  {n:<{width}}  {c.summary}" for n, c in COMMANDS.items()]
     lines += [
         "",
-        "`sisajax COMMAND --help` lists a command's config groups, options and defaults.",
+        "`sisajax COMMAND --help` lists a command's config groups, options and defaults;",
+        "`sisajax --version` prints the version.",
         "Exit codes: 0 ok, 1 a problem with the run or environment (or a failed check), "
         "2 a wrong request.",
     ]
@@ -287,8 +361,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(top_help())
         return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"sisajax {version()}")
+        return 0
     if argv[0] not in COMMANDS:
-        return fail(f"unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)}", 2)
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return fail(f"unknown command {argv[0]!r}{hint}; commands: {', '.join(COMMANDS)}", 2)
     try:
         name, flags, overrides = parse(argv)
         cmd = COMMANDS[name]
@@ -309,9 +388,30 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return run_command(cmd, cfg, overrides)
     except KeyboardInterrupt:
-        return fail("interrupted; the run is unchanged or resumable (`sisajax resume`)", 130)
+        return fail(interrupted_message(argv[0]), 130)
     except Exception as e:  # noqa: BLE001 - the one error handler of the command line
         return report_error(e)
+
+
+# What an interrupted command leaves behind, by command (what each one's code guarantees).
+_INTERRUPTED = {
+    "train": (
+        "interrupted; a new run's directory was removed (nothing was kept: train again), and a run "
+        "retrained in place keeps its previous generation (`sisajax resume` closes the request)"
+    ),
+    "forget": "interrupted; the run is unchanged or resumable (`sisajax resume`)",
+    "serve": "interrupted; the run is unchanged or resumable (`sisajax resume`)",
+    "resume": "interrupted; the run is unchanged or resumable (`sisajax resume` again)",
+}
+
+
+def interrupted_message(command: str) -> str:
+    """The one line printed when ``command`` is interrupted (Ctrl-C): true for that command."""
+    if command in _INTERRUPTED:
+        return _INTERRUPTED[command]
+    if command in ("evaluate", "status", "audit", "verify"):
+        return "interrupted; nothing was changed"
+    return "interrupted; the command's partial outputs may remain (run it again)"
 
 
 def run_command(cmd: Command, cfg: dict[str, Any], overrides: list[str]) -> int:

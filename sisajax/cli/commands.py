@@ -176,6 +176,8 @@ def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
         ids = read_ids(cfg)
     if req["mode"] not in ("batched", "sequential"):
         raise UsageError(f"requests.mode must be batched or sequential; got {req['mode']!r}")
+    run.writer_lock(cfg["lock_timeout_s"])  # checks the timeout value; takes no lock
+    pending_before = _refuse_if_all_forgotten(run, ids)
     factory, bar = progress_factory(cfg["progress"])
     if req["mode"] == "sequential":
         from sisajax.metrics import MetricsLog
@@ -220,6 +222,8 @@ def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
     with bar, warnings.catch_warnings():
         warnings.simplefilter("ignore", sj.HostWarning)  # printed below from the report
         rep = sj.forget(run, ids, progress=factory, lock_timeout_s=cfg["lock_timeout_s"])
+    if not rep.ids and not pending_before:  # forgotten by another writer since the check above
+        raise UsageError(_all_forgotten_message(len(rep.already_forgotten)))
     c = rep.cost
     rows = [
         ("ids forgotten", str(len(rep.ids))),
@@ -238,8 +242,52 @@ def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
     for w in rep.warnings:
         say(f"warning: {w}")
     print_table(f"forget -> generation {rep.generation}", rows, ("", "value"))
+    if rep.already_forgotten:
+        named = "" if run.config.ledger.hash_ids else f": {_some(rep.already_forgotten)}"
+        say(
+            f"skipped {len(rep.already_forgotten)} id(s) forgotten before{named}"
+            + (" (a pending request was finished first)" if pending_before else "")
+        )
     _result(run, f"forget-g{rep.generation:06d}", rep.to_dict())
     return 0
+
+
+def _all_forgotten_message(n: int) -> str:
+    which = "the id of the request was" if n == 1 else f"all {n} ids of the request were"
+    return f"{which} already forgotten; nothing changed"
+
+
+def _some(ids: list[Any], limit: int = 20) -> str:
+    """``ids`` for a message, the first ``limit`` of them."""
+    return str(ids[:limit]) if len(ids) <= limit else f"{ids[:limit]} and {len(ids) - limit} more"
+
+
+def _refuse_if_all_forgotten(run, ids: list[Any]) -> bool:
+    """Refuse (exit 2, before anything is written) a request whose ids were all forgotten
+    already. Returns whether the run has pending requests (a forget finishes them first, which may
+    forget these ids, so the check is left to after it).
+
+    Only a clear verdict refuses: malformed ids, a damaged ledger or a missing salt are left to
+    :func:`sisajax.forget`, which reports them as it always does.
+    """
+    import numpy as np
+
+    from sisajax.errors import SisajaxError
+    from sisajax.unlearning import normalise_ids
+
+    try:
+        if run.ledger.pending():
+            return True
+        arr = normalise_ids(ids)
+        if run.config.ledger.hash_ids:
+            run.ledger.check_salt((run.manifest.id_hashing or {}).get("salt_fingerprint"))
+        keys = run.ledger.removed_keys(arr)
+        all_gone = bool(np.isin(keys, run.partition.removed).all())
+    except SisajaxError:
+        return False
+    if all_gone:
+        raise UsageError(_all_forgotten_message(len(arr)))
+    return False
 
 
 def _ratio(full: int, done: int) -> str:
@@ -308,7 +356,7 @@ def cmd_audit(cfg: dict[str, Any], overrides: list[str]) -> int:
         ("checkpoints checked (shard x slice)", str(rep.checkpoints_checked)),
         ("forgotten ids", str(rep.forgotten_ids)),
         ("residual exposure", str(rep.residual_exposure)),
-        ("other problems", str(len(rep.problems))),
+        ("problems", str(len(rep.problems))),
         ("warnings", str(len(rep.warnings))),
         ("verdict", "PASS" if rep.ok else "FAIL"),
     ]

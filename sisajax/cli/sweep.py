@@ -27,6 +27,40 @@ from sisajax.cli.app import COMMANDS, UsageError, compose, conf_dir, report_erro
 
 RESULT = "job_result.json"
 
+# Launcher configs (ours and the plugins' own) -> the plugin module that provides them.
+LAUNCHER_PLUGINS = {
+    "parallel": "hydra_joblib_launcher",
+    "joblib": "hydra_joblib_launcher",
+    "slurm": "hydra_submitit_launcher",
+    "submitit_slurm": "hydra_submitit_launcher",
+    "submitit_local": "hydra_submitit_launcher",
+}
+
+
+def check_launcher(overrides: list[str]) -> None:
+    """Refuse a ``hydra/launcher=...`` whose Hydra plugin is not installed, with the pip extra
+    that installs it (Hydra itself would only fail with an error that points elsewhere).
+
+    Raises:
+      UsageError: the launcher's plugin module cannot be imported.
+    """
+    import importlib.util
+
+    for o in overrides:
+        key, _, value = o.lstrip("+").partition("=")
+        plugin = LAUNCHER_PLUGINS.get(value.strip()) if key == "hydra/launcher" else None
+        if plugin is None:
+            continue
+        try:
+            found = importlib.util.find_spec(f"hydra_plugins.{plugin}") is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise UsageError(
+                f"hydra/launcher={value} needs Hydra's {plugin.replace('_', '-')} plugin, which is "
+                "not installed: pip install 'sisajax[cluster]'"
+            )
+
 
 @contextmanager
 def _argv(args: list[str]):
@@ -44,6 +78,7 @@ def multirun(name: str, overrides: list[str], config_dirs: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    check_launcher(overrides)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     args = list(overrides)
     keys = {a.lstrip("+~").split("=", 1)[0] for a in args}

@@ -39,6 +39,8 @@ class Dataset:
       preprocessing: how the model sees the stored features, declared by the data set and
         applied inside the compiled programs (so stored copies stay compact, e.g. uint8 pixels):
         ``{"scale": s, "shift": b}`` maps ``x`` to ``float32(x) * s + b`` (default: identity).
+      class_names: the name of each label ``0..num_classes-1`` when the source names classes
+        (e.g. a CSV with string labels); None when labels are plain integers.
     """
 
     name: str
@@ -50,11 +52,16 @@ class Dataset:
     y_test: np.ndarray
     num_classes: int
     preprocessing: dict[str, float] = dataclasses.field(default_factory=dict)
+    class_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         bad = set(self.preprocessing) - {"scale", "shift"}
         if bad:
             raise DataError(f"{self.name}: unknown preprocessing keys {sorted(bad)} (scale, shift)")
+        if self.class_names is not None and len(self.class_names) != self.num_classes:
+            raise DataError(
+                f"{self.name}: {len(self.class_names)} class names for {self.num_classes} classes"
+            )
         validate_split(self.train_ids, self.x_train, self.y_train, self.num_classes, "train")
         validate_split(self.test_ids, self.x_test, self.y_test, self.num_classes, "test")
         if np.intersect1d(self.train_ids, self.test_ids).size:
@@ -69,10 +76,26 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
     def summary(self) -> str:
-        return (
+        """One line: sizes, feature shape, dtype and value range (and what the model sees after
+        the preprocessing), classes (with their names, if any)."""
+        out = (
             f"{self.name}: {len(self.train_ids)} train / {len(self.test_ids)} test, "
-            f"features {self.feature_shape} {self.x_train.dtype}, {self.num_classes} classes"
+            f"features {self.feature_shape} {self.x_train.dtype}"
         )
+        if self.x_train.size:
+            lo, hi = float(self.x_train.min()), float(self.x_train.max())
+            out += f" in {lo:g}..{hi:g}"
+            if self.preprocessing:
+                s = float(self.preprocessing.get("scale", 1.0))
+                b = float(self.preprocessing.get("shift", 0.0))
+                a, z = sorted((lo * s + b, hi * s + b))
+                out += f" (model input x * {s:g} + {b:g}: {a:g}..{z:g})"
+        out += f", {self.num_classes} classes"
+        if self.class_names is not None:
+            named = [f"{i}={n}" for i, n in enumerate(self.class_names[:10])]
+            more = len(self.class_names) - len(named)
+            out += f" ({', '.join(named)}{f', ... {more} more' if more else ''})"
+        return out
 
 
 def validate_split(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_classes: int, what: str):
@@ -206,23 +229,13 @@ def make_purchase_synthetic(
         )
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x9C4A5E]))
     n = n_train + n_test
+    protos = _purchase_prototypes(
+        rng, num_features, num_classes, items_per_prototype, modes, groups, shared_items
+    )
+    y = rng.integers(0, num_classes, size=n).astype(np.int32)
     if modes == 1 and shared_items == 0:  # the original generator, stream for stream
-        protos = np.zeros((num_classes, num_features), dtype=bool)
-        for c in range(num_classes):
-            protos[c, rng.choice(num_features, size=items_per_prototype, replace=False)] = True
-        y = rng.integers(0, num_classes, size=n).astype(np.int32)
-        basket = protos[y]
+        basket = protos[y, 0]
     else:
-        pools = [rng.choice(num_features, size=shared_items, replace=False) for _ in range(groups)]
-        protos = np.zeros((num_classes, modes, num_features), dtype=bool)
-        for c in range(num_classes):
-            pool = pools[c % groups]
-            rest = np.setdiff1d(np.arange(num_features), pool)
-            for m in range(modes):
-                protos[c, m, pool] = True
-                own = rng.choice(rest, size=items_per_prototype - shared_items, replace=False)
-                protos[c, m, own] = True
-        y = rng.integers(0, num_classes, size=n).astype(np.int32)
         basket = protos[y, rng.integers(0, modes, size=n)]
     keep = rng.random((n, num_features), dtype=np.float32) < keep_prob
     noise = rng.random((n, num_features), dtype=np.float32) < noise_prob
@@ -238,6 +251,131 @@ def make_purchase_synthetic(
         y[n_train:],
         num_classes,
     )
+
+
+def _purchase_prototypes(
+    rng: np.random.Generator,
+    num_features: int,
+    num_classes: int,
+    items_per_prototype: int,
+    modes: int,
+    groups: int,
+    shared_items: int,
+) -> np.ndarray:
+    """The baskets of :func:`make_purchase_synthetic`, drawn from ``rng`` first (so the rest of
+    the stream is unchanged): ``[num_classes, modes, num_features]`` bool, True = in the basket."""
+    if modes == 1 and shared_items == 0:  # the original generator, stream for stream
+        protos = np.zeros((num_classes, 1, num_features), dtype=bool)
+        for c in range(num_classes):
+            protos[c, 0, rng.choice(num_features, size=items_per_prototype, replace=False)] = True
+        return protos
+    pools = [rng.choice(num_features, size=shared_items, replace=False) for _ in range(groups)]
+    protos = np.zeros((num_classes, modes, num_features), dtype=bool)
+    for c in range(num_classes):
+        pool = pools[c % groups]
+        rest = np.setdiff1d(np.arange(num_features), pool)
+        for m in range(modes):
+            protos[c, m, pool] = True
+            own = rng.choice(rest, size=items_per_prototype - shared_items, replace=False)
+            protos[c, m, own] = True
+    return protos
+
+
+def purchase_class_conditionals(**params: Any) -> np.ndarray:
+    """The class-conditional model of ``purchase_synthetic`` with these parameters (defaults as
+    :func:`make_purchase_synthetic`), regenerated from its seed.
+
+    Returns:
+      ``[num_classes, modes, num_features]`` float64: P(feature = 1 | class, mode); features are
+      independent given (class, mode), and class and mode are uniform.
+    """
+    import inspect
+
+    try:
+        bound = inspect.signature(make_purchase_synthetic).bind(**params)
+    except TypeError as e:
+        raise DataError(f"bad parameters for data set 'purchase_synthetic': {e}") from e
+    bound.apply_defaults()
+    a = bound.arguments
+    make_purchase_synthetic(**{**a, "n_train": 1, "n_test": 0})  # the generator's own checks
+    rng = np.random.default_rng(np.random.SeedSequence([a["seed"], 0x9C4A5E]))
+    protos = _purchase_prototypes(
+        rng,
+        a["num_features"],
+        a["num_classes"],
+        a["items_per_prototype"],
+        a["modes"],
+        a["groups"],
+        a["shared_items"],
+    )
+    return np.where(protos, float(a["keep_prob"]), float(a["noise_prob"]))
+
+
+def bernoulli_mixture_bayes_accuracy(
+    x: np.ndarray, y: np.ndarray, probs: np.ndarray, chunk: int = 4096
+) -> float:
+    """Accuracy of the Bayes-optimal classifier on ``(x, y)`` when, given the class, the features
+    are a uniform mixture over modes of independent Bernoulli variables; classes are uniform.
+
+    Args:
+      x: ``[N, F]`` binary features.
+      y: ``[N]`` labels in ``[0, C)``.
+      probs: ``[C, M, F]`` P(feature = 1 | class, mode), 0 and 1 allowed (exact: a feature value
+        with probability 0 rules the (class, mode) out).
+      chunk: examples per block (memory ``chunk x C x M`` float64).
+
+    Returns:
+      the mean over examples of 1 / (number of classes of maximal posterior) when the label is
+      one of them, else 0: the exact posterior's argmax, ties broken uniformly at random (in
+      expectation).
+    """
+    c, m, f = probs.shape
+    p = probs.reshape(c * m, f).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        log1, log0 = np.log(p), np.log1p(-p)
+    never1, never0 = (p == 0.0).astype(np.float64), (p == 1.0).astype(np.float64)
+    log1[p == 0.0] = 0.0  # the impossible cases are counted apart, so no 0 * -inf arises
+    log0[p == 1.0] = 0.0
+    credit = 0.0
+    for start in range(0, len(x), chunk):
+        xb = np.asarray(x[start : start + chunk], np.float64)
+        ll = xb @ log1.T + (1.0 - xb) @ log0.T  # [n, C * M]
+        impossible = xb @ never1.T + (1.0 - xb) @ never0.T > 0
+        ll[impossible] = -np.inf
+        ll = ll.reshape(len(xb), c, m)
+        top = ll.max(axis=2, keepdims=True)
+        safe = np.where(np.isfinite(top), top, 0.0)
+        with np.errstate(divide="ignore"):
+            post = safe[..., 0] + np.log(np.exp(ll - safe).sum(axis=2))  # log p(x | class) + const
+        best = post.max(axis=1, keepdims=True)
+        tol = 1e-9 * np.maximum(1.0, np.abs(best))
+        winners = post >= best - tol
+        yb = np.asarray(y[start : start + chunk])
+        hit = winners[np.arange(len(xb)), yb]
+        credit += float((hit / winners.sum(axis=1)).sum())
+    return credit / max(len(x), 1)
+
+
+def bayes_accuracy(name: str, **params: Any) -> float:
+    """The Bayes-optimal accuracy on the test split of a generated data set: the accuracy of the
+    classifier that knows the generator's class-conditional distributions (regenerated from the
+    seed), computed exactly per test example. No model can beat it in expectation.
+
+    Supported: ``purchase_synthetic`` (see :func:`has_bayes_accuracy`).
+
+    Raises:
+      DataError: the data set has no known class-conditional model, or bad parameters.
+    """
+    if name != "purchase_synthetic":
+        raise DataError(f"no Bayes-optimal accuracy is known for data set {name!r}")
+    probs = purchase_class_conditionals(**params)
+    ds = make_purchase_synthetic(**params)
+    return bernoulli_mixture_bayes_accuracy(ds.x_test, ds.y_test, probs)
+
+
+def has_bayes_accuracy(name: str) -> bool:
+    """Whether :func:`bayes_accuracy` knows the data set's generator."""
+    return name == "purchase_synthetic"
 
 
 # ---------------------------------------------------------------------------------------------

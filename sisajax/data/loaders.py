@@ -147,14 +147,29 @@ def pixel_preprocessing(x: np.ndarray) -> dict[str, float]:
 
 
 def _hash_split(
-    name: str, ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_classes: int, tf: float, seed: int
+    name: str,
+    ids: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    num_classes: int,
+    tf: float,
+    seed: int,
+    class_names: tuple[str, ...] | None = None,
 ) -> Dataset:
     if not 0.0 <= tf < 1.0:
         raise DataError(f"{name}: test_fraction must be in [0, 1), got {tf}")
     test = split_by_hash(ids, tf, seed)
     y = y.astype(np.int32)
     return Dataset(
-        name, ids[~test], x[~test], y[~test], ids[test], x[test], y[test], int(num_classes)
+        name,
+        ids[~test],
+        x[~test],
+        y[~test],
+        ids[test],
+        x[test],
+        y[test],
+        int(num_classes),
+        class_names=class_names,
     )
 
 
@@ -647,6 +662,34 @@ def _csv_header(p: Path, delimiter: str) -> list[str]:
     return header
 
 
+def _csv_class_names(
+    p: Path, column: str, li: int, kw: dict[str, Any]
+) -> tuple[np.ndarray, tuple[str, ...]] | None:
+    """``(labels [N] int64, class names)`` for a label column that holds class names (``cat``,
+    ``dog``): the names sorted, each label the index of its name. None when every label is an
+    integer (the plain case, parsed with the other integer columns).
+
+    Raises:
+      DataError: an empty label, or labels that are numbers but not all integers.
+    """
+    raw = _loadtxt(p, f"label column {column!r}", dtype=str, usecols=[li], quotechar='"', **kw)
+    labels = np.char.strip(raw[:, 0])
+    if all(v.lstrip("+-").isdigit() for v in labels.tolist()):
+        return None
+    empty = np.flatnonzero(labels == "")
+    if empty.size:
+        raise DataError(f"{p}: empty label in column {column!r} (data row {empty[0] + 1})")
+    try:
+        labels.astype(np.float64)
+    except ValueError:
+        names = np.unique(labels)  # sorted
+        return np.searchsorted(names, labels).astype(np.int64), tuple(names.tolist())
+    raise DataError(
+        f"{p}: labels in column {column!r} are numbers but not all integers (a class label is an "
+        "integer or a name)"
+    )
+
+
 @register_dataset("csv")
 def load_csv(
     path: str | None = None,
@@ -657,20 +700,21 @@ def load_csv(
     delimiter: str = ",",
     num_classes: int | None = None,
 ) -> Dataset:
-    """A numeric CSV with a header row: one label column, optional id column, the rest features.
+    """A CSV with a header row: one label column, optional id column, the rest numeric features.
 
     Args:
       path: the CSV file.
-      label_column: name of the integer label column.
+      label_column: name of the label column: integer labels, or class names (``cat``, ``dog``),
+        which become labels ``0..C-1`` in sorted order (``Dataset.class_names`` keeps the names).
       id_column: name of an integer id column; ``None``: ids are 0-based data row numbers.
       test_fraction, split_seed: hash split over ids.
       delimiter: field separator.
-      num_classes: default ``max label + 1``.
+      num_classes: default ``max label + 1`` (or the number of class names).
 
     Returns:
       Features ``[N, F]`` float32 (columns in file order, label/id columns removed).
     """
-    hint = "pass data.params.path=<file.csv> (a header row, numeric columns)"
+    hint = "pass data.params.path=<file.csv> (a header row, numeric feature columns)"
     if path is None:
         raise DataError(f"csv: no path given; {hint}")
     p = _require_file(Path(path).expanduser(), "csv", hint)
@@ -684,17 +728,25 @@ def load_csv(
     if not feat_cols:
         raise DataError(f"{p}: no feature columns besides {label_column!r}/{id_column!r}")
     kw = {"delimiter": delimiter, "skiprows": 1, "encoding": "utf-8"}
+    named = _csv_class_names(p, label_column, li, kw)
+    names = None if named is None else named[1]
     # Parse the full row set once (so a wrong column count anywhere is caught), then the integer
-    # columns exactly (int64, not through float64, so large ids survive).
-    raw = _loadtxt(p, f"CSV with {len(header)} columns", dtype=np.float64, **kw)
+    # columns exactly (int64, not through float64, so large ids survive). A column of class names
+    # is read as text above, so this parse skips it.
+    skip = {} if named is None else {"converters": {li: lambda _: 0.0}}
+    raw = _loadtxt(p, f"CSV with {len(header)} columns", dtype=np.float64, **skip, **kw)
     if raw.size == 0:
         raise DataError(f"{p}: no data rows")
     if raw.shape[1] != len(header):
         raise DataError(f"{p}: {raw.shape[1]} columns in data rows, {len(header)} in header")
-    int_cols = [li] if ii is None else [li, ii]
-    ints = _loadtxt(p, f"integer columns {int_cols}", dtype=np.int64, usecols=int_cols, **kw)
-    y = ints[:, 0]
-    ids = np.arange(len(y), dtype=np.int64) if ii is None else ints[:, 1].copy()
+    int_cols = ([li] if named is None else []) + ([] if ii is None else [ii])
+    ints = (
+        _loadtxt(p, f"integer columns {int_cols}", dtype=np.int64, usecols=int_cols, **kw)
+        if int_cols
+        else np.zeros((len(raw), 0), np.int64)
+    )
+    y = ints[:, 0] if named is None else named[0]
+    ids = np.arange(len(y), dtype=np.int64) if ii is None else ints[:, -1].copy()
     if len(np.unique(ids)) != len(ids):
         raise DataError(f"{p}: id column {id_column!r} has duplicate values")
     x = raw[:, feat_cols].astype(np.float32)
@@ -702,7 +754,12 @@ def load_csv(
         raise DataError(f"{p}: features contain NaN or inf (or overflow float32)")
     if y.min() < 0:
         raise DataError(f"{p}: negative labels in column {label_column!r}")
+    if names is not None and num_classes is not None and num_classes != len(names):
+        raise DataError(
+            f"{p}: num_classes={num_classes}, but column {label_column!r} names {len(names)} "
+            "classes (leave num_classes unset)"
+        )
     if num_classes is None:
-        num_classes = int(y.max()) + 1
+        num_classes = int(y.max()) + 1 if names is None else len(names)
     _check_labels(y, num_classes, f"{p} column {label_column!r}")
-    return _hash_split("csv", ids, x, y, num_classes, test_fraction, split_seed)
+    return _hash_split("csv", ids, x, y, num_classes, test_fraction, split_seed, names)

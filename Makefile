@@ -51,6 +51,6 @@ clean:
 # The accuracy study (issue 13): baseline vs the best exact recipe, S = 1..50, 3 seeds, 100
 # deletions; ~35 min on 2 CPU cores. Tables and plots go to docs/accuracy/<data set>/.
 accuracy: $(STAMP) fashion-mnist
-	$(BIN)/sisajax paper experiment=accuracy_digits experiment.out_dir=docs/accuracy/digits
-	$(BIN)/sisajax paper experiment=accuracy experiment.out_dir=docs/accuracy/fashion_mnist
-	$(BIN)/sisajax paper experiment=accuracy_purchase experiment.out_dir=docs/accuracy/purchase_hard
+	$(BIN)/sisajax paper experiment=accuracy_digits 'experiment.seeds=[0,1,2]' experiment.out_dir=docs/accuracy/digits
+	$(BIN)/sisajax paper experiment=accuracy 'experiment.seeds=[0,1,2]' experiment.out_dir=docs/accuracy/fashion_mnist
+	$(BIN)/sisajax paper experiment=accuracy_purchase 'experiment.seeds=[0,1,2]' experiment.out_dir=docs/accuracy/purchase_hard

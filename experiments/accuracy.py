@@ -26,7 +26,6 @@ from sisajax.experiments.report import PAPER, by_seed, fmt, integer_log_axis, pl
 
 DEFAULTS: dict[str, Any] = {
     "shards": [1, 2, 5, 10, 20, 50],
-    "seeds": [0, 1, 2],
     # name -> overrides of the run groups; the first is the baseline
     "recipes": {"baseline": {}},
     "deletions": 100,  # single-id deletion requests in the drift stream (0: none)
@@ -35,6 +34,8 @@ DEFAULTS: dict[str, Any] = {
     "eval_every": 10,
 }
 SECTIONS = ("optim", "sisa", "model")
+SEED_LOOP = True  # run() trains every seed of opts["seeds"] itself
+ROW_KEYS = ("recipe", "shards")  # what names a row's configuration (rows differ by seed)
 
 
 def recipe_config(rc: RunConfig, overrides: dict[str, Any]) -> RunConfig:
@@ -53,7 +54,7 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
     if keep_for_stream not in recipes:
         raise ExperimentError(f"deletion_recipe {keep_for_stream!r} is not one of the recipes")
     rows, full, described = [], [], {}
-    stream_src = None
+    stream_src, stream_seed = None, 0
     for name, over in recipes.items():
         rrc = recipe_config(rc, over)
         described[name] = recipe_summary(rrc)
@@ -71,7 +72,7 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
                     and stream_src is None
                 )
                 if keep:
-                    stream_src = p
+                    stream_src, stream_seed = p, int(seed)
                 else:
                     ws.drop(p)
             if rrc.sisa.slices == 1 and 1 in [int(s) for s in opts["shards"]]:
@@ -85,20 +86,40 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
                 ws.drop(p)
     # "full": the baseline recipe's full model (seed of the first run), as in the other kinds
     out: dict[str, Any] = {"rows": rows, "full": full[0], "full_rows": full, "recipes": described}
+    out["bayes_accuracy"] = ceiling(rc)
     if stream_src is not None:
-        out["stream"] = deletion_stream(stream_src, int(opts["deletions"]), int(opts["eval_every"]))
+        out["stream"] = deletion_stream(
+            stream_src, int(opts["deletions"]), int(opts["eval_every"]), stream_seed
+        )
         out["stream"]["recipe"] = keep_for_stream
         ws.drop(stream_src)
     return out
 
 
-def deletion_stream(run_dir: Path, n: int, every: int) -> dict[str, Any]:
-    """Serve ``n`` uniformly drawn single-id deletions one at a time on the run at ``run_dir``;
-    accuracy before and every ``every`` deletions, with the cumulative retraining cost."""
+def ceiling(rc: RunConfig) -> float | None:
+    """The Bayes-optimal accuracy on the test split when the data set is a generator whose
+    class-conditional model is known (``purchase_synthetic``), else None."""
+    from sisajax.data.datasets import bayes_accuracy, has_bayes_accuracy
+
+    if not has_bayes_accuracy(rc.data.name):
+        return None
+    t0 = time.perf_counter()
+    value = bayes_accuracy(rc.data.name, **rc.data.params)
+    log(
+        f"ceiling: the Bayes-optimal accuracy on {rc.data.name}'s test split (its generator's own "
+        f"class-conditional model) is {value:.4f} ({time.perf_counter() - t0:.1f}s)"
+    )
+    return value
+
+
+def deletion_stream(run_dir: Path, n: int, every: int, seed: int = 0) -> dict[str, Any]:
+    """Serve ``n`` uniformly drawn single-id deletions (stream seed ``seed``: the run's) one at a
+    time on the run at ``run_dir``; accuracy before and every ``every`` deletions, with the
+    cumulative retraining cost."""
     import sisajax as sj
 
     run = sj.open_run(run_dir)
-    ids = sj.sample_requests(run.partition.ids, n, "uniform", 0)
+    ids = sj.sample_requests(run.partition.ids, n, "uniform", seed)
     points = [{"deleted": 0, **_acc(run), "examples": 0, "wall_s": 0.0}]
     examples, wall = 0, 0.0
     t0 = time.perf_counter()
@@ -112,6 +133,8 @@ def deletion_stream(run_dir: Path, n: int, every: int) -> dict[str, Any]:
     return {
         "shards": run.num_shards,
         "slices": run.num_slices,
+        "seed": seed,
+        "request_seed": seed,
         "points": points,
         "total_s": time.perf_counter() - t0,
         "remaining_ids": int(len(run.partition.ids)),
@@ -137,6 +160,7 @@ def report(res: dict[str, Any], png: Path) -> str:
     fulls = _full_by_recipe(res)
     names = list(res["recipes"])
     base_full = fulls[names[0]].get("vote", float("nan"))
+    bayes = res.get("bayes_accuracy")
     body = []
     for name in names:
         own_full = fulls[name].get("vote", float("nan"))
@@ -152,15 +176,24 @@ def report(res: dict[str, Any], png: Path) -> str:
                     pm(r, "shard_mean"),
                     fmt(100 * (own_full - r["vote"]), ".2f"),
                     fmt(100 * (base_full - r["vote"]), ".2f"),
+                    *([fmt(100 * (bayes - r["vote"]), ".2f")] if bayes is not None else []),
                     f"{r['train_examples']:,.0f}",
                     fmt(r["train_wall_s"], ".1f"),
                 ]
             )
+    ceiling_line = (
+        f" Ceiling: the Bayes-optimal accuracy on this test split is {bayes:.4f} (the classifier "
+        "that knows the generator's class-conditional distributions; no model beats it in "
+        "expectation); below Bayes = that minus SISA's vote accuracy, in points."
+        if bayes is not None
+        else ""
+    )
     md = [
         "Recipes: "
         + "; ".join(f"**{n}**: {d}" for n, d in res["recipes"].items())
         + ". Loss = the full model's (S=1, R=1) vote accuracy minus SISA's, in points "
-        "(mean over seeds), against the same recipe's full model and against the baseline's.",
+        "(mean over seeds), against the same recipe's full model and against the baseline's."
+        + ceiling_line,
         "",
         table(
             [
@@ -173,6 +206,7 @@ def report(res: dict[str, Any], png: Path) -> str:
                 "one constituent",
                 "loss vs own full",
                 "loss vs baseline full",
+                *(["below Bayes"] if bayes is not None else []),
                 "train examples",
                 "train s",
             ],
@@ -189,7 +223,12 @@ def report(res: dict[str, Any], png: Path) -> str:
                     fmt(f.get("train_wall_s"), ".1f"),
                 ]
                 for n, f in fulls.items()
-            ],
+            ]
+            + (
+                [["Bayes-optimal (the generator's own model)", fmt(bayes), "-", "-"]]
+                if bayes is not None
+                else []
+            ),
         ),
     ]
     st = res.get("stream")
@@ -251,6 +290,8 @@ def plot(res: dict[str, Any], png: Path) -> None:
         claim = PAPER["shards_max_loss"]
         ax.axhspan(base["vote"] - claim["points"] / 100, base["vote"], color="gray", alpha=0.12,
                    label=claim["label"])  # fmt: skip
+    if res.get("bayes_accuracy") is not None:
+        ax.axhline(res["bayes_accuracy"], color="k", ls="--", lw=1, label="Bayes-optimal (ceiling)")
     if len(xs) > 1:
         integer_log_axis(ax, xs)
     ax.set_xlabel("number of shards S")
@@ -279,7 +320,8 @@ def plot(res: dict[str, Any], png: Path) -> None:
 
 
 def headline(res: dict[str, Any], shards: int = 20) -> list[dict[str, Any]]:
-    """Per recipe at ``shards``: vote mean/sd, loss vs its own and the baseline's full model."""
+    """Per recipe at ``shards``: vote mean/sd, loss vs its own and the baseline's full model, and
+    the data set's Bayes-optimal accuracy (None unless the generator's model is known)."""
     fulls = _full_by_recipe(res)
     names = list(res["recipes"])
     out = []
@@ -296,6 +338,7 @@ def headline(res: dict[str, Any], shards: int = 20) -> list[dict[str, Any]]:
                 "loss_vs_own_full": 100 * (fulls[name].get("vote", np.nan) - v.mean()),
                 "loss_vs_baseline_full": 100 * (fulls[names[0]].get("vote", np.nan) - v.mean()),
                 "train_examples": float(np.mean([r["train_examples"] for r in rows])),
+                "bayes_accuracy": res.get("bayes_accuracy"),
             }
         )
     return out

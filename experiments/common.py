@@ -2,12 +2,16 @@
 
 Experiments are library code operating on composed config dicts (no Hydra, no command-line
 imports); each kind lives in its own module (``shards``, ``slices``, ``requests``, ``dist_aware``,
-``single``, ``accuracy``) with ``DEFAULTS``, ``run(rc, ds, opts, ws)`` and ``report(res, png)``.
+``single``, ``accuracy``) with ``DEFAULTS``, ``run(rc, ds, opts, ws)``, ``report(res, png)``,
+``ROW_KEYS`` (the row fields naming a configuration, for averaging over seeds) and optionally
+``SEED_LOOP = True`` (``run`` trains every seed of ``opts["seeds"]`` itself; otherwise the driver
+runs it once per seed with ``rc.sisa.seed`` set and merges the results).
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -31,6 +35,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "keep_runs": False,  # keep the SISA run directories under <out>/runs
     "full_baseline": True,  # also train the S=1, R=1 baseline on the same data
     "report": True,  # write report.md and the plot after the run
+    # null: the top-level seed; a list: run every listed seed (wins over seed; see seeds.py)
+    "seeds": None,
 }
 FEATURE_DEFAULTS: dict[str, Any] = {
     "extractor": None,  # null: train on the data set's features; cnn | mlp: transfer learning
@@ -68,10 +74,18 @@ def options(cfg: dict[str, Any], kinds: dict[str, Any]) -> dict[str, Any]:
     bad = [m for m in modes if m not in ("batched", "sequential")]
     if bad:
         raise ExperimentError(f"unknown request modes {bad}; use batched or sequential")
-    for key in ("shards", "slices", "k", "seeds"):
+    for key in ("shards", "slices", "k"):
         if isinstance(opts.get(key), list) and not opts[key]:
             raise ExperimentError(f"experiment.{key} must list at least one value")
     return opts
+
+
+def partition_digest(part: Partition) -> str:
+    """16 hex digits naming a partition: which (shard, slice) every id is in."""
+    h = hashlib.sha256()
+    for a in (part.ids.astype("<i8"), part.shard.astype("<i4"), part.slice.astype("<i4")):
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def feature_options(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -203,6 +217,7 @@ def train_and_eval(
         "slices": rc.sisa.slices,
         "epochs": rc.sisa.epochs,
         "seed": rc.sisa.seed,
+        "partition_digest": partition_digest(run.partition),
         "n_train": int(sizes.sum()),
         "shard_size_min": int(sizes.min()),
         "shard_size_max": int(sizes.max()),
@@ -219,10 +234,30 @@ def train_and_eval(
 
 def full_baseline(rc: RunConfig, ds: Dataset, ws: Workspace) -> dict[str, Any]:
     """The S = 1, R = 1 baseline on the same data (same model, optimizer, epochs, batch, seed)."""
-    p = ws.path("full")
+    p = ws.path(f"full_seed{rc.sisa.seed}")
     _, row = train_and_eval(rc.replace(sisa={"shards": 1, "slices": 1}), ds, p)
     ws.drop(p)
     return row
+
+
+def full_baselines(
+    rc: RunConfig, ds: Dataset, ws: Workspace, seeds: list[int], rows: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The full-retrain baseline of every seed (an S = 1, R = 1 row of that seed is reused).
+
+    Returns:
+      ``{"full": row}`` for one seed; for several, ``full`` averaged over seeds (``n``, ``*_sd``)
+      and ``full_rows`` (one per seed).
+    """
+    from sisajax.experiments.seeds import mean_row
+
+    fulls = []
+    for seed in seeds:
+        same = [r for r in rows if (r["shards"], r["slices"], r["seed"]) == (1, 1, seed)]
+        fulls.append(same[0] if same else full_baseline(rc.replace(sisa={"seed": seed}), ds, ws))
+    if len(fulls) == 1:
+        return {"full": fulls[0]}
+    return {"full": mean_row(fulls), "full_rows": fulls}
 
 
 def stream_costs(costs: list[CostReport], full_examples: int) -> dict[str, Any]:

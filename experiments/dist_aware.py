@@ -19,7 +19,8 @@ from sisajax.experiments.common import (
     serve_all,
     train_and_eval,
 )
-from sisajax.experiments.report import fmt, plt, table
+from sisajax.experiments.report import by_seed, fmt, plt, pm, table
+from sisajax.experiments.seeds import request_seed
 
 DEFAULTS: dict[str, Any] = {
     # groups: [{fraction, p}] = share of the training ids and per-id deletion probability
@@ -34,21 +35,26 @@ DEFAULTS: dict[str, Any] = {
     "bound": None,  # C, expected deletions per shard, in units of p
     "k": [1, 5, 10, 20],
     "modes": ["batched", "sequential"],
-    "seed": 0,
+    "seed": None,  # the scenario's and the request stream's seed (null: the run's seed)
 }
+ROW_KEYS = ("partition", "mode", "k")  # what names a row's configuration (rows differ by seed)
 
 
-def deletion_probabilities(ids: np.ndarray, opts: dict) -> tuple[np.ndarray, np.ndarray | None]:
-    """``([N] per-id deletion probability, [N] group index or None)`` of the scenario."""
+def deletion_probabilities(
+    ids: np.ndarray, opts: dict, run_seed: int = 0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``([N] per-id deletion probability, [N] group index or None)`` of the scenario, drawn with
+    ``experiment.seed`` (or ``run_seed`` when it is null)."""
     from sisajax.errors import UserInputError
     from sisajax.requests import group_weights, request_weights
 
+    seed = request_seed(opts, run_seed)
     if opts["scenario"] == "groups":
         try:
-            return group_weights(ids, opts["groups"], int(opts["seed"]))
+            return group_weights(ids, opts["groups"], seed)
         except UserInputError as e:
             raise ExperimentError(str(e)) from None
-    return request_weights(ids, opts["scenario"], int(opts["seed"])), None
+    return request_weights(ids, opts["scenario"], seed), None
 
 
 def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict[str, Any]:
@@ -57,7 +63,8 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
     from sisajax.requests import sample_requests
 
     ids = np.sort(ds.train_ids)
-    probs, groups = deletion_probabilities(ids, opts)
+    req_seed = request_seed(opts, rc.sisa.seed)
+    probs, groups = deletion_probabilities(ids, opts, rc.sisa.seed)
     total = float(probs.sum())
     bound = float(opts["bound"]) if opts["bound"] else total / int(opts["target_shards"])
     r, seed = rc.sisa.slices, rc.sisa.seed
@@ -65,7 +72,7 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
     s = aware.num_shards
     parts = {"uniform": hash_partition(ids, s, r, seed), "dist_aware": aware}
     ks = sorted(int(k) for k in opts["k"])
-    stream = sample_requests(ids, max(ks), seed=int(opts["seed"]), weights=probs)
+    stream = sample_requests(ids, max(ks), seed=req_seed, weights=probs)
     log(f"Algorithm 1: bound C={bound:.3g} (sum p = {total:.3g}) -> {s} shards")
     rcs = rc.replace(sisa={"shards": s})
     rows, partitions = [], {}
@@ -88,7 +95,16 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
                     sizes, share, row["k"], e, row["mode"]
                 )
             row["speedup_examples"] = row["full_examples"] / max(row["examples"], 1)
-            rows.append({"partition": name, "shards": s, "slices": r, **row})
+            rows.append(
+                {
+                    "partition": name,
+                    "shards": s,
+                    "slices": r,
+                    **row,
+                    "seed": seed,
+                    "request_seed": req_seed,
+                }
+            )
         ws.drop(src)
     out: dict[str, Any] = {
         "rows": rows,
@@ -106,23 +122,29 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
     return out
 
 
-def _one_request_costs(res: dict[str, Any], p: dict[str, Any]) -> tuple[str, str]:
-    """(expected, median) examples of one request from the skewed distribution, R = 1 only."""
+def _one_request_costs(res: dict[str, Any], per_seed: list[dict[str, Any]]) -> tuple[str, str]:
+    """(expected, median) examples of one request from the skewed distribution, R = 1 only,
+    averaged over the partitions of every seed (``per_seed``)."""
     if res["config"]["sisa"]["slices"] != 1:
         return "-", "-"
     e = res["config"]["sisa"]["epochs"]
-    cost = e * np.asarray(p["sizes"], np.float64)
-    share = np.asarray(p["request_share"], np.float64)
-    order = np.argsort(cost)
-    median = cost[order][np.searchsorted(np.cumsum(share[order]), 0.5)]
-    return f"{(share * cost).sum():,.0f}", f"{median:,.0f}"
+    expected, medians = [], []
+    for p in per_seed:
+        cost = e * np.asarray(p["sizes"], np.float64)
+        share = np.asarray(p["request_share"], np.float64)
+        order = np.argsort(cost)
+        medians.append(cost[order][np.searchsorted(np.cumsum(share[order]), 0.5)])
+        expected.append((share * cost).sum())
+    return f"{np.mean(expected):,.0f}", f"{np.mean(medians):,.0f}"
 
 
 def report(res: dict[str, Any], png: Path) -> str:
-    parts = res["partitions"]
+    parts = res["partitions"]  # averaged over seeds when merged (per seed: partition_rows)
+    per_seed = res.get("partition_rows") or {name: [p] for name, p in parts.items()}
     md = table(
         [
             "partition",
+            "seeds",
             "S",
             "ids per shard (min / median / max)",
             "largest request share of a shard",
@@ -135,13 +157,14 @@ def report(res: dict[str, Any], png: Path) -> str:
         [
             [
                 name,
-                str(p["shards"]),
+                str(len(per_seed[name])),
+                fmt(p["shards"], "g"),
                 f"{p['shard_size_min']:,} / {p['size_median']:,.0f} / {p['shard_size_max']:,}",
                 fmt(p["expected_deletions_max"], ".3f"),
-                *_one_request_costs(res, p),
-                fmt(p["vote"]),
-                fmt(p["mean_prob"]),
-                fmt(p["shard_mean"]),
+                *_one_request_costs(res, per_seed[name]),
+                pm(p, "vote"),
+                pm(p, "mean_prob"),
+                pm(p, "shard_mean"),
             ]
             for name, p in parts.items()
         ],
@@ -151,6 +174,7 @@ def report(res: dict[str, Any], png: Path) -> str:
             "partition",
             "mode",
             "K",
+            "seeds",
             "shard retrains",
             "examples retrained (expected)",
             "speedup vs full (examples)",
@@ -161,12 +185,13 @@ def report(res: dict[str, Any], png: Path) -> str:
                 r["partition"],
                 r["mode"],
                 str(r["k"]),
-                str(r["shards_hit"]),
-                f"{r['examples']:,} ({fmt(r.get('predicted_examples'), ',.0f')})",
-                fmt(r["speedup_examples"], ".2f"),
+                str(r["n"]),
+                fmt(r["shards_hit"], "g"),
+                f"{pm(r, 'examples', ',.0f')} ({fmt(r.get('predicted_examples'), ',.0f')})",
+                pm(r, "speedup_examples", ".2f"),
                 fmt(r["wall_s"], ".1f"),
             ]
-            for r in res["rows"]
+            for r in by_seed(res["rows"], ROW_KEYS)
         ],
     )
     if res.get("groups"):
@@ -181,19 +206,22 @@ def report(res: dict[str, Any], png: Path) -> str:
 def _plot(res: dict[str, Any], png: Path) -> None:
     pyplot = plt()
     fig, (a1, a2) = pyplot.subplots(1, 2, figsize=(11, 4))
-    for i, (name, p) in enumerate(res["partitions"].items()):
+    first = {name: ps[0] for name, ps in (res.get("partition_rows") or {}).items()}
+    for i, (name, p) in enumerate((first or res["partitions"]).items()):
         a1.bar(
             np.arange(len(p["sizes"])) + 0.4 * i, p["sizes"], width=0.4, label=name, color=f"C{i}"
         )
     a1.set_xlabel("shard")
     a1.set_ylabel("training ids")
-    a1.set_title("shard sizes")
+    seed = next(iter((first or res["partitions"]).values())).get("seed")
+    a1.set_title("shard sizes" + (f" (seed {seed})" if seed is not None else ""))
     a1.legend(fontsize=8)
     styles = {"batched": "o-", "sequential": "s--"}
+    merged = by_seed(res["rows"], ROW_KEYS)
     for i, name in enumerate(res["partitions"]):
         for mode, st in styles.items():
             rows = sorted(
-                (r for r in res["rows"] if r["partition"] == name and r["mode"] == mode),
+                (r for r in merged if r["partition"] == name and r["mode"] == mode),
                 key=lambda r: r["k"],
             )
             if rows:

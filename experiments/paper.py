@@ -7,6 +7,13 @@ data set's own preprocessing; a ``features`` section selects the transfer-learni
 ``outputs/paper/<name>``, or Hydra's job folder under ``-m``): ``results.json``, ``results.csv``,
 ``report.md`` and ``<name>.png``. SISA run directories go to ``<out>/runs/`` and are deleted
 afterwards unless ``experiment.keep_runs``.
+
+Seeds (the rule is in :mod:`sisajax.experiments.seeds`): the top-level ``seed`` is the run's
+seed; ``experiment.seeds`` (declared in every preset, default null) lists several seeds for one
+job and then wins over ``seed``. Kinds that loop over seeds themselves (``SEED_LOOP``) get the
+list; the others run once per seed and their results are merged (mean ± sd in the report). Every
+row of ``results.json`` records the seed it was trained with; ``seeding`` records how the seeds
+were chosen.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from sisajax.experiments.common import (
     prepare_data,
     write_results,
 )
+from sisajax.experiments.seeds import merge_runs, resolve_seeds, stamp_seed
 
 KINDS = {
     "single": single,
@@ -55,14 +63,25 @@ def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None) -> di
     t0 = time.perf_counter()
     opts = options(cfg, KINDS)
     fopts = feature_options(cfg)
-    rc = run_config_from(cfg)
+    seeds, seeding = resolve_seeds(cfg, opts)
+    rc = run_config_from(cfg).replace(sisa={"seed": seeds[0]})
     out = output_dir(opts, out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log(f"{opts['kind']} -> {out}")
+    log(f"{opts['kind']} -> {out}; {seeding['note']}")
     ds, data_info = prepare_data(rc, fopts)
     ws = Workspace(out, bool(opts["keep_runs"]))
+    kind = KINDS[opts["kind"]]
     try:
-        body = KINDS[opts["kind"]].run(rc, ds, opts, ws)
+        if getattr(kind, "SEED_LOOP", False):
+            body = kind.run(rc, ds, {**opts, "seeds": seeds}, ws)
+        else:
+            runs = []
+            for seed in seeds:
+                if len(seeds) > 1:
+                    log(f"seed {seed}")
+                rcs = rc.replace(sisa={"seed": seed})
+                runs.append(stamp_seed(kind.run(rcs, ds, opts, ws), seed))
+            body = merge_runs(runs)
     finally:
         ws.close()
     results = {
@@ -73,6 +92,7 @@ def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None) -> di
         "config": rc.to_dict(),
         "data": data_info,
         **body,
+        "seeding": seeding,
         "total_s": time.perf_counter() - t0,
         "machine": machine(),
         "versions": library_versions(),

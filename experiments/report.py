@@ -1,8 +1,11 @@
 """Reports: markdown tables and plots from experiment ``results.json`` files.
 
 :func:`make_report` turns every ``results.json`` under a folder into ``report.md`` and one PNG per
-experiment (each kind module renders its own section with ``report(res, png)``). Shared here:
-number formatting, markdown tables, the recipe line, seed aggregation (mean and spread), and the
+configuration (each kind module renders its own section with ``report(res, png)``). Results of
+the same configuration with different seeds (one Hydra job per seed, e.g. ``sisajax paper -m
+experiment=shards seed=0,1,2``) are merged first, so their rows read mean ± sd over seeds
+(:mod:`sisajax.experiments.seeds`); ``merged.json`` holds those averaged rows. Shared here: number
+formatting, markdown tables, the recipe line, seed aggregation (mean and spread), and the
 accuracy-vs-S/R plot with error bars over seeds, integer ticks on log axes and the paper's
 reported numbers overlaid where a preset reproduces a paper figure.
 """
@@ -11,11 +14,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from sisajax.experiments.common import jsonable
 
 # What the paper reports (Bourtoule et al. 2021; shared/SISA.md), drawn on the matching plots.
 PAPER = {
@@ -51,11 +53,17 @@ def recipe(res: dict[str, Any]) -> str:
             f"public ids (its test accuracy {fmt(x.get('test_accuracy'))})"
         )
     extras = [f"averaging {o['averaging']}"] if o.get("averaging", "none") != "none" else []
+    seeds = (res.get("seeding") or {}).get("note")
+    if not seeds:  # results written before the seeding record: the rows' seeds
+        from sisajax.experiments.seeds import result_seeds
+
+        found = result_seeds(res)
+        seeds = f"seed{'s' if len(found) > 1 else ''} {', '.join(map(str, found))}"
     return (
         f"Data: {res['data']['summary']}{ext}. Model: {m['name']} hidden {m['hidden']} "
         f"{m['activation']}; {o['name']} lr {o['learning_rate']}{', ' if extras else ''}"
         f"{', '.join(extras)}, batch {s['batch_size']}, {s['epochs']:g} epochs (recalibrated over "
-        f"slices), seed {s['seed']}. Took {res['total_s']:.0f}s on {res['machine']['cpus']} CPU "
+        f"slices), {seeds}. Took {res['total_s']:.0f}s on {res['machine']['cpus']} CPU "
         f"cores (load {res['machine']['loadavg'][0]:.1f})."
     )
 
@@ -64,31 +72,22 @@ def full_line(res: dict[str, Any]) -> str:
     f = res.get("full")
     if not f:
         return ""
+    seeds = f" (mean ± sd over {f['n']} seeds)" if f.get("n", 1) > 1 else ""
     return (
-        f"Full-retrain baseline (S=1, R=1, same data): accuracy {fmt(f['vote'])}, "
-        f"{f['train_examples']:,} examples, {f['train_wall_s']:.1f}s."
+        f"Full-retrain baseline (S=1, R=1, same data): accuracy {pm(f, 'vote')}{seeds}, "
+        f"{f['train_examples']:,.0f} examples, {f['train_wall_s']:.1f}s."
     )
 
 
-def by_seed(rows: list[dict[str, Any]], key: str, fields: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Rows grouped by ``key`` (e.g. ``shards``): per field the mean, ``<field>_sd`` (sample
-    standard deviation over seeds, 0 for one seed) and ``n`` (the number of seeds)."""
-    groups: dict[Any, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        groups[r[key]].append(r)
-    out = []
-    for value in sorted(groups):
-        g = groups[value]
-        agg: dict[str, Any] = {key: value, "n": len(g)}
-        for f in fields:
-            vals = np.array([r[f] for r in g if r.get(f) is not None], np.float64)
-            agg[f] = float(vals.mean()) if vals.size else float("nan")
-            agg[f + "_sd"] = float(vals.std(ddof=1)) if vals.size > 1 else 0.0
-        for r in g[:1]:  # fields that do not vary with the seed
-            for f in ("slices", "shards", "epochs", "n_train", "shard_size_min", "shard_size_max"):
-                agg.setdefault(f, r.get(f))
-        out.append(agg)
-    return out
+def by_seed(
+    rows: list[dict[str, Any]], key: str | tuple[str, ...], fields: tuple[str, ...] | None = None
+) -> list[dict[str, Any]]:
+    """Rows grouped by ``key`` (e.g. ``shards``, or ``("mode", "k")``): per field the mean,
+    ``<field>_sd`` (sample standard deviation over seeds, 0 for one seed), ``n`` (the number of
+    seeds) and ``seeds``; see :func:`sisajax.experiments.seeds.aggregate_rows`."""
+    from sisajax.experiments.seeds import aggregate_rows
+
+    return aggregate_rows(rows, key, fields)
 
 
 def pm(row: dict[str, Any], field: str, spec: str = ".4f") -> str:
@@ -167,8 +166,50 @@ def plot_accuracy(res: dict[str, Any], key: str, xlabel: str, png: Path, ax=None
         pyplot.close(fig)
 
 
+def _rel(d: Path, root: Path) -> str:
+    where = str(d.relative_to(root))
+    return "" if where == "." else where
+
+
+def merge_found(
+    found: list[tuple[Path, dict[str, Any]]],
+) -> list[tuple[list[Path], dict[str, Any]]]:
+    """Results grouped by configuration (everything but the seeds), each group merged over its
+    seeds (:func:`sisajax.experiments.seeds.merge_runs`), in order of first appearance."""
+    from sisajax.experiments.seeds import config_key, merge_runs
+
+    groups: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for d, res in found:
+        groups.setdefault(config_key(res), []).append((d, res))
+    return [([d for d, _ in g], merge_runs([r for _, r in g])) for g in groups.values()]
+
+
+def summary(res: dict[str, Any], dirs: list[Path], root: Path) -> dict[str, Any]:
+    """One merged configuration for ``merged.json``: its jobs, seeds and rows averaged over
+    seeds (grouped by the kind's ``ROW_KEYS``)."""
+    from sisajax.experiments.paper import KINDS
+    from sisajax.experiments.seeds import aggregate_rows, result_seeds
+
+    keys = getattr(KINDS[res["kind"]], "ROW_KEYS", ())
+    out: dict[str, Any] = {
+        "name": res["name"],
+        "kind": res["kind"],
+        "jobs": [_rel(d, root) or "." for d in dirs],
+        "seeds": result_seeds(res),
+        "rows": aggregate_rows(res.get("rows", []), keys),
+    }
+    if res.get("full"):
+        out["full"] = res["full"]
+    if res.get("bayes_accuracy") is not None:
+        out["bayes_accuracy"] = res["bayes_accuracy"]
+    for note in res.get("merge_notes") or []:
+        out.setdefault("notes", []).append(note)
+    return out
+
+
 def make_report(root: str | Path) -> Path:
-    """Turn every ``results.json`` under ``root`` into ``root/report.md`` and PNG plots.
+    """Turn every ``results.json`` under ``root`` into ``root/report.md``, ``root/merged.json``
+    and PNG plots: one section per configuration, its seeds merged (mean ± sd over seeds).
 
     Raises:
       FileNotFoundError: no experiment ``results.json`` under ``root``.
@@ -187,25 +228,40 @@ def make_report(root: str | Path) -> Path:
     if not found:
         raise FileNotFoundError(f"no experiment results.json under {root}")
     sections = [f"# Results under {root.name}\n"]
-    singles = [(d, r) for d, r in found if r["kind"] == "single"]
-    for d, res in found:
+    merged = merge_found(found)
+    singles = [(dirs, r) for dirs, r in merged if r["kind"] == "single"]
+    pngs: set[Path] = set()
+    for dirs, res in merged:
         if res["kind"] == "single":
             continue
-        png = d / f"{res['name']}.png"
+        if len(dirs) == 1:
+            png = dirs[0] / f"{res['name']}.png"
+            where = _rel(dirs[0], root)
+        else:  # several jobs, one per seed: the merged plot goes to the root
+            png = root / f"{res['name']}.png"
+            i = 1
+            while png in pngs:
+                i += 1
+                png = root / f"{res['name']}_{i}.png"
+            where = "jobs " + ", ".join(_rel(d, root) or "." for d in dirs)
+        pngs.add(png)
         md = KINDS[res["kind"]].report(res, png)
-        rel = png.relative_to(root)
-        where = d.relative_to(root)
+        notes = "".join(f"\n\nNote: {n}." for n in res.get("merge_notes") or [])
         sections.append(
-            f"## {res['name']} ({res['kind']}){'' if str(where) == '.' else f' - {where}'}\n\n"
-            f"{recipe(res)}\n\n{md}\n\n{full_line(res)}\n\n![{res['name']}]({rel})\n"
+            f"## {res['name']} ({res['kind']}){f' - {where}' if where else ''}\n\n"
+            f"{recipe(res)}{notes}\n\n{md}\n\n{full_line(res)}\n\n"
+            f"![{res['name']}]({png.relative_to(root)})\n"
         )
     if singles:
         from sisajax.experiments.single import report_jobs
 
+        jobs = sum(len(dirs) for dirs, _ in singles)
         sections.append(
-            f"## Sweep ({len(singles)} jobs)\n\n{recipe(singles[0][1])}\n\n"
-            f"{report_jobs(singles, root)}\n"
+            f"## Sweep ({jobs} jobs)\n\n{recipe(singles[0][1])}\n\n{report_jobs(singles, root)}\n"
         )
+    (root / "merged.json").write_text(
+        json.dumps(jsonable([summary(r, dirs, root) for dirs, r in merged]), indent=1) + "\n"
+    )
     path = root / "report.md"
     path.write_text("\n".join(sections))
     return path

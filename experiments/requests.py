@@ -11,15 +11,17 @@ from typing import Any
 from sisajax.config import RunConfig
 from sisajax.data.datasets import Dataset
 from sisajax.experiments.common import Workspace, cost_cols, eval_row, serve_all, train_and_eval
-from sisajax.experiments.report import PAPER, fmt, integer_log_axis, plt, table
+from sisajax.experiments.report import PAPER, by_seed, fmt, integer_log_axis, plt, pm, table
+from sisajax.experiments.seeds import request_seed
 
 DEFAULTS: dict[str, Any] = {
     "k": [1, 2, 5, 8, 10, 18, 20, 50],
     "modes": ["batched", "sequential"],
     "max_sequential": None,  # serve the sequential stream only up to this K (null: all)
     "distribution": "uniform",
-    "seed": 0,
+    "seed": None,  # the request stream's seed (null: the run's seed)
 }
+ROW_KEYS = ("mode", "k")  # what names a row's configuration (rows differ by seed)
 
 
 def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict[str, Any]:
@@ -29,11 +31,13 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
     ks = sorted(int(k) for k in opts["k"])
     src = ws.path("sisa")
     run_, trained = train_and_eval(rc, ds, src)
-    stream = sj.sample_requests(run_.partition.ids, max(ks), opts["distribution"], opts["seed"])
+    req_seed = request_seed(opts, rc.sisa.seed)
+    stream = sj.sample_requests(run_.partition.ids, max(ks), opts["distribution"], req_seed)
     full_run, full_cost = sj.full_retrain(run_, ws.path("full"))
     full = {
         "shards": 1,
         "slices": 1,
+        "seed": rc.sisa.seed,
         **eval_row(full_run.evaluate()),
         **cost_cols(full_cost, "train"),
     }
@@ -41,6 +45,7 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
     rows = serve_all(src, stream, ks, list(opts["modes"]), ws, "sisa", opts["max_sequential"])
     s, r, e, n = rc.sisa.shards, rc.sisa.slices, rc.sisa.epochs, trained["n_train"]
     for row in rows:
+        row.update(seed=rc.sisa.seed, request_seed=req_seed)
         k = row["k"]
         if row["mode"] == "batched":
             row["predicted_examples"] = e * costs.expected_cost_batched(n, s, r, k)
@@ -64,26 +69,29 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
 
 
 def report(res: dict[str, Any], png: Path) -> str:
+    rows = by_seed(res["rows"], ROW_KEYS)  # mean ± sd over seeds (one row each for one seed)
     body = [
         [
             r["mode"],
             str(r["k"]),
-            f"{r['shards_hit']} / {fmt(r['predicted_shards_hit'], '.1f')}",
-            f"{r['examples']:,}",
+            str(r["n"]),
+            f"{fmt(r['shards_hit'], 'g')} / {fmt(r['predicted_shards_hit'], '.1f')}",
+            pm(r, "examples", ",.0f"),
             fmt(r["predicted_examples"], ",.0f"),
-            f"{r['full_examples']:,}",
-            f"{fmt(r['speedup_examples'], '.2f')} / {fmt(r['predicted_speedup'], '.2f')}",
+            fmt(r["full_examples"], ",.0f"),
+            f"{pm(r, 'speedup_examples', '.2f')} / {fmt(r['predicted_speedup'], '.2f')}",
             fmt(r["wall_s"], ".1f"),
             fmt(r["full_wall_s"], ".1f"),
-            fmt(r["speedup_wall"], ".2f"),
+            pm(r, "speedup_wall", ".2f"),
             fmt(r["speedup_wall_no_compile"], ".2f"),
         ]
-        for r in res["rows"]
+        for r in rows
     ]
     md = table(
         [
             "mode",
             "K",
+            "seeds",
             "shard retrains (measured / expected)",
             "examples retrained",
             "expected",
@@ -98,22 +106,23 @@ def report(res: dict[str, Any], png: Path) -> str:
     )
     t = res["trained"]
     md += (
-        f"\n\nSISA run: S={t['shards']}, R={t['slices']}, accuracy {fmt(t['vote'])} (vote), "
-        f"{fmt(t['mean_prob'])} (mean prob); trained {t['train_examples']:,} examples in "
+        f"\n\nSISA run: S={t['shards']}, R={t['slices']}, accuracy {pm(t, 'vote')} (vote), "
+        f"{pm(t, 'mean_prob')} (mean prob); trained {t['train_examples']:,.0f} examples in "
         f"{t['train_wall_s']:.1f}s. Batched: one retrain of every hit shard from its earliest "
         "affected slice, vs one full retrain. Sequential: one retrain per request, vs one full "
         "retrain per request; full-retrain wall clock measured once and multiplied."
     )
-    _plot(res, png)
+    _plot(res, rows, png)
     return md
 
 
-def _plot(res: dict[str, Any], png: Path) -> None:
+def _plot(res: dict[str, Any], merged: list[dict[str, Any]], png: Path) -> None:
+    """Speedup vs K per mode (``merged``: the rows averaged over seeds)."""
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(7, 4.5))
     ks: set[int] = set()
     for i, mode in enumerate(("batched", "sequential")):
-        rows = sorted((r for r in res["rows"] if r["mode"] == mode), key=lambda r: r["k"])
+        rows = sorted((r for r in merged if r["mode"] == mode), key=lambda r: r["k"])
         if not rows:
             continue
         k = [r["k"] for r in rows]

@@ -12,14 +12,17 @@ from typing import Any
 
 from sisajax.config import RunConfig
 from sisajax.data.datasets import Dataset
-from sisajax.experiments.common import Workspace, full_baseline, train_and_eval
+from sisajax.experiments.common import Workspace, full_baselines, train_and_eval
 from sisajax.experiments.report import by_seed, fmt, plot_accuracy, pm, table
 
-DEFAULTS: dict[str, Any] = {"shards": [1, 2, 5, 10, 20], "seeds": [0]}
+DEFAULTS: dict[str, Any] = {"shards": [1, 2, 5, 10, 20]}
+SEED_LOOP = True  # run() trains every seed of opts["seeds"] itself
+ROW_KEYS = ("shards", "slices")  # what names a row's configuration (rows differ by seed)
 
 
 def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict[str, Any]:
-    """Train every (S, seed); rows carry both aggregations and the constituents' accuracy."""
+    """Train every (S, seed) of ``opts["shards"]`` x ``opts["seeds"]`` (the resolved run seeds);
+    rows carry both aggregations, the constituents' accuracy and their seed."""
     rows = []
     for seed in opts["seeds"]:
         for s in opts["shards"]:
@@ -29,8 +32,7 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
             ws.drop(p)
     out: dict[str, Any] = {"rows": rows}
     if opts["full_baseline"]:
-        same = [r for r in rows if r["shards"] == 1 and r["slices"] == 1]
-        out["full"] = same[0] if same else full_baseline(rc, ds, ws)
+        out.update(full_baselines(rc, ds, ws, [int(s) for s in opts["seeds"]], rows))
     return out
 
 

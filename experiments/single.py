@@ -9,9 +9,16 @@ from typing import Any
 from sisajax.config import RunConfig
 from sisajax.data.datasets import Dataset
 from sisajax.experiments.common import Workspace, cost_cols, eval_row, stream_costs, train_and_eval
-from sisajax.experiments.report import fmt, plot_accuracy, table
+from sisajax.experiments.report import by_seed, fmt, plot_accuracy, pm, table
+from sisajax.experiments.seeds import request_seed
 
-DEFAULTS: dict[str, Any] = {"k": 0, "mode": "batched", "distribution": "uniform", "seed": 0}
+DEFAULTS: dict[str, Any] = {
+    "k": 0,
+    "mode": "batched",
+    "distribution": "uniform",
+    "seed": None,  # the request stream's seed (null: the run's seed)
+}
+ROW_KEYS = ("shards", "slices")  # what names a row's configuration (rows differ by seed)
 
 
 def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict[str, Any]:
@@ -20,14 +27,14 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
     run_, row = train_and_eval(rc, ds, ws.path("sisa"))
     out: dict[str, Any] = {"rows": [row]}
     if opts["k"]:
-        ids = sj.sample_requests(
-            run_.partition.ids, int(opts["k"]), opts["distribution"], opts["seed"]
-        )
+        req_seed = request_seed(opts, rc.sisa.seed)
+        ids = sj.sample_requests(run_.partition.ids, int(opts["k"]), opts["distribution"], req_seed)
         stream = sj.serve_requests(run_, ids, opts["mode"])
         row.update(
             {
                 "k": int(opts["k"]),
                 "mode": opts["mode"],
+                "request_seed": req_seed,
                 **{f"forget_{k}": v for k, v in stream_costs(stream.costs, 0).items()},
                 "full_examples": int(stream.full_retrain_examples),
                 "speedup_examples": stream.full_retrain_examples / max(stream.total.examples, 1),
@@ -39,6 +46,7 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
         fr = {
             "shards": 1,
             "slices": 1,
+            "seed": rc.sisa.seed,
             **eval_row(full.evaluate()),
             **cost_cols(full_cost, "train"),
         }
@@ -51,45 +59,55 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
 
 
 def report(res: dict[str, Any], png: Path) -> str:  # one job: reported with its sweep
-    return report_jobs([(png.parent, res)], png.parent)
+    return report_jobs([([png.parent], res)], png.parent)
 
 
 def _job_overrides(d: Path) -> str:
+    """The job's command-line overrides but ``seed`` (the jobs of a configuration differ in it)."""
     p = d / ".hydra" / "overrides.yaml"
     if not p.is_file():
         return ""
     from omegaconf import OmegaConf
 
-    return " ".join(str(o) for o in OmegaConf.to_container(OmegaConf.load(p)))
+    given = [str(o) for o in OmegaConf.to_container(OmegaConf.load(p))]
+    return " ".join(o for o in given if not o.lstrip("+").startswith("seed="))
 
 
-def report_jobs(found: list[tuple[Path, dict[str, Any]]], root: Path) -> str:
-    """One table over the jobs of a sweep, and accuracy vs S if S varies."""
+def report_jobs(groups: list[tuple[list[Path], dict[str, Any]]], root: Path) -> str:
+    """One table row per configuration of a sweep (its jobs differ only in the seed: mean ± sd
+    over seeds), and accuracy vs S if S varies.
+
+    Args:
+      groups: ``(job folders, results merged over their seeds)`` per configuration.
+      root: the sweep folder (job folders are shown relative to it; ``sweep.png`` goes there).
+    """
     body = []
-    for d, res in found:
-        r = res["rows"][0]
+    for dirs, res in groups:
         full = res.get("full") or {}
-        body.append(
-            [
-                str(d.relative_to(root)) or ".",
-                _job_overrides(d) or "-",
-                str(r["shards"]),
-                str(r["slices"]),
-                fmt(r["vote"]),
-                fmt(r["mean_prob"]),
-                fmt(r["shard_mean"]),
-                fmt(r["train_wall_s"], ".1f"),
-                fmt(r.get("forget_examples"), ","),
-                fmt(r.get("speedup_examples"), ".2f"),
-                fmt(full.get("vote")),
-            ]
-        )
+        for r in by_seed(res["rows"], ROW_KEYS):
+            body.append(
+                [
+                    ", ".join(str(d.relative_to(root)) or "." for d in dirs),
+                    _job_overrides(dirs[0]) or "-",
+                    str(r["shards"]),
+                    str(r["slices"]),
+                    ", ".join(str(s) for s in r["seeds"]),
+                    pm(r, "vote"),
+                    pm(r, "mean_prob"),
+                    pm(r, "shard_mean"),
+                    fmt(r["train_wall_s"], ".1f"),
+                    fmt(r.get("forget_examples"), ",.0f"),
+                    fmt(r.get("speedup_examples"), ".2f"),
+                    pm(full, "vote") if full else "-",
+                ]
+            )
     md = table(
         [
             "job",
             "overrides",
             "S",
             "R",
+            "seeds",
             "vote",
             "mean prob",
             "one constituent",
@@ -100,12 +118,13 @@ def report_jobs(found: list[tuple[Path, dict[str, Any]]], root: Path) -> str:
         ],
         body,
     )
-    if len({res["rows"][0]["shards"] for _, res in found}) > 1:
+    rows = [r for _, res in groups for r in res["rows"]]
+    if len({r["shards"] for r in rows}) > 1:
         merged = {
             "name": "sweep",
-            "data": found[0][1]["data"],
-            "rows": [res["rows"][0] for _, res in found],
-            "full": found[0][1].get("full"),
+            "data": groups[0][1]["data"],
+            "rows": rows,
+            "full": groups[0][1].get("full"),
         }
         plot_accuracy(merged, "shards", "number of shards S", root / "sweep.png")
         md += "\n\n![accuracy vs S](sweep.png)"

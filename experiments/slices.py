@@ -11,15 +11,17 @@ import numpy as np
 
 from sisajax.config import RunConfig
 from sisajax.data.datasets import Dataset
-from sisajax.experiments.common import Workspace, full_baseline, train_and_eval
+from sisajax.experiments.common import Workspace, full_baselines, train_and_eval
 from sisajax.experiments.report import by_seed, fmt, integer_log_axis, plot_accuracy, plt, pm, table
+from sisajax.experiments.seeds import request_seed
 
 DEFAULTS: dict[str, Any] = {
     "slices": [1, 2, 5, 10, 20],
     "probe_requests": 3,
-    "seed": 0,
-    "seeds": [0],
+    "seed": None,  # the probe requests' seed (null: each run's seed)
 }
+SEED_LOOP = True  # run() trains every seed of opts["seeds"] itself
+ROW_KEYS = ("slices", "shards")
 
 
 def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict[str, Any]:
@@ -34,13 +36,15 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
             run_, row = train_and_eval(rcr, ds, p)
             n_probe = int(opts["probe_requests"])
             if n_probe:
-                ids = sj.sample_requests(run_.partition.ids, n_probe, "uniform", opts["seed"])
+                req_seed = request_seed(opts, int(seed))
+                ids = sj.sample_requests(run_.partition.ids, n_probe, "uniform", req_seed)
                 reps = [sj.forget(run_, [int(i)], metrics=False) for i in ids]
                 ex = float(np.mean([x.cost.examples for x in reps]))
                 full_ex = float(np.mean([x.full_retrain_examples for x in reps]))
                 row.update(
                     {
                         "probe_requests": n_probe,
+                        "request_seed": req_seed,
                         "forget_examples_mean": ex,
                         "forget_wall_s_mean": float(np.mean([x.cost.wall_s for x in reps])),
                         "forget_retrain_s_mean": float(np.mean([x.cost.retrain_s for x in reps])),
@@ -64,7 +68,7 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
             ws.drop(p)
     out: dict[str, Any] = {"rows": rows}
     if opts["full_baseline"]:
-        out["full"] = full_baseline(rc, ds, ws)
+        out.update(full_baselines(rc, ds, ws, [int(s) for s in opts["seeds"]], rows))
     return out
 
 

@@ -22,7 +22,7 @@ from sisajax import aggregation as agg
 from sisajax import host as host_mod
 from sisajax.config import ConfigError, RunConfig
 from sisajax.data.datasets import Dataset
-from sisajax.data.partition import Partition
+from sisajax.data.partition import Partition, fingerprint_ids
 from sisajax.engine import Engine, LayoutError, ShardData, TrainState, stack_states
 from sisajax.errors import RunError
 from sisajax.layout import layout_options
@@ -286,6 +286,36 @@ class SisaRun:
         _, leaves = read_row(self.files.path(rel), ref.sha256, self.row_spec(), rel)
         treedef = jax.tree.structure(self.engine.state_template())
         return jax.tree.unflatten(treedef, [np.array(x) for x in leaves])
+
+    def check_shard(self, k: int, data: ShardData, upto: int) -> None:
+        """Check what a request reads and keeps of shard ``k`` before anything is written: its
+        data copy ``data`` (already checksum-verified) holds the partition's ids, and each row
+        ``0..upto-1`` is intact (checksum, state layout) and is the row the manifest means: its
+        header names this shard, slice and generation and the training ids of the data copy's
+        slice prefix.
+
+        Raises:
+          RunError: a file fails its checksum or was swapped for another row (one line).
+        """
+        entry = self.manifest.shards[k]
+        if not np.array_equal(data.ids, self.partition.shard_ids(k)):
+            raise RunError(
+                f"shard {k}: its data copy and the partition disagree; run `sisajax audit`"
+            )
+        spec = self.row_spec()
+        for j in range(upto):
+            ref = entry.rows[j]
+            rel = row_file(k, j, ref.generation)
+            header, _ = read_row(self.files.path(rel), ref.sha256, spec, rel)
+            want = {"shard": k, "slice": j, "generation": ref.generation}
+            got = {key: header.get(key) for key in want}
+            fp = fingerprint_ids(data.ids[data.slices <= j])
+            recorded = {header.get("ids_fingerprint"), entry.fingerprints[j], fp}
+            if got != want or len(recorded) != 1:
+                raise RunError(
+                    f"checkpoint {rel} is not the row the manifest names (its header or training "
+                    "ids differ); run `sisajax audit`"
+                )
 
     def restore_block(self, k: int) -> PyTree:
         """Shard ``k``'s stacked states ``[R, ...]`` (row ``j`` = after slice ``j``)."""

@@ -15,6 +15,7 @@ the init and the dropout keys are pure functions of (seed, shard, slice, epoch, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -272,6 +273,15 @@ def resume(run: SisaRun, *, progress: Progress = None, _locked: bool = False) ->
     return reports
 
 
+def remove_uncommitted_files(run: SisaRun) -> None:
+    """Delete the files of a generation that was being written but never committed (after a
+    failure): whatever the manifest on disk does not name. Reading the manifest back (not the
+    handle's copy) keeps a generation whose commit got as far as the rename. Best effort: the
+    failure being raised is the one to report, and ``resume`` collects anything left."""
+    with contextlib.suppress(Exception):
+        run.files.collect_garbage(run.files.read_manifest())
+
+
 def prepare_ledger(run: SisaRun) -> str | None:
     """Before writing: complete or drop an interrupted ledger append, and refuse a ledger that no
     longer records the request that made the run's generation (deleted or replaced). Returns
@@ -363,7 +373,9 @@ def _forget_locked(
     jobs = []
     for k in shards:
         j = plan.restart[k]
-        data = run.shard_data(k).without(plan.ids)
+        stored = run.shard_data(k)
+        run.check_shard(k, stored, j)  # the rows kept and read: intact and the manifest's own
+        data = stored.without(plan.ids)
         start = run.read_row(k, j - 1) if j > 0 else None
         jobs.append(ShardJob(k, data, j, start))
     restore_s = time.perf_counter() - t_restore
@@ -397,41 +409,45 @@ def _forget_locked(
         request_id = pending["request_id"]
     fault("after_pending")
 
-    writer = GenerationWriter(run.files, gen, engine, run.manifest.config_fingerprint, metrics)
     try:
-        for job in jobs:
-            writer.add_shard(job.shard, job.data)
-        writer.add_partition(new_part)
-        total = slice_schedule_cost(
-            new_part.sizes()[shards],
-            sisa.shard_epochs,
-            sisa.batch_size,
-            np.array([plan.restart[k] for k in shards]),
-        )[1]
-        advance = writer.progress(progress, "forget", total)
-        _, stats = engine.run(
-            jobs, capacity=run.capacity, on_slice=writer.on_slice(shards), progress=advance
+        writer = GenerationWriter(run.files, gen, engine, run.manifest.config_fingerprint, metrics)
+        try:
+            for job in jobs:
+                writer.add_shard(job.shard, job.data)
+            writer.add_partition(new_part)
+            total = slice_schedule_cost(
+                new_part.sizes()[shards],
+                sisa.shard_epochs,
+                sisa.batch_size,
+                np.array([plan.restart[k] for k in shards]),
+            )[1]
+            advance = writer.progress(progress, "forget", total)
+            _, stats = engine.run(
+                jobs, capacity=run.capacity, on_slice=writer.on_slice(shards), progress=advance
+            )
+            t_save = time.perf_counter()
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        manifest = run.manifest
+        for k in shards:
+            manifest = manifest.with_shard(
+                k, writer.shard_entry(k, manifest.shards[k], plan.restart[k])
+            )
+        live_hosts = {r.host for e in manifest.shards for r in e.rows}
+        hosts = {h: i for h, i in {**manifest.hosts, **writer.hosts}.items() if h in live_hosts}
+        manifest = manifest.replace(
+            generation=gen,
+            partition=writer.other["partition"].result(),
+            hosts=hosts,
+            origin={"op": "forget", "request_id": request_id},
         )
-        t_save = time.perf_counter()
-        writer.finish()
+        fault("before_commit")
+        removed, _ = run.files.commit(manifest, run.config.ledger.lock_timeout_s)
     except BaseException:
-        writer.abort()
+        remove_uncommitted_files(run)  # a full disk or Ctrl-C: nothing new stays behind
         raise
-    manifest = run.manifest
-    for k in shards:
-        manifest = manifest.with_shard(
-            k, writer.shard_entry(k, manifest.shards[k], plan.restart[k])
-        )
-    live_hosts = {r.host for e in manifest.shards for r in e.rows}
-    hosts = {h: i for h, i in {**manifest.hosts, **writer.hosts}.items() if h in live_hosts}
-    manifest = manifest.replace(
-        generation=gen,
-        partition=writer.other["partition"].result(),
-        hosts=hosts,
-        origin={"op": "forget", "request_id": request_id},
-    )
-    fault("before_commit")
-    removed, _ = run.files.commit(manifest, run.config.ledger.lock_timeout_s)
     run.adopt_partition(new_part, manifest.partition.sha256)
     run.adopt(manifest)
     save_s = time.perf_counter() - t_save

@@ -133,6 +133,9 @@ def test_full_disk_at_every_write_of_a_forget(trained, tmp_path, monkeypatch):
         except sj.StorageError as e:
             assert "no space left" in str(e) and "\n" not in str(e)
             outcomes["failed"] += 1
+            # nothing of an uncommitted generation stays behind (a committed one is live)
+            live = sj.open_run(d)
+            assert live.files.scan(live.manifest.files())[0] == [], n
         monkeypatch.delenv("SISAJAX_FAULT")
         run = sj.open_run(d)
         sj.resume(run)

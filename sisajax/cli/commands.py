@@ -23,7 +23,15 @@ def _open(cfg: dict[str, Any]):
 
 
 def _result(run, name: str, obj: dict[str, Any]) -> None:
-    path = run.write_result(name, obj)
+    """Write the command's result file. The command's work is done (and its verdict printed)
+    by now, so a result that cannot be written (a full disk) is reported, not a failure."""
+    from sisajax.errors import StorageError
+
+    try:
+        path = run.write_result(name, obj)
+    except StorageError as e:
+        say(f"result not written: {e}")
+        return
     say(f"result: {path}" if path else "result not written: the run directory is read-only")
 
 

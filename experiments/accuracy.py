@@ -23,6 +23,7 @@ from sisajax.config import RunConfig, recipe_summary
 from sisajax.data.datasets import Dataset
 from sisajax.experiments.common import ExperimentError, Workspace, eval_row, log, train_and_eval
 from sisajax.experiments.report import PAPER, by_seed, fmt, integer_log_axis, plt, pm, table
+from sisajax.stats import pack_correct, paired_bootstrap_gap, unpack_correct
 
 DEFAULTS: dict[str, Any] = {
     "shards": [1, 2, 5, 10, 20, 50],
@@ -54,6 +55,7 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
     if keep_for_stream not in recipes:
         raise ExperimentError(f"deletion_recipe {keep_for_stream!r} is not one of the recipes")
     rows, full, described = [], [], {}
+    correct: dict[str, str] = {}  # per-example vote correctness on the test split, packed
     stream_src, stream_seed = None, 0
     for name, over in recipes.items():
         rrc = recipe_config(rc, over)
@@ -63,8 +65,9 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
             for s in opts["shards"]:
                 cfg = rrc.replace(sisa={"shards": int(s), "seed": int(seed)})
                 p = ws.path(f"{name}_S{s}_seed{seed}")
-                _, row = train_and_eval(cfg, ds, p)
+                trained, row = train_and_eval(cfg, ds, p)
                 rows.append({**row, "recipe": name})
+                correct[correct_key(name, int(s), int(seed))] = _correct(trained, ds)
                 keep = (
                     opts["deletions"]
                     and name == keep_for_stream
@@ -78,14 +81,20 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
             if rrc.sisa.slices == 1 and 1 in [int(s) for s in opts["shards"]]:
                 same = [r for r in rows if r["recipe"] == name and r["shards"] == 1]
                 full.append({**same[-1], "recipe": name})
+                correct[correct_key(name, None, int(seed))] = correct[
+                    correct_key(name, 1, int(seed))
+                ]
             else:
                 p = ws.path(f"{name}_full_seed{seed}")
                 cfg = rrc.replace(sisa={"shards": 1, "slices": 1, "seed": int(seed)})
-                _, row = train_and_eval(cfg, ds, p)
+                trained, row = train_and_eval(cfg, ds, p)
                 full.append({**row, "recipe": name})
+                correct[correct_key(name, None, int(seed))] = _correct(trained, ds)
                 ws.drop(p)
     # "full": the baseline recipe's full model (seed of the first run), as in the other kinds
     out: dict[str, Any] = {"rows": rows, "full": full[0], "full_rows": full, "recipes": described}
+    out["correct"] = correct
+    out["n_test"] = int(len(ds.y_test))
     out["bayes_accuracy"] = ceiling(rc)
     if stream_src is not None:
         out["stream"] = deletion_stream(
@@ -94,6 +103,38 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
         out["stream"]["recipe"] = keep_for_stream
         ws.drop(stream_src)
     return out
+
+
+def correct_key(recipe: str, shards: int | None, seed: int) -> str:
+    """Key of a configuration's stored per-example correctness (``shards=None``: the full
+    model, S=1, R=1)."""
+    return f"{recipe}|{'full' if shards is None else f'S{shards}'}|seed{seed}"
+
+
+def _correct(run: Any, ds: Dataset) -> str:
+    """The run's vote prediction on each test example, right or wrong, packed."""
+    return pack_correct(run.predict(ds.x_test) == ds.y_test)
+
+
+def loss_interval(res: dict[str, Any], recipe: str, shards: int) -> dict[str, float] | None:
+    """The full model's vote accuracy minus SISA's at ``shards`` for ``recipe``, in points, with
+    a 95% paired bootstrap interval over test examples and seeds (None without stored
+    per-example results)."""
+    store, n = res.get("correct") or {}, res.get("n_test")
+    seeds = sorted(
+        {r["seed"] for r in res["rows"] if r["recipe"] == recipe and r["shards"] == shards}
+    )
+    pairs = [
+        (store.get(correct_key(recipe, None, sd)), store.get(correct_key(recipe, shards, sd)))
+        for sd in seeds
+    ]
+    pairs = [(a, b) for a, b in pairs if a and b]
+    if not pairs or not n:
+        return None
+    full = np.stack([unpack_correct(a, n) for a, _ in pairs])
+    sisa = np.stack([unpack_correct(b, n) for _, b in pairs])
+    r = paired_bootstrap_gap(full, sisa)
+    return {k: 100 * r[k] for k in ("gap", "lo", "hi")} | {"seeds": r["n_seeds"]}
 
 
 def ceiling(rc: RunConfig) -> float | None:
@@ -155,6 +196,14 @@ def _full_by_recipe(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _loss_cell(res: dict[str, Any], recipe: str, shards: int, mean_loss: float) -> str:
+    """``"3.16 [2.71, 3.60]"``: the loss in points with its 95% paired interval."""
+    ci = loss_interval(res, recipe, shards)
+    if ci is None:
+        return fmt(100 * mean_loss, ".2f")
+    return f"{ci['gap']:.2f} [{ci['lo']:.2f}, {ci['hi']:.2f}]"
+
+
 def report(res: dict[str, Any], png: Path) -> str:
     fields = ("vote", "mean_prob", "shard_mean", "train_examples", "train_wall_s")
     fulls = _full_by_recipe(res)
@@ -174,7 +223,7 @@ def report(res: dict[str, Any], png: Path) -> str:
                     pm(r, "vote"),
                     pm(r, "mean_prob"),
                     pm(r, "shard_mean"),
-                    fmt(100 * (own_full - r["vote"]), ".2f"),
+                    _loss_cell(res, name, int(r["shards"]), own_full - r["vote"]),
                     fmt(100 * (base_full - r["vote"]), ".2f"),
                     *([fmt(100 * (bayes - r["vote"]), ".2f")] if bayes is not None else []),
                     f"{r['train_examples']:,.0f}",
@@ -192,8 +241,9 @@ def report(res: dict[str, Any], png: Path) -> str:
         "Recipes: "
         + "; ".join(f"**{n}**: {d}" for n, d in res["recipes"].items())
         + ". Loss = the full model's (S=1, R=1) vote accuracy minus SISA's, in points "
-        "(mean over seeds), against the same recipe's full model and against the baseline's."
-        + ceiling_line,
+        "(mean over seeds), against the same recipe's full model (with a 95% paired bootstrap "
+        "interval over the test examples and the seeds, each model scored on the same examples "
+        "and paired by seed) and against the baseline's." + ceiling_line,
         "",
         table(
             [
@@ -204,7 +254,7 @@ def report(res: dict[str, Any], png: Path) -> str:
                 "vote",
                 "mean prob",
                 "one constituent",
-                "loss vs own full",
+                "loss vs own full [95% CI]",
                 "loss vs baseline full",
                 *(["below Bayes"] if bayes is not None else []),
                 "train examples",
@@ -336,6 +386,7 @@ def headline(res: dict[str, Any], shards: int = 20) -> list[dict[str, Any]]:
                 "vote": float(v.mean()),
                 "vote_sd": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
                 "loss_vs_own_full": 100 * (fulls[name].get("vote", np.nan) - v.mean()),
+                "loss_vs_own_full_ci": loss_interval(res, name, shards),
                 "loss_vs_baseline_full": 100 * (fulls[names[0]].get("vote", np.nan) - v.mean()),
                 "train_examples": float(np.mean([r["train_examples"] for r in rows])),
                 "bayes_accuracy": res.get("bayes_accuracy"),

@@ -253,6 +253,11 @@ def _check_accuracy_study(res: dict, report: str) -> None:
     heads = accuracy.headline(res, shards=2)
     assert [h["recipe"] for h in heads] == ["baseline", "best"]
     assert "loss vs own full" in report and "Deletion stream: 3 single-id requests" in report
+    for h in heads:  # the gap's paired interval is computed from the stored per-example results
+        ci = h["loss_vs_own_full_ci"]
+        assert ci["seeds"] == 2 and ci["lo"] <= ci["gap"] <= ci["hi"]
+        assert ci["gap"] == pytest.approx(h["loss_vs_own_full"], abs=1e-6)
+    assert f"{heads[0]['loss_vs_own_full_ci']['gap']:.2f} [" in report
 
 
 def test_accuracy_recipes_override_only_run_groups():

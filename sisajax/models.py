@@ -13,6 +13,7 @@ statistics are always reduced in float32.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -320,17 +321,110 @@ _REGISTRY: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
 }
 
 
-def register_model(name: str, factory: Callable[[ModelConfig, int], nn.Module]) -> None:
-    """Register ``factory(model_config, num_classes) -> flax module`` under ``name``."""
+# Registered models (plug-ins): name -> the model.params keys declared at registration, or None
+# (then the keys the factory reads are the allowed ones). Built-in factories validate themselves.
+_REGISTERED_PARAMS: dict[str, tuple[str, ...] | None] = {}
+
+
+def register_model(
+    name: str,
+    factory: Callable[[ModelConfig, int], nn.Module],
+    params: Sequence[str] | None = None,
+) -> None:
+    """Register ``factory(model_config, num_classes) -> flax module`` under ``name``.
+
+    ``params`` names the ``model.params`` keys the model accepts: any other key is refused before
+    the factory is called. Without it, keys the factory never reads (``cfg.params[key]``,
+    ``.get(key)``, ``key in``) while building the module are refused after it returns.
+
+    Raises:
+      ConfigError: ``params`` is not a list of key names.
+    """
+    if params is not None:
+        if isinstance(params, str) or not all(isinstance(p, str) for p in params):
+            raise ConfigError(
+                f"register_model({name!r}): params must be a list of key names, got {params!r}"
+            )
+        params = tuple(params)
     _REGISTRY[name] = factory
+    _REGISTERED_PARAMS[name] = params
+
+
+class _ReadTracking(dict):
+    """``model.params`` handed to a registered factory: a dict that remembers which keys were
+    asked for (present or not). Iterating it, or copying it whole, counts as reading every key."""
+
+    def __init__(self, params: dict[str, Any]):
+        super().__init__(params)
+        self.asked: set[Any] = set()
+
+    def _all(self) -> None:
+        self.asked.update(super().keys())
+
+    def __getitem__(self, key: Any) -> Any:
+        self.asked.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        self.asked.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: Any) -> bool:
+        self.asked.add(key)
+        return super().__contains__(key)
+
+    def pop(self, key: Any, *default: Any) -> Any:
+        self.asked.add(key)
+        return super().pop(key, *default)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.asked.add(key)
+        return super().setdefault(key, default)
+
+    def __iter__(self):
+        self._all()
+        return super().__iter__()
+
+    def keys(self):
+        self._all()
+        return super().keys()
+
+    def values(self):
+        self._all()
+        return super().values()
+
+    def items(self):
+        self._all()
+        return super().items()
+
+    def copy(self) -> dict[str, Any]:
+        self._all()
+        return dict(super().items())
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:
-    """The Flax module named by ``cfg.name``."""
+    """The Flax module named by ``cfg.name``.
+
+    Raises:
+      ConfigError: an unknown model or activation, or ``model.params`` keys the model does not
+        take (a registered model's: keys outside its declared ``params``, or never read).
+    """
     if cfg.name not in _REGISTRY:
         raise ConfigError(f"unknown model {cfg.name!r}; available: {', '.join(sorted(_REGISTRY))}")
     if cfg.activation not in _ACTIVATIONS:
         raise ConfigError(
             f"unknown activation {cfg.activation!r}; available: {', '.join(sorted(_ACTIVATIONS))}"
         )
-    return _REGISTRY[cfg.name](cfg, num_classes)
+    factory = _REGISTRY[cfg.name]
+    if cfg.name not in _REGISTERED_PARAMS:
+        return factory(cfg, num_classes)
+    declared = _REGISTERED_PARAMS[cfg.name]
+    if declared is not None:
+        _params(cfg, declared)
+        return factory(cfg, num_classes)
+    tracked = _ReadTracking(cfg.params)
+    view = copy.copy(cfg)
+    object.__setattr__(view, "params", tracked)  # the frozen config, with reads recorded
+    module = factory(view, num_classes)
+    _params(cfg, tuple(sorted(k for k in tracked.asked if isinstance(k, str))))
+    return module

@@ -26,6 +26,7 @@ from sisajax.data.partition import Partition, fingerprint_ids
 from sisajax.engine import Engine, LayoutError, ShardData, TrainState, stack_states
 from sisajax.errors import RunError
 from sisajax.layout import layout_options
+from sisajax.plugins import check_sources
 from sisajax.store.files import read_bytes, sha256_file
 from sisajax.store.ledger import Ledger
 from sisajax.store.locks import reader_lock, writer_lock
@@ -102,6 +103,7 @@ class SisaRun:
         self._ledger: tuple[Any, Ledger] | None = None
         self._files_cache: dict[str, Any] = {}  # sha256 -> parsed small file (test ids, ...)
         self._stamp: tuple[int, int, int] | None = None
+        self._plugins_warned: set[str] = set()
         self.reload()
 
     def adopt(self, manifest: Manifest) -> None:
@@ -131,18 +133,35 @@ class SisaRun:
         self._final_manifest: Manifest | None = None
 
     # -- locks and ledger ---------------------------------------------------------------------
-    def writer_lock(self, timeout_s: float | None = None):
+    def writer_lock(self, timeout_s: float | None = None, *, replays: bool = True):
         """The run's writer lock, waiting up to ``timeout_s`` (default ``ledger.lock_timeout_s``).
+
+        ``replays``: the writer retrains slices the way training did (forget, resume, serve), so
+        the plug-ins must be the code the run was trained with (:meth:`check_plugins`); a retrain
+        from scratch passes False.
 
         Raises:
           ConfigError: a timeout that is not a number >= 0.
+          PluginChangedError: ``replays`` and a plug-in's source changed since training.
         """
         from sisajax.config import ConfigError
 
         t = self.config.ledger.lock_timeout_s if timeout_s is None else timeout_s
         if isinstance(t, bool) or not isinstance(t, int | float) or not t >= 0:
             raise ConfigError(f"lock_timeout_s must be a number >= 0, got {t!r}")
+        if replays:
+            self.check_plugins(writing=True)
         return writer_lock(self.run_dir, t)
+
+    def check_plugins(self, *, writing: bool) -> None:
+        """Compare the imported plug-ins' sources with the hashes the run recorded when trained:
+        a changed one is refused when ``writing`` (unless ``SISAJAX_ALLOW_PLUGIN_CHANGE=1``),
+        otherwise warned about once per handle (:func:`sisajax.plugins.check_sources`).
+
+        Raises:
+          PluginChangedError: ``writing`` and a plug-in's source hash differs.
+        """
+        check_sources(self.manifest.plugin_sources, writing=writing, warned=self._plugins_warned)
 
     def reader_lock(self, exclusive: bool = False):
         return reader_lock(self.run_dir, self.config.ledger.lock_timeout_s, exclusive=exclusive)
@@ -208,6 +227,7 @@ class SisaRun:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
+            self.check_plugins(writing=False)  # where a run's plug-in code is first used
             ds = self.manifest.dataset
             cfg = self.config
             args = (cfg, ds.feature_shape, np.dtype(ds.x_dtype), ds.num_classes)

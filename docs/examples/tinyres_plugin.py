@@ -52,7 +52,9 @@ def _tinyres(cfg: sj.ModelConfig, num_classes: int) -> TinyRes:
     )
 
 
-sj.register_model("tinyres", _tinyres)
+# params: the model.params keys it takes; sisajax refuses any other (a typo such as
+# +model.params.widht=32 is an error, not silently the default width)
+sj.register_model("tinyres", _tinyres, params=("width", "blocks", "dropout"))
 
 
 @sj.register_dataset("moons")

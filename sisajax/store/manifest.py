@@ -118,6 +118,9 @@ class Manifest:
       id_hashing: with ``ledger.hash_ids``, ``{"salt_fingerprint": ..., "salt_source": ...}``.
       origin: what made this generation (``{"op": "train" | "forget" | "retrain", ...}``).
       plugins: modules the run needs imported (plug-in models / data sets).
+      plugin_sources: ``{module: sha256 of its source}`` of the plug-ins, as they were when the
+        run was (re)trained (:func:`sisajax.plugins.source_hash`); empty in runs from older
+        versions.
     """
 
     generation: int
@@ -135,6 +138,7 @@ class Manifest:
     id_hashing: dict[str, str] | None = None
     origin: dict[str, Any] = dataclasses.field(default_factory=dict)
     plugins: tuple[str, ...] = ()
+    plugin_sources: dict[str, str] = dataclasses.field(default_factory=dict)
     schema: int = SCHEMA
 
     def files(self) -> set[str]:
@@ -182,6 +186,7 @@ class Manifest:
             "id_hashing": self.id_hashing,
             "origin": self.origin,
             "plugins": list(self.plugins),
+            "plugin_sources": self.plugin_sources,
             "row_fields": ["generation", "sha256", "size", "host"],
         }
 
@@ -310,6 +315,10 @@ def parse_manifest(d: Any) -> Manifest:
     plugins = d.get("plugins") or []
     if not (isinstance(plugins, list) and all(isinstance(p, str) for p in plugins)):
         raise ManifestError("MANIFEST.json: plugins must be a list of module names")
+    sources = d.get("plugin_sources") or {}  # absent in runs from older versions
+    if not (isinstance(sources, dict) and all(isinstance(p, str) for p in sources)):
+        raise ManifestError("MANIFEST.json: plugin_sources must map module names to sha256s")
+    sources = {p: _hex(h, f"plugin_sources.{p}") for p, h in sources.items()}
     return Manifest(
         generation=gen,
         config=config,
@@ -326,4 +335,5 @@ def parse_manifest(d: Any) -> Manifest:
         id_hashing=d.get("id_hashing"),
         origin=dict(d.get("origin") or {}),
         plugins=tuple(plugins),
+        plugin_sources=sources,
     )

@@ -6,8 +6,8 @@ the same configuration with different seeds (one Hydra job per seed, e.g. ``sisa
 experiment=shards seed=0,1,2``) are merged first, so their rows read mean ± sd over seeds
 (:mod:`sisajax.experiments.seeds`); ``merged.json`` holds those averaged rows. Shared here: number
 formatting, markdown tables, the recipe line, seed aggregation (mean and spread), and the
-accuracy-vs-S/R plot with error bars over seeds, integer ticks on log axes and the paper's
-reported numbers overlaid where a preset reproduces a paper figure.
+accuracy-vs-S/R plot with error bars over seeds, integer ticks on counting axes (log or linear)
+and the paper's reported numbers overlaid where a preset reproduces a paper figure.
 """
 
 from __future__ import annotations
@@ -118,6 +118,14 @@ def integer_log_axis(ax: Any, ticks: list[int], which: str = "x") -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
+def integer_axis(ax: Any, which: str = "x") -> None:
+    """Ticks at whole numbers only on an axis that counts (requests, slices, shards, steps)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
 def plot_accuracy(res: dict[str, Any], key: str, xlabel: str, png: Path, ax=None) -> None:
     """Accuracy vs ``key`` (shards or slices): vote, mean prob and one constituent, mean ± sd over
     seeds as error bars, the full model as a line, the paper's claim as a band."""
@@ -154,6 +162,8 @@ def plot_accuracy(res: dict[str, Any], key: str, xlabel: str, png: Path, ax=None
             )
     if len(x) > 1:
         integer_log_axis(ax, x)
+    else:
+        integer_axis(ax)
     n = max((r["n"] for r in rows), default=1)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy" + (f" (mean ± sd, {n} seeds)" if n > 1 else ""))

@@ -432,7 +432,7 @@ class Engine:
             stats.grad_steps += int(steps.sum())
             if on_slice is not None:
                 active = {i: pos[i] for i, job in enumerate(jobs) if job.start_slice <= j}
-                on_slice(SliceOutput(j, states, active, losses, examples))
+                on_slice(SliceOutput(j, states, active, losses, examples, mask.sum(3, np.int32)))
         host = jax.device_get(jax.block_until_ready(states))
         stats.train_s += time.perf_counter() - t0
         finals = [jax.tree.map(lambda a, p=p: np.asarray(a[p]), host) for p in pos]

@@ -103,6 +103,8 @@ class SliceOutput:
       positions: ``{job index: position in states}`` of the jobs trained up to slice ``j``.
       losses: per program call of the slice step, the summed training loss ``[W]`` (device).
       examples: ``[W]`` real examples each position trained on in this slice step.
+      step_examples: ``[calls, W, C]`` real examples of every step of every program call (0 for
+        a masked no-op step), so each call's examples and live steps are known on the host.
     """
 
     slice: int
@@ -110,6 +112,7 @@ class SliceOutput:
     positions: dict[int, int]
     losses: list[Any] = dataclasses.field(default_factory=list)
     examples: np.ndarray | None = None
+    step_examples: np.ndarray | None = None
 
     def fetch(self) -> dict[int, PyTree]:
         """``{job index: one-shard numpy state}`` (waits for the slice to be computed)."""
@@ -119,11 +122,22 @@ class SliceOutput:
             for i, p in self.positions.items()
         }
 
-    def mean_loss(self) -> dict[int, float]:
-        """``{job index: mean training loss per example over this slice step}``."""
+    def call_losses(self) -> np.ndarray:
+        """``[calls, W]`` float64 summed training loss of every program call (waits for them)."""
+        if not self.losses:
+            return np.zeros((0, len(self.examples) if self.examples is not None else 0))
+        return np.stack([np.asarray(x, np.float64) for x in jax.device_get(self.losses)])
+
+    def mean_loss(self, sums: np.ndarray | None = None) -> dict[int, float]:
+        """``{job index: mean training loss per example over this slice step}``.
+
+        Args:
+          sums: :meth:`call_losses` when already fetched (else fetched here).
+        """
         if not self.losses:
             return {i: float("nan") for i in self.positions}
-        total = sum(np.asarray(x, np.float64) for x in jax.device_get(self.losses))
+        calls = self.call_losses() if sums is None else sums
+        total = sum(calls[c] for c in range(len(calls)))
         n = self.examples if self.examples is not None else np.zeros(len(total))
         return {i: float(total[p] / max(n[p], 1)) for i, p in self.positions.items()}
 

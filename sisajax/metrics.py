@@ -1,18 +1,29 @@
-"""Metrics a researcher can plot: training loss per shard and slice, cost and accuracy per request.
+"""Metrics a researcher can plot: training loss per shard, program call and slice, cost and
+accuracy per request, every evaluation and verification.
 
 Every training and unlearning call appends to ``run_dir/metrics.jsonl`` (one JSON object per
-line, never rewritten): per (shard, slice) step the mean training loss and the examples it took
-(``event: train_slice``, with the generation that trained it), per forget request its cost
-(``event: forget``) and, for request streams, the accuracy after each request
-(``event: stream_request``). Records never hold ids. With ``tensorboard=True`` the same scalars go
-to TensorBoard event files under ``run_dir/tensorboard/`` through ``tensorboardX`` (install the
-``tensorboard`` extra). :func:`read_metrics` loads the history; ``sisajax report run_dir=...``
-turns it into tables and plots.
+line, never rewritten), each record with the generation it belongs to:
+
+* ``train_chunk``: per shard and program call (``sisa.chunk_steps`` steps) the mean training
+  loss per example, its examples, its place in the slice step (``chunk``, ``first_step``,
+  ``step``) and the shard's gradient steps so far (``global_step``): a loss curve even at R=1;
+* ``train_slice``: per (shard, slice step) the mean training loss and the examples it took;
+* ``train`` / ``forget``: the cost of a training or of a forget request;
+* ``stream_request``: for request streams, the cost and accuracy after each request;
+* ``evaluate``: test accuracy by each aggregation (``sisajax evaluate``);
+* ``verify``: the verified shards, how many are bit-identical, the verdict (``sisajax verify``).
+
+Records never hold ids. With ``tensorboard=True`` the same scalars go to TensorBoard event files
+under ``run_dir/tensorboard/`` through ``tensorboardX`` (install the ``tensorboard`` extra).
+:func:`read_metrics` loads the history; ``sisajax report run_dir=...`` turns it into tables and
+plots. Commands that only read a run (``evaluate``, ``verify``) log through :func:`log_record`,
+which skips a read-only run directory.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -37,7 +48,9 @@ class MetricsLog:
 
         self.path = managed_path(Path(run_dir), METRICS)
         self._lock = threading.Lock()
-        self._tb = None
+        self._tb: Any = None
+        self._tb_dir = str(Path(run_dir) / "tensorboard")
+        self._tb_class: Any = None
         self._step = 0
         if tensorboard:
             try:
@@ -46,7 +59,7 @@ class MetricsLog:
                 raise UserInputError(
                     "tensorboard=true needs tensorboardX: pip install 'sisajax[tensorboard]'"
                 ) from None
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb_class = SummaryWriter  # opened with the first record, not before
 
     def __call__(self, record: dict[str, Any]) -> None:
         rec = {"time": round(time.time(), 3), **record}
@@ -57,9 +70,12 @@ class MetricsLog:
                 os.write(fd, line)
             finally:
                 os.close(fd)
-            if self._tb is not None:
+            if self._tb_class is not None:
+                if self._tb is None:
+                    self._tb = self._tb_class(self._tb_dir)
                 self._tensorboard(rec)
-                self._tb.flush()
+                if rec.get("event") != "train_chunk":  # its slice step's record follows
+                    self._tb.flush()
 
     def _tensorboard(self, rec: dict[str, Any]) -> None:
         event = rec.get("event")
@@ -67,6 +83,10 @@ class MetricsLog:
             tag = f"loss/shard_{rec['shard']:03d}"
             step = rec["generation"] * 100_000 + rec["slice"]
             self._tb.add_scalar(tag, rec["loss"], step)
+        elif event == "train_chunk" and rec.get("global_step") is not None:
+            # one curve per generation: a forget retrains a shard's later steps again
+            tag = f"loss_per_chunk/gen_{rec['generation']:06d}/shard_{rec['shard']:03d}"
+            self._tb.add_scalar(tag, rec["loss"], rec["global_step"])
         elif event in ("forget", "stream_request"):
             self._step += 1
             for key in ("examples", "wall_s", "accuracy"):
@@ -76,9 +96,60 @@ class MetricsLog:
                     )
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        with self._lock:
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+            self._tb_class = None
+
+
+def log_record(run_dir: str | Path, record: dict[str, Any]) -> bool:
+    """Append ``record`` to ``run_dir/metrics.jsonl`` unless the run directory is read-only.
+
+    For commands that only read a run: a read-only run is skipped silently (as its result file
+    is), so they never change it. Returns whether the record was written.
+    """
+    from sisajax.store.files import is_writable_dir
+
+    if not is_writable_dir(Path(run_dir)):
+        return False
+    MetricsLog(run_dir)(record)
+    return True
+
+
+def evaluate_record(report: Any, generation: int, wall_s: float) -> dict[str, Any]:
+    """The ``evaluate`` record of an :class:`~sisajax.run.EvalReport`."""
+    return {
+        "event": "evaluate",
+        "generation": generation,
+        "aggregation": report.aggregation,
+        "accuracy": report.accuracy,
+        "vote_accuracy": report.vote_accuracy,
+        "mean_prob_accuracy": report.mean_prob_accuracy,
+        "shard_accuracy": [None if a != a else a for a in report.shard_accuracy],
+        "active_shards": report.active_shards,
+        "examples": report.num_examples,
+        "wall_s": round(wall_s, 4),
+    }
+
+
+def verify_record(report: Any) -> dict[str, Any]:
+    """The ``verify`` record of a :class:`~sisajax.verification.VerifyReport`."""
+    shards = report.shards
+    worst = max((s.max_abs_diff for s in shards if s.error is None), default=None)
+    return {
+        "event": "verify",
+        "generation": report.generation,
+        "ok": report.ok,
+        "mode": report.mode,
+        "verified_shards": len(shards),
+        "identical_shards": sum(s.identical for s in shards),
+        "mismatched_shards": list(report.mismatched_shards),
+        "max_abs_diff": worst if worst is not None and math.isfinite(worst) else None,
+        "bitwise_meaningful": report.bitwise_meaningful,
+        "retrain_s": report.retrain_s,
+        "wall_s": report.wall_s,
+    }
 
 
 def _plain(v: Any) -> Any:

@@ -147,6 +147,7 @@ def serve_requests(
     *,
     evaluate: bool = False,
     on_request=None,
+    metrics=None,
 ) -> StreamReport:
     """Forget ``ids`` one request at a time (``sequential``) or as one request (``batched``).
 
@@ -157,6 +158,7 @@ def serve_requests(
       progress: a progress factory for the retraining.
       evaluate: also evaluate the ensemble on the test split after every request.
       on_request: called as ``on_request(index, ForgetReport, accuracy or None)`` after each.
+      metrics: where each request's training losses and cost go (see :func:`sisajax.forget`).
     """
     from sisajax.unlearning import forget
 
@@ -169,7 +171,7 @@ def serve_requests(
         raise UserInputError(f"requests.mode must be batched or sequential; got {mode!r}")
     costs, fulls, accuracy = [], [], []
     for n, b in enumerate(batches):
-        rep = forget(run, b, progress=progress)
+        rep = forget(run, b, progress=progress, metrics=metrics)
         costs.append(rep.cost)
         fulls.append(rep.full_retrain_examples)
         acc = run.evaluate().accuracy if evaluate else None

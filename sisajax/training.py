@@ -36,6 +36,7 @@ from sisajax.data.partition import Partition, PartitionError, fingerprint_ids, h
 from sisajax.engine import Engine, ShardData, ShardJob, SliceOutput, TrainStats
 from sisajax.errors import UserInputError
 from sisajax.layout import resolve_shard_exec
+from sisajax.plugins import source_hashes
 from sisajax.step import resolve_trip
 from sisajax.store.faults import fault
 from sisajax.store.files import sync_files, write_file
@@ -106,7 +107,8 @@ class GenerationWriter:
       generation: the generation being written (it names every file).
       engine: the engine training it (state layout).
       config_fingerprint: recorded in every row's header.
-      metrics: optional callback receiving one record per (shard, slice) with its mean loss.
+      metrics: optional callback receiving, per (shard, slice), one ``train_chunk`` record per
+        program call (:func:`chunk_records`) and one ``train_slice`` record with its mean loss.
     """
 
     def __init__(
@@ -184,15 +186,21 @@ class GenerationWriter:
         self._pending = None
         t0 = time.perf_counter()
         host = jax.device_get(out.states)  # waits for that slice step only
-        losses = out.mean_loss()
+        sums = out.call_losses()
+        losses = out.mean_loss(sums)
         finite = [v for v in losses.values() if v == v]
         if finite:
             self.last_loss = float(np.mean(finite))
         self.fetch_s += time.perf_counter() - t0
-        self.writer.call(lambda: self._write_slice(out, host, losses, shards))
+        self.writer.call(lambda: self._write_slice(out, host, losses, shards, sums))
 
     def _write_slice(
-        self, out: SliceOutput, host: Any, losses: dict[int, float], shards: list[int]
+        self,
+        out: SliceOutput,
+        host: Any,
+        losses: dict[int, float],
+        shards: list[int],
+        sums: np.ndarray | None = None,
     ) -> None:
         leaves = jax.tree.leaves(host)
         j = out.slice
@@ -222,6 +230,8 @@ class GenerationWriter:
             self.rows[(k, j)] = RowRef(self.generation, sha, size, self.host_id)
             fault("mid_save")
             if self.metrics:
+                for rec in chunk_records(out, host, sums, p):
+                    self.metrics({"generation": self.generation, "shard": k, "slice": j, **rec})
                 self.metrics(
                     {
                         "event": "train_slice",
@@ -275,6 +285,37 @@ class GenerationWriter:
     @property
     def hosts(self) -> dict[str, dict[str, Any]]:
         return {self.host_id: self.host_info}
+
+
+def chunk_records(
+    out: SliceOutput, host: Any, sums: np.ndarray | None, p: int
+) -> list[dict[str, Any]]:
+    """One ``train_chunk`` record per program call that trained position ``p`` in this slice
+    step: its mean loss per example, its examples, the index of its first step in the slice step
+    (``first_step``), the steps done in the slice step after it (``step``) and the shard's total
+    gradient steps after it (``global_step``, from the state's step counter)."""
+    if sums is None or out.step_examples is None or not len(sums):
+        return []
+    per_step = out.step_examples[:, p]  # [calls, C]
+    examples = per_step.sum(1)
+    steps = (per_step > 0).sum(1)
+    done = np.cumsum(steps)
+    step_now = getattr(host, "step", None)
+    base = int(np.asarray(step_now)[p]) - int(done[-1]) if step_now is not None else None
+    return [
+        {
+            "event": "train_chunk",
+            "chunk": c,
+            "first_step": int(done[c] - steps[c]),
+            "step": int(done[c]),
+            "global_step": None if base is None else base + int(done[c]),
+            "steps": int(steps[c]),
+            "loss": float(sums[c, p] / examples[c]),
+            "examples": int(examples[c]),
+        }
+        for c in range(len(sums))
+        if examples[c] > 0
+    ]
 
 
 def shard_data_from(partition: Partition, dataset: Dataset, k: int) -> ShardData:
@@ -495,6 +536,7 @@ def make_manifest(
         id_hashing=id_hashing,
         origin=origin,
         plugins=tuple(plugins),
+        plugin_sources=source_hashes(plugins),  # what forget checks the plug-ins against
     )
 
 
@@ -670,7 +712,8 @@ def _retrain_in_place(
             f"ledger.hash_ids={config.ledger.hash_ids} but the run keeps its deletion history "
             f"with hash_ids={old_hash}; keep it (or discard the history explicitly)"
         )
-    with run.writer_lock(config.ledger.lock_timeout_s):
+    # retraining runs the current plug-in code from scratch (and records its hashes anew)
+    with run.writer_lock(config.ledger.lock_timeout_s, replays=False):
         run.reload()
         old_ledger = run.ledger
         repaired = prepare_ledger(run)

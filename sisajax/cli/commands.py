@@ -35,6 +35,18 @@ def _result(run, name: str, obj: dict[str, Any]) -> None:
     say(f"result: {path}" if path else "result not written: the run directory is read-only")
 
 
+def _log(run, record: dict[str, Any]) -> None:
+    """Append a read-only command's metrics record (skipped on a read-only run directory; a
+    record that cannot be written is reported, not a failure: the command's work is done)."""
+    from sisajax.metrics import log_record
+    from sisajax.store.files import UnsafeRunError
+
+    try:
+        log_record(run.run_dir, record)
+    except (OSError, UnsafeRunError) as e:
+        say(f"metrics not written: {e}")
+
+
 @command(
     "train", "train a SISA run (or retrain one in place, keeping its tombstones)", multirun=True
 )
@@ -94,13 +106,18 @@ def cmd_train(cfg: dict[str, Any], overrides: list[str]) -> int:
 @command("evaluate", "test accuracy of every constituent model and of the ensemble")
 def cmd_evaluate(cfg: dict[str, Any], overrides: list[str]) -> int:
     """Evaluate on the run's held-out split (`aggregation=vote|mean_prob` picks the headline)."""
+    import time
+
     from sisajax.aggregation import check_method
+    from sisajax.metrics import evaluate_record
 
     run = _open(cfg)
     aggregation = cfg["aggregation"]
     if aggregation is not None:
         check_method(aggregation)
+    t0 = time.perf_counter()
     ev = run.evaluate(aggregation=aggregation)
+    wall_s = time.perf_counter() - t0
     rows = [
         (f"shard {k}", "dropped (empty)" if a != a else f"{a:.4f}")
         for k, a in enumerate(ev.shard_accuracy)
@@ -114,6 +131,7 @@ def cmd_evaluate(cfg: dict[str, Any], overrides: list[str]) -> int:
         rows,
         ("model", "accuracy"),
     )
+    _log(run, evaluate_record(ev, run.generation, wall_s))
     _result(run, "evaluate", ev.to_dict())
     return 0
 
@@ -168,9 +186,10 @@ def read_ids(cfg: dict[str, Any]) -> list[Any]:
 @command("forget", "forget training ids exactly (one batched request, or a request stream)")
 def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
     """Forget `ids=[...]`, `ids_file=PATH`, or a seeded stream `requests.k=K` (`requests.mode=
-    batched|sequential`, `requests.distribution=uniform|exponential|pareto`)."""
-    import sisajax as sj
-    from sisajax.requests import sample_requests, serve_requests
+    batched|sequential`, `requests.distribution=uniform|exponential|pareto`; `tensorboard=true`
+    also writes the retraining's scalars as TensorBoard events)."""
+    from sisajax.metrics import MetricsLog
+    from sisajax.requests import sample_requests
 
     run = _open(cfg)
     req = cfg["requests"]
@@ -187,10 +206,19 @@ def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
     run.writer_lock(cfg["lock_timeout_s"])  # checks the timeout value; takes no lock
     pending_before = _refuse_if_all_forgotten(run, ids)
     factory, bar = progress_factory(cfg["progress"])
-    if req["mode"] == "sequential":
-        from sisajax.metrics import MetricsLog
+    log = MetricsLog(run.run_dir, tensorboard=cfg["tensorboard"])
+    try:
+        return _forget(cfg, run, ids, req["mode"], pending_before, factory, bar, log)
+    finally:
+        log.close()
 
-        log = MetricsLog(run.run_dir)
+
+def _forget(cfg, run, ids, mode: str, pending_before: bool, factory, bar, log) -> int:
+    """:func:`cmd_forget` once the request is checked; ``log`` receives every metrics record."""
+    import sisajax as sj
+    from sisajax.requests import serve_requests
+
+    if mode == "sequential":
 
         def each(n: int, rep, acc) -> None:
             log(
@@ -207,7 +235,13 @@ def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
 
         with bar:
             stream = serve_requests(
-                run, ids, "sequential", progress=factory, evaluate=cfg["evaluate"], on_request=each
+                run,
+                ids,
+                "sequential",
+                progress=factory,
+                evaluate=cfg["evaluate"],
+                on_request=each,
+                metrics=log,
             )
         t = stream.total
         rows = [
@@ -229,7 +263,9 @@ def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
         return 0
     with bar, warnings.catch_warnings():
         warnings.simplefilter("ignore", sj.HostWarning)  # printed below from the report
-        rep = sj.forget(run, ids, progress=factory, lock_timeout_s=cfg["lock_timeout_s"])
+        rep = sj.forget(
+            run, ids, progress=factory, lock_timeout_s=cfg["lock_timeout_s"], metrics=log
+        )
     if not rep.ids and not pending_before:  # forgotten by another writer since the check above
         raise UsageError(_all_forgotten_message(len(rep.already_forgotten)))
     c = rep.cost
@@ -381,6 +417,7 @@ def cmd_audit(cfg: dict[str, Any], overrides: list[str]) -> int:
 def cmd_verify(cfg: dict[str, Any], overrides: list[str]) -> int:
     """`shards=[0,2]`, `sample=K` (seeded by `seed`), `atol=` for a tolerance, `workdir=` to train
     a whole reference run on disk."""
+    from sisajax.metrics import verify_record
     from sisajax.verification import verify
 
     run = _open(cfg)
@@ -435,6 +472,7 @@ def cmd_verify(cfg: dict[str, Any], overrides: list[str]) -> int:
         if not rep.bitwise_meaningful:
             verdict += f" by more than {rep.tolerance:g} (checkpoints of another host: verify on it for a bitwise check)"
     say(f"{verdict} ({rep.wall_s:.2f}s)")
+    _log(run, verify_record(rep))
     _result(run, "verify", rep.to_dict())
     return 0 if rep.ok else 1
 

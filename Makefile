@@ -48,7 +48,7 @@ paper: $(STAMP) fashion-mnist
 clean:
 	rm -rf $(VENV) runs multirun outputs .pytest_cache
 
-# The accuracy study (issue 13): baseline vs the best exact recipe, S = 1..50, 3 seeds, 100
+# The accuracy study: baseline vs the best exact recipe, S = 1..50, 3 seeds, 100
 # deletions; ~35 min on 2 CPU cores. Tables and plots go to docs/accuracy/<data set>/.
 accuracy: $(STAMP) fashion-mnist
 	$(BIN)/sisajax paper experiment=accuracy_digits 'experiment.seeds=[0,1,2]' experiment.out_dir=docs/accuracy/digits

@@ -1,4 +1,4 @@
-"""SISA training vs the one model it replaces, in every CPU layout (issue 12, item 2).
+"""SISA training vs the one model it replaces, in every CPU layout.
 
     python -m benchmarks.bench_layouts [--quick] [--repeats 2]
 

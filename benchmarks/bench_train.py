@@ -12,7 +12,7 @@ Side by side, in one process, on the same data:
     files written). Its final parameters are compared bit for bit with the SISA run's.
 
 Reported: wall clock (with compile and saving), compile, training (the compiled program and its
-host-side batch building), saving, examples/s, the ratios, and bytes on disk. Targets (issue 12):
+host-side batch building), saving, examples/s, the ratios, and bytes on disk. Targets:
 checkpoint time not hidden behind training <= 3% of it; >= 180k examples/s on 2 CPU cores; on a
 GPU the per-shard loop >= 5x slower than one vmapped program. SISA vs the single model in its
 fastest CPU layout (<= 0.80) is measured by ``bench_layouts`` (fresh process per layout).

@@ -5,7 +5,7 @@ compares side by side in the same process, prints markdown tables of ratios and 
 ``<out>/<name>[_<tag>].json`` and ``.md``. The JSON holds the machine (CPU model, cores, load),
 the library versions, the git state of the tree and the full workload config.
 
-Workload (the paper's Purchase recipe, see shared/SISA.md): Purchase-shaped synthetic data
+Workload (the paper's Purchase recipe): Purchase-shaped synthetic data
 (``purchase_synthetic``, 600 binary features, 100 classes), MLP 600-128-100 tanh, plain SGD with
 lr 0.01 (lr 0.001, the authors' default, underfits sharded models badly here), 20 epochs, batch 16
 per constituent model, S=20 shards x R=50 slices. ``--quick`` shrinks everything so a benchmark

@@ -19,7 +19,7 @@ from typing import Any
 
 from sisajax.experiments.common import jsonable
 
-# What the paper reports (Bourtoule et al. 2021; shared/SISA.md), drawn on the matching plots.
+# What the paper reports (Bourtoule et al., IEEE S&P 2021), drawn on the matching plots.
 PAPER = {
     "requests": [
         {"k": 8, "speedup": 4.63, "label": "paper: Purchase, S=20 R=50, K=8"},

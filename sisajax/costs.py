@@ -2,7 +2,7 @@
 
 Counts are in examples (real, unmasked rows through a gradient step) and gradient steps; wall
 clock is split into compile, restore, retrain and save, measured after ``block_until_ready``.
-Formulas follow Bourtoule et al. (2021), see ``shared/SISA.md``.
+Formulas follow Bourtoule et al., "Machine Unlearning" (IEEE S&P 2021).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def expected_cost_batched(n: int, shards: int, slices: int, k: int) -> float:
     """Expected sample-epochs (in units of e) for K batched uniform requests with S shards, R slices.
 
     Each hit shard restarts from the minimum slice u among its k requests; retraining from slice u
-    costs ``D * (1 - (u-1)u / (R(R+1)))`` (SISA.md). Summed over the binomial number of requests per
+    costs ``D * (1 - (u-1)u / (R(R+1)))``. Summed over the binomial number of requests per
     shard; ``P(min >= j) = ((R-j+1)/R)^k``.
     """
     d = n / shards

@@ -1,4 +1,4 @@
-"""Training recipes for accuracy (issue 13): each stays exact under forgetting.
+"""Training recipes for accuracy: each stays exact under forgetting.
 
 Every option is a pure function of (slice index, step within the slice step, the slice step's own
 budget) or of the config, so a forget restarting at slice r recomputes the same factors as a

@@ -39,7 +39,15 @@ def test_every_config_group_option_composes_and_validates(group, option):
     rc = run_config(compose("train", [f"{group}={option}"]))
     assert isinstance(rc, sj.RunConfig)
     if group == "sisa":
-        assert rc.sisa.shards >= 1 and (option != "full" or rc.sisa.shards == rc.sisa.slices == 1)
+        # the option's file is what the run gets (composed over the default group for `full`)
+        import yaml
+
+        chosen = yaml.safe_load((conf_dir() / "sisa" / f"{option}.yaml").read_text())
+        for key, value in chosen.items():
+            if key != "defaults":
+                assert getattr(rc.sisa, key) == value, key
+        if option == "full":
+            assert rc.sisa.shards == rc.sisa.slices == 1
     elif group == "data":
         assert rc.data.name in sj.available_datasets()
     elif group == "model":
@@ -389,3 +397,33 @@ def test_ctrl_c_during_train_says_what_happened(tmp_path):
     assert proc.returncode == 130, out + err
     assert len(err.strip().splitlines()) == 1 and "directory was removed" in err
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("section", "group_file"),
+    [
+        ("sisa", "sisa/default.yaml"),
+        ("optim", "optim/sgd.yaml"),
+        ("model", "model/mlp.yaml"),
+        ("ledger", "ledger/default.yaml"),
+    ],
+)
+def test_yaml_defaults_equal_the_dataclass_defaults(section, group_file):
+    """What `sisajax train` composes by default is what `sj.RunConfig()` means in Python: every
+    key of the default group file has the dataclass's default, and no field is missing (the seed
+    lives at the top level, `seed: 0`)."""
+    import dataclasses
+
+    import yaml
+
+    from sisajax.config import SECTIONS
+
+    cls = SECTIONS[section]
+    yml = yaml.safe_load((conf_dir() / group_file).read_text())
+    defaults = {
+        f.name: (list(v) if isinstance(v := getattr(cls(), f.name), tuple) else v)
+        for f in dataclasses.fields(cls)
+    }
+    if section == "sisa":
+        assert compose("train", [])["seed"] == defaults.pop("seed")
+    assert yml == defaults

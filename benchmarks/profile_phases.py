@@ -270,8 +270,8 @@ FORGET_PHASES = [
     Phase("shard data load + sha256 (SisaRun.shard_data)", (RUN, "shard_data"), FORGET, 2),
     Phase("sha256 of the data copy", SHA256_NEW, (RUN, "load_npz"), 3),
     Phase(
-        "restore of the restart row (SisaRun.read_row)",
-        (RUN, "read_row"),
+        "check of the kept rows and restore of the restart row (SisaRun.check_shard)",
+        (RUN, "check_shard"),
         FORGET,
         2,
         only_when="the forgotten id is not in slice 0",
@@ -279,7 +279,7 @@ FORGET_PHASES = [
     Phase(
         "read + sha256 + decode (rows.read_row)",
         (ROWS, "read_row"),
-        (RUN, "read_row"),
+        (RUN, "check_shard"),
         3,
         only_when="the forgotten id is not in slice 0",
     ),

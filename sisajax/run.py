@@ -307,17 +307,22 @@ class SisaRun:
         treedef = jax.tree.structure(self.engine.state_template())
         return jax.tree.unflatten(treedef, [np.array(x) for x in leaves])
 
-    def check_shard(self, k: int, data: ShardData, upto: int) -> None:
+    def check_shard(self, k: int, data: ShardData, upto: int) -> PyTree | None:
         """Check what a request reads and keeps of shard ``k`` before anything is written: its
         data copy ``data`` (already checksum-verified) holds the partition's ids, and each row
         ``0..upto-1`` is intact (checksum, state layout) and is the row the manifest means: its
         header names this shard, slice and generation and the training ids of the data copy's
         slice prefix.
 
+        Returns:
+          the state after slice ``upto - 1`` (one shard, numpy; what a retrain from slice
+          ``upto`` starts from), or None when ``upto`` is 0.
+
         Raises:
           RunError: a file fails its checksum or was swapped for another row (one line).
         """
         entry = self.manifest.shards[k]
+        leaves: list[np.ndarray] = []
         if not np.array_equal(data.ids, self.partition.shard_ids(k)):
             raise RunError(
                 f"shard {k}: its data copy and the partition disagree; run `sisajax audit`"
@@ -326,7 +331,7 @@ class SisaRun:
         for j in range(upto):
             ref = entry.rows[j]
             rel = row_file(k, j, ref.generation)
-            header, _ = read_row(self.files.path(rel), ref.sha256, spec, rel)
+            header, leaves = read_row(self.files.path(rel), ref.sha256, spec, rel)
             want = {"shard": k, "slice": j, "generation": ref.generation}
             got = {key: header.get(key) for key in want}
             fp = fingerprint_ids(data.ids[data.slices <= j])
@@ -336,6 +341,10 @@ class SisaRun:
                     f"checkpoint {rel} is not the row the manifest names (its header or training "
                     "ids differ); run `sisajax audit`"
                 )
+        if upto == 0:
+            return None
+        treedef = jax.tree.structure(self.engine.state_template())
+        return jax.tree.unflatten(treedef, [np.array(x) for x in leaves])
 
     def restore_block(self, k: int) -> PyTree:
         """Shard ``k``'s stacked states ``[R, ...]`` (row ``j`` = after slice ``j``)."""

@@ -374,9 +374,9 @@ def _forget_locked(
     for k in shards:
         j = plan.restart[k]
         stored = run.shard_data(k)
-        run.check_shard(k, stored, j)  # the rows kept and read: intact and the manifest's own
+        # the rows kept and the one read: intact and the manifest's own; the last is the start
+        start = run.check_shard(k, stored, j)
         data = stored.without(plan.ids)
-        start = run.read_row(k, j - 1) if j > 0 else None
         jobs.append(ShardJob(k, data, j, start))
     restore_s = time.perf_counter() - t_restore
 

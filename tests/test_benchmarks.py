@@ -102,7 +102,9 @@ PROFILE_MAY_NOT_RUN = {
     },
     "forget": {
         "initial states (init_state, incl. its jit compile)": "only a restart at slice 0 needs it",
-        "restore of the restart row (SisaRun.read_row)": "only a restart after slice 0 reads one",
+        "check of the kept rows and restore of the restart row (SisaRun.check_shard)": (
+            "only a restart after slice 0 reads one"
+        ),
         "read + sha256 + decode (rows.read_row)": "only a restart after slice 0 reads a row",
         "all: XLA compile or cache load (compile_or_get_cached)": "the warm-up forget compiled",
         "cache misses: real compiles (backend_compile_and_load)": "the warm-up forget compiled",

@@ -233,6 +233,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """fsync one file (never through a link; raises ``OSError`` like ``os.fsync``)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _syncfs(path: Path) -> bool:
     """``syncfs`` on ``path``'s file system; False where the call is missing or fails."""
     try:
@@ -254,13 +263,8 @@ def sync_filesystem(path: Path) -> None:
     for dirpath, _, files in os.walk(path):
         for name in files:
             p = Path(dirpath) / name
-            if p.is_symlink():
-                continue
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            if not p.is_symlink():
+                fsync_file(p)
         fsync_dir(Path(dirpath))
 
 
@@ -275,11 +279,7 @@ def sync_files(root: Path, paths: Sequence[Path]) -> None:
         return
     for p in paths:
         try:
-            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(p)
         except OSError as e:
             raise storage_error(e, f"syncing {p.name}") from None
 

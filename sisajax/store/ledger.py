@@ -38,7 +38,7 @@ import numpy as np
 
 from sisajax.errors import RunStateError, storage_error
 from sisajax.store.faults import fault, io_fault
-from sisajax.store.files import managed_path, open_read, read_bytes, write_file
+from sisajax.store.files import fsync_file, managed_path, open_read, read_bytes, write_file
 
 GENESIS = "0" * 64
 LEDGER = "ledger.jsonl"
@@ -329,11 +329,7 @@ class Ledger:
             try:
                 io_fault("truncate ledger")
                 os.truncate(self.path, st.complete_bytes)
-                fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_file(self.path)
             except OSError as e:
                 raise storage_error(e, f"repairing {LEDGER}") from None
             return f"dropped a torn, incomplete last record ({st.torn_bytes} bytes)"

@@ -112,8 +112,8 @@ class Engine:
         self.chunk_steps = config.sisa.chunk_steps
         self.unroll = config.sisa.unroll
         self.shard_exec = resolve_shard_exec(config.sisa.shard_exec)
-        self.trip = resolve_trip(config.sisa.chunk_trip, self.shard_exec)
         self.devices = select_devices(devices)
+        self.trip = resolve_trip(config.sisa.chunk_trip, self.shard_exec, self.devices[0].platform)
         if partitioning not in ("auto", "single", "per_device", "shard_map"):
             raise LayoutError(f"unknown partitioning {partitioning!r}")
         if len(self.devices) == 1:

@@ -27,6 +27,7 @@ from sisajax.step import (
     StepSpec,
     cross_entropy,
     init_state,
+    resolve_trip,
     shard_step,
     train_chunk,
 )
@@ -136,6 +137,18 @@ def test_accelerator_program_has_no_scatter_no_conditional_and_known_trip_counts
     assert c["while"] >= 1
     assert all(lp["trip_count"] is not None for lp in c["loops"]), c["loops"]
     assert cfg.sisa.chunk_steps in [lp["trip_count"] for lp in c["loops"]]
+
+
+def test_auto_loop_is_data_dependent_only_under_map_on_a_cpu():
+    # a data-dependent loop makes an accelerator copy its predicate to the host every iteration
+    assert resolve_trip("auto", "map", "cpu") == "dynamic"
+    assert resolve_trip("auto", "map", "gpu") == "static"
+    assert resolve_trip("auto", "map", "tpu") == "static"
+    assert resolve_trip("auto", "vmap", "cpu") == "static"
+    assert resolve_trip("dynamic", "vmap", "gpu") == "dynamic"
+    assert resolve_trip("auto", "map") == (
+        "dynamic" if jax.default_backend() == "cpu" else "static"
+    )
 
 
 def test_cpu_program_has_no_scatter_and_no_conditional():

@@ -2,7 +2,7 @@
 
 Experiments are library code operating on composed config dicts (no Hydra, no command-line
 imports); each kind lives in its own module (``shards``, ``slices``, ``requests``, ``dist_aware``,
-``single``, ``accuracy``) with ``DEFAULTS``, ``run(rc, ds, opts, ws)``, ``report(res, png)``,
+``single``, ``accuracy``, ``tune``) with ``DEFAULTS``, ``run(rc, ds, opts, ws)``, ``report(res, png)``,
 ``ROW_KEYS`` (the row fields naming a configuration, for averaging over seeds) and optionally
 ``SEED_LOOP = True`` (``run`` trains every seed of ``opts["seeds"]`` itself; otherwise the driver
 runs it once per seed with ``rc.sisa.seed`` set and merges the results).

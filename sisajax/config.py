@@ -81,14 +81,25 @@ def _set(obj: Any, name: str, value: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Which data set to load (by registry name) and its parameters."""
+    """Which data set to load (by registry name) and its parameters.
+
+    Attributes:
+      val_fraction: share of the training ids held out as the run's validation split (chosen by
+        a keyed hash of the run's seed and each id; never trained on; 0 for none). Selection of
+        recipes and hyperparameters reads it, never the test split.
+    """
 
     name: str = "digits"
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
         _set(self, "name", _str(self.name, "data.name"))
         _set(self, "params", _dict(self.params, "data.params"))
+        f = _float(self.val_fraction, "data.val_fraction")
+        if not 0.0 <= f <= 0.5:
+            raise ConfigError(f"data.val_fraction must be in [0, 0.5], got {f}")
+        _set(self, "val_fraction", f)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,6 +421,7 @@ class RunConfig:
 
 
 _LATER_OPTIONS: dict[str, dict[str, Any]] = {
+    "data": {"val_fraction": 0.0},
     "optim": {
         "tail_fraction": 0.5,
         "schedule": "constant",

@@ -208,6 +208,7 @@ def _write_run(files: RunDir, plan, out, num_processes: int) -> None:
         origin={"op": "train", "processes": num_processes},
         id_hashing=id_hashing,
         layout=layout,
+        val_data=out.val_data,
     )
     files.write_config(plan.config.to_dict())
     files.write_manifest(manifest)

@@ -24,7 +24,7 @@ from sisajax.config import ConfigError, RunConfig
 from sisajax.data.datasets import Dataset
 from sisajax.data.partition import Partition, fingerprint_ids
 from sisajax.engine import Engine, LayoutError, ShardData, TrainState, stack_states
-from sisajax.errors import RunError
+from sisajax.errors import RunError, UserInputError
 from sisajax.layout import layout_options
 from sisajax.plugins import check_sources
 from sisajax.store.files import read_bytes, sha256_file
@@ -127,7 +127,10 @@ class SisaRun:
             self.manifest: Manifest = self.files.read_manifest()
             self._stamp = stamp
         self.files.check_no_links(self.manifest.files())
-        self.config = RunConfig.from_dict(self.manifest.config)
+        cfg = self.manifest.config
+        if "val_fraction" not in (cfg.get("data") or {}):  # runs from before validation splits
+            cfg = {**cfg, "data": {**(cfg.get("data") or {}), "val_fraction": 0.0}}
+        self.config = RunConfig.from_dict(cfg)
         self._partition: Partition | None = None
         self._final: PyTree | None = None
         self._final_manifest: Manifest | None = None
@@ -294,6 +297,30 @@ class SisaRun:
             self._remember(ref.sha256, z)
         return z["ids"], z["x"], z["y"]
 
+    @property
+    def has_validation(self) -> bool:
+        """Whether the run holds a validation split (``data.val_fraction > 0``)."""
+        return self.manifest.val_data is not None
+
+    def val_data(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids [V], x [V, *feat], y [V])`` of the validation split: training ids held out of
+        every shard (checksum-verified once).
+
+        Raises:
+          RunError: the run has no validation split (trained with ``data.val_fraction=0``).
+        """
+        ref = self.manifest.val_data
+        if ref is None:
+            raise RunError(
+                f"{self.run_dir} has no validation split (trained with data.val_fraction=0 or by "
+                "an older sisajax); retrain it with data.val_fraction > 0"
+            )
+        z = self._files_cache.get(ref.sha256)
+        if z is None:
+            z = self._npz(ref)
+            self._remember(ref.sha256, z)
+        return z["ids"], z["x"], z["y"]
+
     # -- checkpoints ----------------------------------------------------------------------------
     def row_spec(self) -> list[list[Any]]:
         leaves = jax.tree.leaves(self.engine.state_template())
@@ -382,15 +409,23 @@ class SisaRun:
         x: np.ndarray | None = None,
         y: np.ndarray | None = None,
         aggregation: str | None = None,
+        *,
+        split: str = "test",
     ) -> EvalReport:
-        """Accuracy per shard and aggregated (both ways); defaults to the run's test split.
+        """Accuracy per shard and aggregated (both ways) on ``x, y``, or on the run's ``split``:
+        ``test`` (the held-out split, for reporting) or ``val`` (the validation split, for
+        choosing recipes and hyperparameters).
 
         ``aggregation`` names which of the two ``EvalReport.accuracy`` reports.
         """
         method = aggregation or self.config.sisa.aggregation
         agg.check_method(method)
+        if split not in ("test", "val"):
+            raise UserInputError(f"split must be test or val, got {split!r}")
         if x is None or y is None:
-            _, x, y = self.test_data()
+            _, x, y = self.val_data() if split == "val" else self.test_data()
+            if len(y) == 0:
+                raise RunError(f"the run's {split} split is empty (every id of it was forgotten)")
         logits = self.logits(x)
         active = self.active_shards()
         shard_acc = [
@@ -407,17 +442,25 @@ class SisaRun:
         )
 
     def retained_dataset(self) -> Dataset:
-        """The data this run currently holds (retained training ids + test split) as a Dataset."""
+        """The data this run currently holds as a Dataset: its retained training ids, those of
+        its validation split among them (training with this run's seed and ``val_fraction``
+        carves the same split again), and the test split."""
         parts = [self.shard_data(k) for k in range(self.num_shards)]
-        ids = np.concatenate([d.ids for d in parts])
+        ids = [d.ids for d in parts]
+        xs = [d.x for d in parts]
+        ys = [d.y for d in parts]
+        if self.has_validation:
+            v_ids, v_x, v_y = self.val_data()
+            ids, xs, ys = ids + [v_ids], xs + [v_x], ys + [v_y]
+        ids = np.concatenate(ids)
         order = np.argsort(ids)
         test_ids, x_test, y_test = self.test_data()
         ds = self.manifest.dataset
         return Dataset(
             ds.name,
             ids[order],
-            np.concatenate([d.x for d in parts])[order],
-            np.concatenate([d.y for d in parts])[order],
+            np.concatenate(xs)[order],
+            np.concatenate(ys)[order],
             test_ids,
             x_test,
             y_test,

@@ -32,7 +32,13 @@ from sisajax import host as host_mod
 from sisajax.config import ConfigError, RunConfig
 from sisajax.costs import CostReport, slice_schedule_cost
 from sisajax.data.datasets import Dataset
-from sisajax.data.partition import Partition, PartitionError, fingerprint_ids, hash_partition
+from sisajax.data.partition import (
+    Partition,
+    PartitionError,
+    fingerprint_ids,
+    hash_partition,
+    validation_mask,
+)
 from sisajax.engine import Engine, ShardData, ShardJob, SliceOutput, TrainStats
 from sisajax.errors import UserInputError
 from sisajax.layout import resolve_shard_exec
@@ -52,6 +58,7 @@ from sisajax.store.manifest import (
     row_file,
     shard_data_file,
     test_data_file,
+    val_data_file,
 )
 from sisajax.store.rows import BackgroundWriter, encode_row
 from sisajax.store.run_dir import RunDir
@@ -150,6 +157,11 @@ class GenerationWriter:
     def add_test(self, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
         rel = test_data_file(self.generation)
         self.other["test"] = self.writer.call(lambda: self._npz(rel, ids=ids, x=x, y=y))
+
+    def add_val(self, ids: np.ndarray, x: np.ndarray, y: np.ndarray) -> None:
+        """Write the validation split (ids held out of training) of this generation."""
+        rel = val_data_file(self.generation)
+        self.other["val"] = self.writer.call(lambda: self._npz(rel, ids=ids, x=x, y=y))
 
     def add_partition(self, part: Partition) -> None:
         rel = partition_file(self.generation)
@@ -383,22 +395,36 @@ def plan_training(
     """
     sisa = config.sisa
     explicit = partition is not None
+    held_out = validation_mask(dataset.train_ids, config.data.val_fraction, sisa.seed)
+    train_ids = dataset.train_ids[~held_out]
     if partition is None:
-        if sisa.shards > len(dataset.train_ids):
+        if sisa.shards > len(train_ids):
             raise PartitionError(
-                f"{sisa.shards} shards but only {len(dataset.train_ids)} training examples"
+                f"{sisa.shards} shards but only {len(train_ids)} training examples"
+                + (
+                    f" ({int(held_out.sum())} more are the validation split)"
+                    if held_out.any()
+                    else ""
+                )
             )
-        partition = hash_partition(dataset.train_ids, sisa.shards, sisa.slices, sisa.seed)
+        partition = hash_partition(train_ids, sisa.shards, sisa.slices, sisa.seed)
     else:
         if (partition.num_shards, partition.num_slices) != (sisa.shards, sisa.slices):
             raise ConfigError(
                 f"the partition has {partition.num_shards} shards x {partition.num_slices} slices "
                 f"but the config asks for {sisa.shards} x {sisa.slices}"
             )
-        if not np.array_equal(partition.ids, np.sort(dataset.train_ids)):
-            raise PartitionError("the partition's ids are not the dataset's training ids")
+        # an explicit partition covers the training ids, with or without the validation split
+        # (the validation ids leave it; nobody else moves)
+        if np.array_equal(partition.ids, np.sort(dataset.train_ids)):
+            partition = partition.without(dataset.train_ids[held_out])
+        elif not np.array_equal(partition.ids, np.sort(train_ids)):
+            raise PartitionError(
+                "the partition's ids are not the dataset's training ids (with or without its "
+                "validation split)"
+            )
     partition = dataclasses.replace(partition, removed=np.union1d(partition.removed, removed))
-    check_partition(partition, config, len(dataset.train_ids))
+    check_partition(partition, config, len(train_ids))
     shard_exec = resolve_shard_exec(sisa.shard_exec)
     resolved = config.replace(
         sisa={"shard_exec": shard_exec, "chunk_trip": resolve_trip(sisa.chunk_trip, shard_exec)}
@@ -406,12 +432,24 @@ def plan_training(
     engine = build_engine(resolved, dataset, devices)
     data = [shard_data_from(partition, dataset, k) for k in range(sisa.shards)]
     capacity = int(-(-max(len(d) for d in data) // 8) * 8)
-    return TrainingPlan(resolved, dataset, partition, engine, explicit, data, capacity)
+    val = np.flatnonzero(held_out)
+    val = val[np.argsort(dataset.train_ids[val], kind="stable")]
+    return TrainingPlan(
+        resolved,
+        dataset,
+        partition,
+        engine,
+        explicit,
+        data,
+        capacity,
+        (dataset.train_ids[val], dataset.x_train[val], dataset.y_train[val]),
+    )
 
 
 @dataclasses.dataclass
 class TrainingPlan:
-    """A checked training: config, data, partition, engine, per-shard data, row capacity."""
+    """A checked training: config, data, partition, engine, per-shard data, row capacity, and
+    the validation split ``(ids [V], x [V, *feat], y [V])`` (empty with ``val_fraction=0``)."""
 
     config: RunConfig
     dataset: Dataset
@@ -420,6 +458,7 @@ class TrainingPlan:
     explicit: bool
     data: list[ShardData]
     capacity: int
+    validation: tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @dataclasses.dataclass
@@ -429,6 +468,7 @@ class GenerationFiles:
     entries: dict[int, ShardEntry]
     partition: FileRef | None
     test_data: FileRef | None
+    val_data: FileRef | None
     hosts: dict[str, dict[str, Any]]
     cost: CostReport
 
@@ -447,7 +487,7 @@ def train_generation(
     """Train ``shards`` (default: all) and write their files for ``generation`` (not yet live).
 
     Args:
-      shared: also write the partition and the held-out split.
+      shared: also write the partition, the held-out split and the validation split.
     """
     t0 = time.perf_counter()
     cfg, part, engine = plan.config, plan.partition, plan.engine
@@ -463,6 +503,8 @@ def train_generation(
             gen.add_partition(part)
             ds = plan.dataset
             gen.add_test(ds.test_ids, ds.x_test, ds.y_test)
+            if len(plan.validation[0]) or cfg.data.val_fraction:
+                gen.add_val(*plan.validation)
         total = slice_schedule_cost(part.sizes()[mine], sisa.shard_epochs, sisa.batch_size)[1]
         advance = gen.progress(progress, label, total)
         jobs = [ShardJob(k, plan.data[k]) for k in mine]
@@ -492,6 +534,7 @@ def train_generation(
         {k: gen.shard_entry(k) for k in mine},
         gen.other["partition"].result() if shared else None,
         gen.other["test"].result() if shared else None,
+        gen.other["val"].result() if "val" in gen.other else None,
         gen.hosts,
         cost,
     )
@@ -509,6 +552,7 @@ def make_manifest(
     id_hashing: dict[str, str] | None,
     plugins: tuple[str, ...] = (),
     layout: dict[str, Any] | None = None,
+    val_data: FileRef | None = None,
 ) -> Manifest:
     """The manifest of a freshly trained generation (built in this one place)."""
     cfg, ds = plan.config, plan.dataset
@@ -523,13 +567,14 @@ def make_manifest(
             tuple(ds.feature_shape),
             str(ds.x_train.dtype),
             ds.num_classes,
-            len(ds.train_ids),
+            len(plan.partition.ids),
             len(ds.test_ids),
             dict(ds.preprocessing),
         ),
         partition=partition,
         partition_kind="explicit" if plan.explicit else "hash",
         test_data=test_data,
+        val_data=val_data,
         shards=tuple(entries[k] for k in range(cfg.sisa.shards)),
         hosts=hosts,
         versions=library_versions(),
@@ -563,6 +608,7 @@ def _train_generation(
         origin=origin,
         id_hashing=id_hashing,
         plugins=plugins,
+        val_data=out.val_data,
     )
     return manifest, out.cost
 

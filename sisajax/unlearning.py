@@ -26,7 +26,7 @@ import numpy as np
 
 from sisajax.costs import CostReport, full_retrain_cost, slice_schedule_cost
 from sisajax.data.partition import Partition, PartitionError
-from sisajax.engine import ShardJob
+from sisajax.engine import ShardJob, TrainStats
 from sisajax.run import SisaRun
 from sisajax.store.faults import fault
 from sisajax.training import GenerationWriter, MetricsSink, Progress, metrics_sink, train
@@ -44,13 +44,21 @@ class ForgetPlan:
       ids: ``[K]`` sorted ids to forget now.
       already_forgotten: ids that were forgotten before (nothing to do for them).
       restart: ``{shard: first slice to retrain}`` for every affected shard.
-      locations: ``{id: (shard, slice)}`` of every id to forget.
+      locations: ``{id: (shard, slice)}`` of every id to forget that a shard trained on.
+      validation: ``[V]`` sorted ids among ``ids`` that belong to the run's validation split
+        (never trained on: they leave its copy of the split, nothing is retrained for them).
     """
 
     ids: np.ndarray
     already_forgotten: np.ndarray
     restart: dict[int, int]
     locations: dict[int, tuple[int, int]]
+    validation: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def trained(self) -> np.ndarray:
+        """``[K - V]`` the ids to forget that shards trained on."""
+        return self.ids[~np.isin(self.ids, self.validation)]
 
     @property
     def is_noop(self) -> bool:
@@ -95,6 +103,7 @@ def plan_forget(
     removed_keys: np.ndarray | None = None,
     *,
     redact: bool = False,
+    val_ids: np.ndarray | None = None,
 ) -> ForgetPlan:
     """Pure planning: which shards restart at which slice for forgetting ``ids``.
 
@@ -105,6 +114,7 @@ def plan_forget(
       removed_keys: how ``ids`` appear in ``partition.removed`` (default: the ids themselves;
         salted hashes for runs with ``ledger.hash_ids``).
       redact: name no id in error messages (``ledger.hash_ids``).
+      val_ids: the run's validation ids (training ids held out of every shard), if any.
 
     Raises:
       ForgetError: malformed ids, duplicates, test ids, or ids that were never training ids.
@@ -121,17 +131,19 @@ def plan_forget(
             raise ForgetError(f"{name(bad)} belong to the test split, not the training set")
     gone = np.isin(keys, partition.removed)
     already, todo = np.sort(arr[gone]), np.sort(arr[~gone])
-    unknown = todo[~partition.contains(todo)]
+    held_out = np.isin(todo, val_ids) if val_ids is not None else np.zeros(len(todo), bool)
+    trained = todo[~held_out]
+    unknown = trained[~partition.contains(trained)]
     if unknown.size:
         raise ForgetError(f"{name(unknown)} are not training ids of this run")
     restart: dict[int, int] = {}
     locations = {}
-    if todo.size:
-        shards, slices = partition.locate(todo)
-        for i, k, j in zip(todo.tolist(), shards.tolist(), slices.tolist(), strict=True):
+    if trained.size:
+        shards, slices = partition.locate(trained)
+        for i, k, j in zip(trained.tolist(), shards.tolist(), slices.tolist(), strict=True):
             locations[i] = (k, j)
             restart[k] = min(restart.get(k, j), j)
-    return ForgetPlan(todo, already, dict(sorted(restart.items())), locations)
+    return ForgetPlan(todo, already, dict(sorted(restart.items())), locations, todo[held_out])
 
 
 @dataclasses.dataclass
@@ -261,8 +273,11 @@ def resume(run: SisaRun, *, progress: Progress = None, _locked: bool = False) ->
             )
             continue
         run.files.collect_garbage(run.manifest)
-        shards = sorted({int(loc[0]) for loc in rec.get("locations", {}).values()})
-        candidates = np.concatenate([run.shard_data(k).ids for k in shards] or [np.zeros(0, int)])
+        shards = sorted({int(loc[0]) for loc in rec.get("locations", {}).values()} - {-1})
+        candidates = [run.shard_data(k).ids for k in shards]
+        if run.has_validation:
+            candidates.append(run.val_data()[0])
+        candidates = np.concatenate(candidates or [np.zeros(0, np.int64)])
         ids = ledger.resolve(rec.get("ids", []), candidates)
         if len(ids) == 0:  # nothing of it is left to forget
             ledger.append(rid, "done", kind="forget", resumed=True, generation=run.generation)
@@ -327,11 +342,18 @@ def _forget_locked(
         ledger.check_salt((run.manifest.id_hashing or {}).get("salt_fingerprint"))
     arr = normalise_ids(ids)
     test_ids = run.test_data()[0]
+    val = run.val_data() if run.has_validation else None
     plan = plan_forget(
-        run.partition, arr, test_ids, ledger.removed_keys(arr) if hashed else None, redact=hashed
+        run.partition,
+        arr,
+        test_ids,
+        ledger.removed_keys(arr) if hashed else None,
+        redact=hashed,
+        val_ids=None if val is None else val[0],
     )
     sisa = run.config.sisa
-    n_left = len(run.partition.ids) - len(plan.ids)
+    trained = plan.trained
+    n_left = len(run.partition.ids) - len(trained)
     full_ex, full_steps = full_retrain_cost(n_left, sisa.epochs, sisa.batch_size)
     redacted_already = ledger.redact(plan.already_forgotten) if hashed else None
     if plan.is_noop:
@@ -359,12 +381,15 @@ def _forget_locked(
         raise ForgetError(
             "this request would forget every remaining training id; train a new run instead"
         )
-    run.check_layout()  # exact only on a layout that reproduces the run's bits
     shards = list(plan.restart)
+    if shards:
+        run.check_layout()  # exact only on a layout that reproduces the run's bits
     warnings = run.warn_foreign_hosts(
         shards, "the retrained rows come from this host, so a shard mixes hosts"
     )
-    new_part = run.partition.drop(plan.ids, removed_keys=ledger.removed_keys(plan.ids))
+    new_part = run.partition.drop(trained, removed_keys=ledger.removed_keys(trained)).tombstone(
+        ledger.removed_keys(plan.validation)
+    )
     engine = run.engine
     gen = run.generation + 1
 
@@ -376,7 +401,7 @@ def _forget_locked(
         stored = run.shard_data(k)
         # the rows kept and the one read: intact and the manifest's own; the last is the start
         start = run.check_shard(k, stored, j)
-        data = stored.without(plan.ids)
+        data = stored.without(trained)
         jobs.append(ShardJob(k, data, j, start))
     restore_s = time.perf_counter() - t_restore
 
@@ -389,7 +414,7 @@ def _forget_locked(
             kind="forget",
             ids=redacted,
             locations={
-                str(r): list(plan.locations[i])
+                str(r): list(plan.locations.get(i, (-1, -1)))  # (-1, -1): a validation id
                 for r, i in zip(redacted, plan.ids.tolist(), strict=True)
             },
             restart={str(k): j for k, j in plan.restart.items()},
@@ -415,16 +440,21 @@ def _forget_locked(
             for job in jobs:
                 writer.add_shard(job.shard, job.data)
             writer.add_partition(new_part)
-            total = slice_schedule_cost(
-                new_part.sizes()[shards],
-                sisa.shard_epochs,
-                sisa.batch_size,
-                np.array([plan.restart[k] for k in shards]),
-            )[1]
-            advance = writer.progress(progress, "forget", total)
-            _, stats = engine.run(
-                jobs, capacity=run.capacity, on_slice=writer.on_slice(shards), progress=advance
-            )
+            if plan.validation.size:  # the stored validation split drops them too
+                keep = ~np.isin(val[0], plan.validation)
+                writer.add_val(val[0][keep], val[1][keep], val[2][keep])
+            stats = TrainStats()
+            if jobs:
+                total = slice_schedule_cost(
+                    new_part.sizes()[shards],
+                    sisa.shard_epochs,
+                    sisa.batch_size,
+                    np.array([plan.restart[k] for k in shards]),
+                )[1]
+                advance = writer.progress(progress, "forget", total)
+                _, stats = engine.run(
+                    jobs, capacity=run.capacity, on_slice=writer.on_slice(shards), progress=advance
+                )
             t_save = time.perf_counter()
             writer.finish()
         except BaseException:
@@ -443,6 +473,8 @@ def _forget_locked(
             hosts=hosts,
             origin={"op": "forget", "request_id": request_id},
         )
+        if "val" in writer.other:
+            manifest = manifest.replace(val_data=writer.other["val"].result())
         fault("before_commit")
         removed, _ = run.files.commit(manifest, run.config.ledger.lock_timeout_s)
     except BaseException:

@@ -37,7 +37,7 @@ import numpy as np
 
 from sisajax import host as host_mod
 from sisajax.data.datasets import Dataset
-from sisajax.data.partition import Partition, fingerprint_ids, hash_partition
+from sisajax.data.partition import Partition, fingerprint_ids, hash_partition, validation_mask
 from sisajax.engine import ShardData, ShardJob, SliceOutput, stack_states
 from sisajax.errors import RunError, UserInputError
 from sisajax.run import SisaRun
@@ -254,7 +254,10 @@ def _reference_partition(run: SisaRun, ds: Dataset) -> tuple[Partition, str, boo
     stored per-shard data copies agree with it and hold no forgotten id.
     """
     sisa = run.config.sisa
-    hashed = hash_partition(ds.train_ids, sisa.shards, sisa.slices, sisa.seed)
+    trainable = ds.train_ids[
+        ~validation_mask(ds.train_ids, run.config.data.val_fraction, sisa.seed)
+    ]
+    hashed = hash_partition(trainable, sisa.shards, sisa.slices, sisa.seed)
     stored = run.partition
     same_ids = np.array_equal(stored.ids, hashed.ids)
     kind = run.manifest.partition_kind

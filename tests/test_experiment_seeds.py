@@ -39,6 +39,7 @@ TINY = {
         "experiment.eval_every=2",
     ],
     "single": ["sisa.shards=2", "sisa.slices=1", "experiment.k=1"],
+    "tune": ["experiment.shards=[1,2]"],
 }
 COMMON = [
     "data=digits",
@@ -56,6 +57,8 @@ def _run(preset: str, out: Path, *extra: str) -> dict:
         cfg["model"]["hidden"] = [8]
     if preset == "accuracy":
         cfg["experiment"].update(recipes={"baseline": {}}, deletion_recipe="baseline")
+    if preset == "tune":
+        cfg["experiment"].update(space={"optim.learning_rate": [0.05, 0.1]})
     return paper.run_experiment(cfg, out_dir=out)
 
 

@@ -113,7 +113,9 @@ def test_hash_ids_keeps_no_raw_ids_in_any_file(tmp_path, capsys, monkeypatch):
     assert cli(["forget", f"run_dir={d}", "ids=[99999]"]) == 2  # unknown id: not echoed
     err = capsys.readouterr().err
     assert "99999" not in err and "not training ids" in err
-    forgotten = set(ds.train_ids.tolist()) - set(sj.open_run(d).partition.ids.tolist())
+    after = sj.open_run(d)
+    held_out = set(after.val_data()[0].tolist())  # the validation split: never trained on
+    forgotten = set(ds.train_ids.tolist()) - set(after.partition.ids.tolist()) - held_out
     assert len(forgotten) == 5 and set(ids) <= forgotten
     texts = [str(i).encode() for i in forgotten]
     for p in run.run_dir.rglob("*"):

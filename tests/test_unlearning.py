@@ -163,12 +163,16 @@ def test_no_residue_in_run_directory(trained):
 def test_full_retrain_baseline(trained, tmp_path):
     run, cfg, ds = trained
     target = int(run.partition.ids[3])
+    n_before = len(run.partition.ids)
     sj.forget(run, [target])
     full, cost = sj.full_retrain(run, tmp_path / "full")
     assert full.num_shards == 1 and full.num_slices == 1
     assert target not in full.partition.ids
-    assert len(full.partition.ids) == len(ds.train_ids) - 1
-    expected = sj.full_retrain_cost(len(ds.train_ids) - 1, cfg.sisa.epochs, cfg.sisa.batch_size)
+    # the same retained training ids, the same validation split held out
+    assert np.array_equal(full.partition.ids, run.partition.ids)
+    assert len(full.partition.ids) == n_before - 1
+    assert np.array_equal(full.val_data()[0], run.val_data()[0])
+    expected = sj.full_retrain_cost(n_before - 1, cfg.sisa.epochs, cfg.sisa.batch_size)
     assert (cost.examples, cost.grad_steps) == expected
     assert full.evaluate().accuracy > 0.5
 

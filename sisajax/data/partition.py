@@ -160,6 +160,21 @@ class Partition:
             np.union1d(self.removed, keys),
         )
 
+    def without(self, ids: np.ndarray) -> Partition:
+        """A new partition without ``ids`` (any that it holds), remembering nothing of them: for
+        ids that leave before training (a validation split), not forgotten ones."""
+        keep = ~np.isin(self.ids, np.asarray(ids, dtype=np.int64))
+        return dataclasses.replace(
+            self, ids=self.ids[keep], shard=self.shard[keep], slice=self.slice[keep]
+        )
+
+    def tombstone(self, keys: np.ndarray) -> Partition:
+        """The same partition remembering ``keys`` as forgotten too (ids that were never in it,
+        e.g. validation ids, keep their "already forgotten" answer this way)."""
+        return dataclasses.replace(
+            self, removed=np.union1d(self.removed, np.asarray(keys, dtype=np.int64))
+        )
+
     # -- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path, *, durable: bool = True) -> tuple[str, int]:
         """Write atomically (temp file, rename); return ``(sha256, size)`` of the file."""
@@ -193,6 +208,23 @@ class Partition:
             if isinstance(e, FileNotFoundError):
                 raise
             raise PartitionError(f"{Path(path).name} is not a partition file") from None
+
+
+VALIDATION_STREAM = 3  # hash stream of the validation split (1 and 2 place shards and slices)
+
+
+def validation_mask(ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """``[N]`` bool: which of ``ids`` form the run's validation split, never trained on.
+
+    A keyed hash of (seed, id) against ``fraction``, so the split is a pure function of each id:
+    removing ids never moves another id in or out of it, and applying it to ids that already
+    excludes it selects nothing more (a retrain on a run's retained ids carves the same split).
+    Independent of the shard count, so runs with different S share one validation split.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    if not fraction:
+        return np.zeros(len(ids), bool)
+    return uniform_hash(ids, seed, stream=VALIDATION_STREAM) < float(fraction)
 
 
 def hash_partition(ids: np.ndarray, num_shards: int, num_slices: int, seed: int) -> Partition:

@@ -11,6 +11,7 @@ File names are derived from (shard, slice, generation), never taken from user in
     checkpoints/s003r017.g000004.row   the state of shard 3 after slice 17, written by generation 4
     data/shard_003.g000004.npz         the retained training rows of shard 3 (ids, x, y, slices)
     data/test.g000000.npz              the held-out split
+    data/val.g000000.npz               the validation split (ids held out of training), if any
     partition.g000004.npz              id -> (shard, slice), and the forgotten ids (or their hashes)
 """
 
@@ -28,6 +29,7 @@ MANIFEST = "MANIFEST.json"
 ROW_RE = re.compile(r"^s(\d{3,})r(\d{3,})\.g(\d{6,})\.row$")
 SHARD_DATA_RE = re.compile(r"^shard_(\d{3,})\.g(\d{6,})\.npz$")
 TEST_DATA_RE = re.compile(r"^test\.g(\d{6,})\.npz$")
+VAL_DATA_RE = re.compile(r"^val\.g(\d{6,})\.npz$")
 PARTITION_RE = re.compile(r"^partition\.g(\d{6,})\.npz$")
 
 
@@ -41,6 +43,10 @@ def shard_data_file(shard: int, generation: int) -> str:
 
 def test_data_file(generation: int) -> str:
     return f"data/test.g{generation:06d}.npz"
+
+
+def val_data_file(generation: int) -> str:
+    return f"data/val.g{generation:06d}.npz"
 
 
 def partition_file(generation: int) -> str:
@@ -112,6 +118,8 @@ class Manifest:
       dataset: :class:`DatasetInfo`.
       partition / partition_kind: the partition file and ``hash`` or ``explicit``.
       test_data: the held-out split file.
+      val_data: the validation split file (training ids never trained on), or None (runs
+        trained with ``data.val_fraction=0`` or by older versions).
       shards: ``[S]`` :class:`ShardEntry`.
       hosts: ``{host id: host description}`` of every host that produced a live row.
       versions: library versions of the process that wrote this generation.
@@ -139,11 +147,14 @@ class Manifest:
     origin: dict[str, Any] = dataclasses.field(default_factory=dict)
     plugins: tuple[str, ...] = ()
     plugin_sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    val_data: FileRef | None = None
     schema: int = SCHEMA
 
     def files(self) -> set[str]:
         """Relative paths of every file this generation names."""
         out = {self.partition.path, self.test_data.path}
+        if self.val_data is not None:
+            out.add(self.val_data.path)
         for k, e in enumerate(self.shards):
             out.add(e.data.path)
             out.update(row_file(k, j, r.generation) for j, r in enumerate(e.rows))
@@ -180,6 +191,7 @@ class Manifest:
             "partition": _fileref_json(self.partition),
             "partition_kind": self.partition_kind,
             "test_data": _fileref_json(self.test_data),
+            "val_data": None if self.val_data is None else _fileref_json(self.val_data),
             "shards": [shard_entry_json(e) for e in self.shards],
             "hosts": self.hosts,
             "versions": self.versions,
@@ -329,6 +341,11 @@ def parse_manifest(d: Any) -> Manifest:
         partition=_fileref(_req(d, "partition", dict, ""), "partition", PARTITION_RE),
         partition_kind=kind,
         test_data=_fileref(_req(d, "test_data", dict, ""), "test_data", TEST_DATA_RE, "data/"),
+        val_data=(
+            None
+            if d.get("val_data") is None
+            else _fileref(_req(d, "val_data", dict, ""), "val_data", VAL_DATA_RE, "data/")
+        ),
         shards=tuple(shards),
         hosts=_req(d, "hosts", dict, ""),
         versions=_req(d, "versions", dict, ""),

@@ -47,6 +47,7 @@ from sisajax.store.manifest import (
     ROW_RE,
     SHARD_DATA_RE,
     TEST_DATA_RE,
+    VAL_DATA_RE,
     Manifest,
     ManifestError,
     parse_manifest,
@@ -67,7 +68,7 @@ MANAGED_TOP = (
     "pending",
 )
 OURS_IN = {
-    "data": (SHARD_DATA_RE, TEST_DATA_RE),
+    "data": (SHARD_DATA_RE, TEST_DATA_RE, VAL_DATA_RE),
     "checkpoints": (ROW_RE,),
     ".": (PARTITION_RE,),
 }

@@ -14,7 +14,8 @@ from conftest import REPO, cli_env, cli_run, copy_run, pick, tree_bytes
 
 import sisajax as sj
 from sisajax.cli import main as cli
-from sisajax.cli.app import compose, conf_dir, load_commands, run_config
+from sisajax.cli.base import compose, conf_dir, run_config
+from sisajax.cli.table import COMMANDS
 
 TINY = [
     "sisa.shards=3",
@@ -59,7 +60,7 @@ def test_every_config_group_option_composes_and_validates(group, option):
         assert rc.optim.name == option
 
 
-@pytest.mark.parametrize("name", list(load_commands()))
+@pytest.mark.parametrize("name", list(COMMANDS))
 def test_every_command_answers_help_and_cfg_job(name, capsys):
     assert cli([name, "--help"]) == 0
     out = capsys.readouterr().out

@@ -2,7 +2,7 @@
 cost lines, and the per-host persistent compilation cache.
 
 Tables and bars go to stdout through rich with markup off for user-provided text (so ``[...]``
-in a value is printed as is); errors go to stderr (see :func:`sisajax.cli.app.fail`).
+in a value is printed as is); errors go to stderr (see :func:`sisajax.cli.base.fail`).
 """
 
 from __future__ import annotations

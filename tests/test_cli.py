@@ -14,7 +14,8 @@ from conftest import REPO, cli_env, cli_run, copy_run, pick, tree_bytes
 
 import sisajax as sj
 from sisajax.cli import main as cli
-from sisajax.cli.app import compose, conf_dir, load_commands, run_config
+from sisajax.cli.base import compose, conf_dir, run_config
+from sisajax.cli.table import COMMANDS, TABLE
 
 TINY = [
     "sisa.shards=3",
@@ -59,7 +60,7 @@ def test_every_config_group_option_composes_and_validates(group, option):
         assert rc.optim.name == option
 
 
-@pytest.mark.parametrize("name", list(load_commands()))
+@pytest.mark.parametrize("name", list(COMMANDS))
 def test_every_command_answers_help_and_cfg_job(name, capsys):
     assert cli([name, "--help"]) == 0
     out = capsys.readouterr().out
@@ -95,6 +96,46 @@ def test_version_is_printed_without_importing_jax():
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout == f"sisajax {version('sisajax')}\n" and r.stderr == ""
+
+
+def test_help_imports_no_command_module_and_no_jax():
+    code = (
+        "import sys; from sisajax.cli import main; rc = main(['--help']); "
+        "loaded = [m for m in ('jax', 'sisajax.cli.commands', 'sisajax.cli.experiment_commands', "
+        "'sisajax.cli.sweep') if m in sys.modules]; "
+        "assert not loaded, loaded; sys.exit(rc)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("usage: sisajax COMMAND") and r.stderr == ""
+
+
+def test_the_command_table_is_what_help_lists_and_every_entry_resolves(capsys):
+    import importlib
+    import inspect
+
+    assert len(COMMANDS) == len(TABLE)  # no name listed twice
+    assert cli(["--help"]) == 0
+    out = capsys.readouterr().out
+    listed = out.split("Commands:\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert [tuple(line.split(None, 1)) for line in listed] == [(c.name, c.summary) for c in TABLE]
+    modules = {c.target.partition(":")[0] for c in TABLE}
+    for c in TABLE:
+        fn = c.function()
+        assert callable(fn) and fn.__doc__ and fn.__module__ in modules, c
+        assert list(inspect.signature(fn).parameters) == ["cfg", "overrides"], c
+        assert (conf_dir() / f"{c.name}.yaml").is_file(), c
+    # every command function of the command modules is in the table (none left out)
+    defined = {
+        f"{m}:{name}"
+        for m in modules
+        for name, fn in inspect.getmembers(importlib.import_module(m), inspect.isfunction)
+        if name.startswith("cmd_") and fn.__module__ == m
+    }
+    assert defined == {c.target for c in TABLE}
+    assert {c.name for c in TABLE if c.multirun} == {"train", "paper"}
 
 
 @pytest.mark.parametrize(

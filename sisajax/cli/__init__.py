@@ -12,8 +12,8 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     """``sisajax COMMAND [...]`` (``argv=None``: the process's arguments, and the process ends
     here, see :func:`exit_now`)."""
-    from sisajax.cli.app import fail, output_closed
     from sisajax.cli.app import main as app_main
+    from sisajax.cli.base import fail, output_closed
     from sisajax.config import ConfigError
     from sisajax.layout import configure_cpu_devices
 

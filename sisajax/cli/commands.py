@@ -2,6 +2,8 @@
 
 Each command's config is ``conf/<command>.yaml``; results go to ``<run_dir>/results/`` under a
 new name per invocation (never replacing another), or nowhere on a read-only run (said so).
+The commands are listed (name, summary, sweeping) in :mod:`sisajax.cli.table`; a command's
+docstring is its ``sisajax NAME --help`` text.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from sisajax.cli.app import UsageError, command, import_plugins, run_config
+from sisajax.cli.base import UsageError, import_plugins, run_config
 from sisajax.console import fmt_cost, print_table, progress_factory, say
 
 
@@ -47,9 +49,6 @@ def _log(run, record: dict[str, Any]) -> None:
         say(f"metrics not written: {e}")
 
 
-@command(
-    "train", "train a SISA run (or retrain one in place, keeping its tombstones)", multirun=True
-)
 def cmd_train(cfg: dict[str, Any], overrides: list[str]) -> int:
     """Train S shards x R slices; `overwrite=true` retrains an existing run in place without the
     ids it has forgotten (`discard_deletion_history=true` trains on them again, recorded)."""
@@ -103,7 +102,6 @@ def cmd_train(cfg: dict[str, Any], overrides: list[str]) -> int:
     return 0
 
 
-@command("evaluate", "test accuracy of every constituent model and of the ensemble")
 def cmd_evaluate(cfg: dict[str, Any], overrides: list[str]) -> int:
     """Evaluate on the run's held-out split (`aggregation=vote|mean_prob` picks the headline)."""
     import time
@@ -183,7 +181,6 @@ def read_ids(cfg: dict[str, Any]) -> list[Any]:
     return out
 
 
-@command("forget", "forget training ids exactly (one batched request, or a request stream)")
 def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
     """Forget `ids=[...]`, `ids_file=PATH`, or a seeded stream `requests.k=K` (`requests.mode=
     batched|sequential`, `requests.distribution=uniform|exponential|pareto`; `tensorboard=true`
@@ -338,7 +335,6 @@ def _ratio(full: int, done: int) -> str:
     return "- (nothing retrained)" if done == 0 else f"{full / done:.1f}x"
 
 
-@command("resume", "finish a request an interrupted command left pending")
 def cmd_resume(cfg: dict[str, Any], overrides: list[str]) -> int:
     """Repair an interrupted ledger append, finish pending requests, remove partial files."""
     import sisajax as sj
@@ -355,7 +351,6 @@ def cmd_resume(cfg: dict[str, Any], overrides: list[str]) -> int:
     return 0
 
 
-@command("status", "shards, slices, sizes, forgotten ids, pending requests")
 def cmd_status(cfg: dict[str, Any], overrides: list[str]) -> int:
     """Read-only overview of a run (works on read-only run directories)."""
     from sisajax.status import run_status
@@ -386,7 +381,6 @@ def cmd_status(cfg: dict[str, Any], overrides: list[str]) -> int:
     return 0
 
 
-@command("audit", "check that every forgotten id is gone from everything stored (exit 1 if not)")
 def cmd_audit(cfg: dict[str, Any], overrides: list[str]) -> int:
     """Ledger chain, pending requests, checksums, residual exposure, stray files (read-only)."""
     import sisajax as sj
@@ -413,7 +407,6 @@ def cmd_audit(cfg: dict[str, Any], overrides: list[str]) -> int:
     return 0 if rep.ok else 1
 
 
-@command("verify", "retrain shards from scratch and compare every checkpoint (exit 1 if not)")
 def cmd_verify(cfg: dict[str, Any], overrides: list[str]) -> int:
     """`shards=[0,2]`, `sample=K` (seeded by `seed`), `atol=` for a tolerance, `workdir=` to train
     a whole reference run on disk."""
@@ -477,7 +470,6 @@ def cmd_verify(cfg: dict[str, Any], overrides: list[str]) -> int:
     return 0 if rep.ok else 1
 
 
-@command("serve", "serve a stream of forget requests from one long-lived process")
 def cmd_serve(cfg: dict[str, Any], overrides: list[str]) -> int:
     """`spool=-` (stdin lines -> stdout JSON lines) or `spool=DIR` (DIR/incoming/*.req ->
     DIR/done/*.json until DIR/STOP). Every request is an exact `forget` with the ledger's crash
@@ -504,7 +496,6 @@ def cmd_serve(cfg: dict[str, Any], overrides: list[str]) -> int:
     return 0
 
 
-@command("export", "write a run's states as a standard Orbax checkpoint")
 def cmd_export(cfg: dict[str, Any], overrides: list[str]) -> int:
     """`out=DIR` (new); `all_slices=true` exports every (shard, slice) state ``[S, R, ...]``."""
     if not cfg["out"]:

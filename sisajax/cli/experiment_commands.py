@@ -1,18 +1,16 @@
 """The experiment commands: ``demo``, ``paper``, ``mia`` and ``report`` (glue over
-``sisajax.experiments``, which holds one module per experiment kind)."""
+``sisajax.experiments``, which holds one module per experiment kind; listed in
+:mod:`sisajax.cli.table`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from sisajax.cli.app import UsageError, command, import_plugins
+from sisajax.cli.base import UsageError, import_plugins
 from sisajax.console import say
 
 
-@command(
-    "demo", "the main job: train, forget one id and a batch, verify, compare with a full retrain"
-)
 def cmd_demo(cfg: dict[str, Any], overrides: list[str]) -> int:
     """Train SISA on the Purchase-shaped generator, forget one random id and then a batch,
     verify bit-identity against training from scratch, train the full-retrain baseline, and
@@ -23,7 +21,6 @@ def cmd_demo(cfg: dict[str, Any], overrides: list[str]) -> int:
     return run_demo(cfg)
 
 
-@command("paper", "reproduce the paper's experiments (presets in conf/experiment/)", multirun=True)
 def cmd_paper(cfg: dict[str, Any], overrides: list[str]) -> int:
     """`experiment=shards|slices|requests|dist_aware|transfer|accuracy` with any data set,
     e.g. `sisajax paper experiment=shards data=digits`; sweep with -m."""
@@ -36,7 +33,6 @@ def cmd_paper(cfg: dict[str, Any], overrides: list[str]) -> int:
     return 0
 
 
-@command("mia", "membership inference before and after forgetting")
 def cmd_mia(cfg: dict[str, Any], overrides: list[str]) -> int:
     """Attack the forget set of a run before `forget`, after it, and on a full retrain (loss,
     confidence and LiRA with shadow SISA ensembles); writes results into mia.out_dir."""
@@ -49,7 +45,6 @@ def cmd_mia(cfg: dict[str, Any], overrides: list[str]) -> int:
     return 0
 
 
-@command("report", "tables and plots from a run's history or from experiment results")
 def cmd_report(cfg: dict[str, Any], overrides: list[str]) -> int:
     """`run_dir=R`: loss curves, cost per request, accuracy vs requests of one run (read-only);
     `dir=D`: merge every results.json under D into D/report.md and plots."""

@@ -23,7 +23,15 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from sisajax.cli.app import COMMANDS, UsageError, compose, conf_dir, report_error, search_path
+from sisajax.cli.base import (
+    UsageError,
+    compose,
+    conf_dir,
+    report_error,
+    run_command,
+    search_path,
+)
+from sisajax.cli.table import COMMANDS
 
 RESULT = "job_result.json"
 
@@ -107,8 +115,6 @@ def multirun(name: str, overrides: list[str], config_dirs: list[str]) -> int:
                 job_cfg["run_dir"] = str(out / "run")
             if name == "paper":
                 job_cfg.setdefault("experiment", {})["out_dir"] = str(out)
-            from sisajax.cli.app import run_command
-
             code = run_command(COMMANDS[name], job_cfg, job_overrides)
         except Exception as e:  # noqa: BLE001 - a job's failure is reported, the sweep goes on
             code, error = report_error(e), str(e)

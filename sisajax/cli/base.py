@@ -1,0 +1,263 @@
+"""Plumbing shared by the command line's modules: composing a command's config, the one error
+handler, running a command.
+
+The command modules (:mod:`sisajax.cli.commands`, :mod:`sisajax.cli.experiment_commands`), the
+sweeps (:mod:`sisajax.cli.sweep`), the command table (:mod:`sisajax.cli.table`) and the entry
+point (:mod:`sisajax.cli.app`) import from here; this module imports none of them, so the command
+line has no import cycle. Heavy libraries (Hydra, jax, the run store) are imported inside the
+functions that need them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CONF_MODULE = "sisajax.conf"
+SEARCH_PATH_ENV = "SISAJAX_CONFIG_PATH"
+FREE_FORM = ("data.params", "model.params", "features", "experiment", "mia")
+
+
+class UsageError(ValueError):
+    """Bad command-line usage (exit code 2)."""
+
+    exit_code = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: its name (its config is ``conf/<name>.yaml``), the line ``sisajax --help``
+    prints for it, its function as ``"module:function"`` (imported when the command runs or shows
+    its help) and whether it sweeps with ``-m``."""
+
+    name: str
+    summary: str
+    target: str
+    multirun: bool = False
+
+    def function(self) -> Callable[[dict[str, Any], list[str]], int]:
+        """The command's ``fn(cfg, overrides) -> exit code`` (importing its module)."""
+        import importlib
+
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+# -- composing ---------------------------------------------------------------------------------
+
+
+def conf_dir() -> Path:
+    """The folder of the packaged configs (``sisajax.conf``)."""
+    import importlib.resources
+
+    return Path(str(importlib.resources.files(CONF_MODULE)))
+
+
+def search_path(extra: list[str]) -> list[str]:
+    """User config folders (``--config-dir`` and ``SISAJAX_CONFIG_PATH``), as Hydra search path."""
+    dirs = list(extra) + [d for d in os.environ.get(SEARCH_PATH_ENV, "").split(os.pathsep) if d]
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise UsageError(f"config folder {d} does not exist")
+    return [f"file://{Path(d).resolve()}" for d in dirs]
+
+
+def compose(name: str, overrides: list[str], config_dirs: list[str] = ()) -> dict[str, Any]:
+    """Compose ``conf/<name>.yaml`` with overrides into a plain dict (no Hydra output folder).
+
+    Raises:
+      UsageError: unknown keys, a missing config group option, a malformed override, or a
+        ``hydra.*`` override (only meaningful with ``-m``).
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    hydra_keys = [o for o in overrides if o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    if hydra_keys:
+        raise UsageError(
+            f"{hydra_keys[0].split('=')[0]} applies to Hydra's job folders, which only "
+            "-m/--multirun uses; a single run writes where run_dir= says"
+        )
+    user_paths = search_path(list(config_dirs))
+    extra = [f"hydra.searchpath=[{','.join(user_paths)}]"] if user_paths else []
+    folders = [conf_dir(), *(Path(p[len("file://") :]) for p in user_paths)]
+    groups = [o for o in overrides if _is_group_choice(o, folders)]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+            cfg = hydra_compose(config_name=name, overrides=overrides + extra)
+            # Only `+key=` / `++key=` or a dict value can add keys (plain `key=` on an unknown
+            # key fails in Hydra's struct mode): compose the reference config only then.
+            ref = (
+                hydra_compose(config_name=name, overrides=groups + extra)
+                if any(o.startswith("+") or "{" in o for o in overrides)
+                else None
+            )
+    except Exception as e:  # Hydra/OmegaConf errors: one line naming the bad override
+        if type(e).__module__.startswith(("hydra", "omegaconf")):
+            bad = _overridden_key(e)
+            hint = "" if bad is None else _suggestion(bad, _reference_keys(name, groups + extra))
+            raise UsageError(_hydra_message(e, hint)) from None
+        raise
+    out = OmegaConf.to_container(cfg, resolve=True)
+    ref_dict = None if ref is None else OmegaConf.to_container(ref, resolve=False)
+    unknown = [] if ref_dict is None else _new_keys(out, ref_dict)
+    if unknown:
+        hint = _suggestion(unknown[0], _dotted_keys(ref_dict)) if len(unknown) == 1 else ""
+        raise UsageError(
+            f"unknown config key(s) {', '.join(unknown)} for `sisajax {name}` "
+            f"({hint or f'see `sisajax {name} --help`'})"
+        )
+    return out  # type: ignore[return-value]
+
+
+def _overridden_key(e: Exception) -> str | None:
+    """The key of Hydra's "Could not override 'KEY'." error, if that is the error."""
+    import re
+
+    m = re.match(r"\s*Could not override '([^']+)'", str(e))
+    return m.group(1) if m else None
+
+
+def _reference_keys(name: str, overrides: list[str]) -> list[str]:
+    """Every dotted key of ``conf/<name>.yaml`` composed with ``overrides`` (group choices);
+    empty when that does not compose either."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+            ref = hydra_compose(config_name=name, overrides=overrides)
+    except Exception:  # noqa: BLE001 - only a hint: the error being reported is the real one
+        return []
+    return _dotted_keys(OmegaConf.to_container(ref, resolve=False))
+
+
+def _dotted_keys(cfg: Any, prefix: str = "") -> list[str]:
+    """``["seed", "sisa", "sisa.shards", ...]``: every key of a nested dict, dotted."""
+    if not isinstance(cfg, dict):
+        return []
+    out = []
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        out += [key, *_dotted_keys(v, key + ".")]
+    return out
+
+
+def _suggestion(key: str, known: list[str]) -> str:
+    """``did you mean sisa.shards?`` for a mistyped ``key`` (a known key with the same last part,
+    or a sibling spelled alike), how to add a key under a free-form section, or ""."""
+    key = key.lstrip("+~")
+    parent, _, leaf = key.rpartition(".")
+    same_leaf = [k for k in known if k.rpartition(".")[2] == leaf and k != key]
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+    close = difflib.get_close_matches(leaf, list(siblings), n=1)
+    options = same_leaf[:3] or [siblings[c] for c in close]
+    if options:
+        alternatives = " or ".join(
+            [", ".join(options[:-1]), options[-1]] if options[1:] else options
+        )
+        return f"did you mean {alternatives}?"
+    if parent in ("data.params", "model.params"):
+        return f"{parent} takes new keys with a leading +: +{key}=..."
+    return ""
+
+
+def _is_group_choice(override: str, folders: list[Path]) -> bool:
+    """``data=digits`` (a config group choice) rather than ``seed=3`` (a value)."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return "=" in override and "." not in key and any((f / key).is_dir() for f in folders)
+
+
+def _hydra_message(e: Exception, hint: str = "") -> str:
+    """The first line of a Hydra/OmegaConf error (plus ``hint`` for a key it does not know)."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "Could not override" in msg:
+        msg += f" (no such key; {hint or 'see --help'})"
+    return msg
+
+
+def _new_keys(cfg: Any, ref: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of ``cfg`` that ``ref`` lacks (outside the free-form subtrees)."""
+    if not isinstance(cfg, dict) or prefix.rstrip(".") in FREE_FORM:
+        return []
+    out = []
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if not isinstance(ref, dict) or k not in ref:
+            out.append(key)
+        else:
+            out += _new_keys(v, ref[k], key + ".")
+    return out
+
+
+def run_config(cfg: dict[str, Any]):
+    """The library's :class:`~sisajax.RunConfig` from a composed config (top-level ``seed`` is
+    the run's seed)."""
+    from sisajax.config import run_config_from
+
+    return run_config_from(cfg)
+
+
+def import_plugins(cfg: dict[str, Any]) -> tuple[str, ...]:
+    """Import the modules the user named with ``plugins=[...]`` (and ``SISAJAX_PLUGINS``)."""
+    from sisajax.plugins import load_plugins
+
+    names = list(cfg.get("plugins") or [])
+    names += [p for p in os.environ.get("SISAJAX_PLUGINS", "").split(",") if p]
+    return load_plugins(names)
+
+
+# -- running -------------------------------------------------------------------------------------
+
+
+def fail(message: str, code: int) -> int:
+    """Print ``error: message`` as one line on stderr; return ``code``."""
+    one_line = " ".join(str(message).split())
+    print(f"error: {one_line}", file=sys.stderr, flush=True)
+    return code
+
+
+def run_command(cmd: Command, cfg: dict[str, Any], overrides: list[str]) -> int:
+    """Set up jax and run the command."""
+    from sisajax.console import setup_jax
+
+    fn = cmd.function()
+    setup_jax()
+    return fn(cfg, overrides)
+
+
+def output_closed() -> int:
+    """Our reader went away (``sisajax status | head``): not an error of the run. Point stdout at
+    /dev/null (so nothing fails again at exit) and return 1, quietly."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return 1
+
+
+def report_error(e: BaseException) -> int:
+    """One line on stderr and the exit code for ``e`` (a traceback only for bugs)."""
+    from sisajax.errors import SisajaxError, exit_code_of, storage_error
+
+    if isinstance(e, UsageError | SisajaxError):
+        return fail(str(e), getattr(e, "exit_code", 2))
+    if isinstance(e, BrokenPipeError):
+        return output_closed()
+    if isinstance(e, OSError):
+        return fail(str(storage_error(e, "file system")), exit_code_of(e))
+    if type(e).__module__.startswith(("hydra", "omegaconf")):
+        return fail(_hydra_message(e), 2)
+    raise e

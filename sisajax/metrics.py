@@ -117,10 +117,13 @@ def log_record(run_dir: str | Path, record: dict[str, Any]) -> bool:
     return True
 
 
-def evaluate_record(report: Any, generation: int, wall_s: float) -> dict[str, Any]:
-    """The ``evaluate`` record of an :class:`~sisajax.run.EvalReport`."""
+def evaluate_record(
+    report: Any, generation: int, wall_s: float, split: str = "test"
+) -> dict[str, Any]:
+    """The ``evaluate`` record of an :class:`~sisajax.run.EvalReport` on ``split``."""
     return {
         "event": "evaluate",
+        "split": split,
         "generation": generation,
         "aggregation": report.aggregation,
         "accuracy": report.accuracy,

@@ -29,6 +29,7 @@ def run_status(run: SisaRun) -> dict[str, Any]:
     return {
         "generation": run.generation,
         "retained": int(sizes.sum()),
+        "validation": int(len(run.val_data()[0])) if run.has_validation else 0,
         "forgotten": int(len(run.partition.removed)),
         "ledger_records": chain.records,
         "ledger_ok": chain.ok,

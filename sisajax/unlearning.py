@@ -165,6 +165,7 @@ class ForgetReport:
     redacted_ids: list[Any] | None = None
     redacted_already: list[Any] | None = None
     warnings: list[str] = dataclasses.field(default_factory=list)
+    validation_ids: int = 0  # how many of ``ids`` were validation ids (nothing retrained)
 
     @property
     def is_noop(self) -> bool:
@@ -531,6 +532,7 @@ def _forget_locked(
         redacted if hashed else None,
         redacted_already,
         warnings,
+        int(plan.validation.size),
     )
 
 

@@ -342,6 +342,30 @@ def test_train_forget_evaluate_roundtrip(tmp_path, capsys):
     assert list((run_dir / "results").glob("history-*.png"))
 
 
+def test_validation_split_from_the_command_line(tmp_path, capsys):
+    run_dir = tmp_path / "a"
+    assert cli(["train", f"run_dir={run_dir}", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "validation accuracy (vote)" in out
+    (train,) = (run_dir / "results").glob("train-*.json")
+    val = json.loads(train.read_text())["validation"]
+    run = sj.open_run(run_dir)
+    assert val["num_examples"] == len(run.val_data()[0]) > 0
+    assert cli(["evaluate", f"run_dir={run_dir}", "split=val"]) == 0
+    out = capsys.readouterr().out
+    assert f"validation accuracy, {val['num_examples']} examples" in out
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    vals = [r for r in records if r["event"] == "evaluate" and r["split"] == "val"]
+    assert len(vals) == 2 and vals[0]["vote_accuracy"] == val["vote_accuracy"]
+    # a validation id is forgotten without retraining; a bad split is refused
+    vid = int(run.val_data()[0][0])
+    assert cli(["forget", f"run_dir={run_dir}", f"ids=[{vid}]", "progress=false"]) == 0
+    assert vid not in sj.open_run(run_dir).val_data()[0]
+    assert cli(["evaluate", f"run_dir={run_dir}", "split=train"]) == 2
+    assert "split must be test or val" in capsys.readouterr().err
+    assert cli(["train", f"run_dir={tmp_path / 'b'}", *TINY, "data.val_fraction=0.7"]) == 2
+
+
 @pytest.mark.slow
 def test_demo_end_to_end(tmp_path, capsys):
     code = cli(

@@ -78,6 +78,7 @@ def test_forgetting_validation_ids_drops_them_without_retraining(tmp_path):
     old_val_file = run.files.path(run.manifest.val_data.path)
     rep = sj.forget(run, [int(val_ids[0])], metrics=False)
     assert rep.ids == [int(val_ids[0])] and rep.restart == {} and rep.cost.examples == 0
+    assert rep.validation_ids == 1
     assert {e.rows for e in run.manifest.shards} == rows_before  # no checkpoint rewritten
     assert int(val_ids[0]) not in run.val_data()[0].tolist()
     assert len(run.val_data()[0]) == len(val_ids) - 1

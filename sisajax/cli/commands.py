@@ -72,6 +72,7 @@ def cmd_train(cfg: dict[str, Any], overrides: list[str]) -> int:
             plugins=plugins,
             tensorboard=cfg["tensorboard"],
         )
+    val = run.evaluate(split="val") if run.has_validation else None
     ev = run.evaluate()
     sizes = run.partition.sizes()
     layout = run.manifest.layout
@@ -81,6 +82,15 @@ def cmd_train(cfg: dict[str, Any], overrides: list[str]) -> int:
         ("examples trained", f"{cost.examples:,}"),
         ("gradient steps", f"{cost.grad_steps:,}"),
         ("wall clock", fmt_cost(cost)),
+        *(
+            [
+                ("validation examples (held out)", f"{val.num_examples:,}"),
+                ("validation accuracy (vote)", f"{val.vote_accuracy:.4f}"),
+                ("validation accuracy (mean prob)", f"{val.mean_prob_accuracy:.4f}"),
+            ]
+            if val is not None
+            else []
+        ),
         ("test accuracy (vote)", f"{ev.vote_accuracy:.4f}"),
         ("test accuracy (mean prob)", f"{ev.mean_prob_accuracy:.4f}"),
     ]
@@ -89,12 +99,17 @@ def cmd_train(cfg: dict[str, Any], overrides: list[str]) -> int:
         rows,
         ("", "value"),
     )
+    if val is not None:
+        from sisajax.metrics import evaluate_record
+
+        _log(run, evaluate_record(val, run.generation, 0.0, "val"))
     _result(
         run,
         "train",
         {
             "cost": cost.to_dict(),
             "evaluation": ev.to_dict(),
+            "validation": None if val is None else val.to_dict(),
             "sizes": sizes.tolist(),
             "seed": cfg["seed"],
         },
@@ -103,7 +118,8 @@ def cmd_train(cfg: dict[str, Any], overrides: list[str]) -> int:
 
 
 def cmd_evaluate(cfg: dict[str, Any], overrides: list[str]) -> int:
-    """Evaluate on the run's held-out split (`aggregation=vote|mean_prob` picks the headline)."""
+    """Evaluate on the run's held-out split, or its validation split with `split=val`
+    (`aggregation=vote|mean_prob` picks the headline)."""
     import time
 
     from sisajax.aggregation import check_method
@@ -113,8 +129,11 @@ def cmd_evaluate(cfg: dict[str, Any], overrides: list[str]) -> int:
     aggregation = cfg["aggregation"]
     if aggregation is not None:
         check_method(aggregation)
+    split = cfg["split"]
+    if split not in ("test", "val"):
+        raise UsageError(f"split must be test or val, got {split!r}")
     t0 = time.perf_counter()
-    ev = run.evaluate(aggregation=aggregation)
+    ev = run.evaluate(aggregation=aggregation, split=split)
     wall_s = time.perf_counter() - t0
     rows = [
         (f"shard {k}", "dropped (empty)" if a != a else f"{a:.4f}")
@@ -125,12 +144,13 @@ def cmd_evaluate(cfg: dict[str, Any], overrides: list[str]) -> int:
         ("aggregate (mean prob)", f"{ev.mean_prob_accuracy:.4f}"),
     ]
     print_table(
-        f"test accuracy, {ev.num_examples} examples, generation {run.generation}",
+        f"{'validation' if split == 'val' else 'test'} accuracy, {ev.num_examples} examples, "
+        f"generation {run.generation}",
         rows,
         ("model", "accuracy"),
     )
-    _log(run, evaluate_record(ev, run.generation, wall_s))
-    _result(run, "evaluate", ev.to_dict())
+    _log(run, evaluate_record(ev, run.generation, wall_s, split))
+    _result(run, "evaluate", {**ev.to_dict(), "split": split})
     return 0
 
 
@@ -269,6 +289,11 @@ def _forget(cfg, run, ids, mode: str, pending_before: bool, factory, bar, log) -
     rows = [
         ("ids forgotten", str(len(rep.ids))),
         ("already forgotten (skipped)", str(len(rep.already_forgotten))),
+        *(
+            [("of them validation ids (dropped, nothing retrained)", str(rep.validation_ids))]
+            if rep.validation_ids
+            else []
+        ),
         (
             "shards retrained",
             ", ".join(f"{k} from slice {j}" for k, j in rep.restart.items()) or "-",
@@ -373,7 +398,8 @@ def cmd_status(cfg: dict[str, Any], overrides: list[str]) -> int:
         ("shard", "ids", "ids per slice", "newest checkpoint gen", "in ensemble"),
     )
     say(
-        f"retained {st['retained']:,} ids, forgotten {st['forgotten']:,}, ledger records "
+        f"retained {st['retained']:,} ids (+{st['validation']:,} held out as the validation split), "
+        f"forgotten {st['forgotten']:,}, ledger records "
         f"{st['ledger_records']}, pending requests {len(st['pending_requests'])}"
         + (" -> run `sisajax resume`" if st["pending_requests"] or st["interrupted_append"] else "")
     )

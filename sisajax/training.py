@@ -40,15 +40,25 @@ from sisajax.data.partition import (
     validation_mask,
 )
 from sisajax.engine import Engine, ShardData, ShardJob, SliceOutput, TrainStats
-from sisajax.errors import UserInputError
+from sisajax.errors import RunError, UserInputError
 from sisajax.layout import resolve_shard_exec
 from sisajax.plugins import source_hashes
 from sisajax.step import resolve_trip
 from sisajax.store.faults import fault
 from sisajax.store.files import sync_files, write_file
+from sisajax.store.interrupted import (
+    INTERRUPTED,
+    InterruptedTraining,
+    completed_slices,
+    data_fingerprint,
+    read_record,
+    remove_record,
+    write_record,
+)
 from sisajax.store.ledger import Ledger
 from sisajax.store.locks import writer_lock
 from sisajax.store.manifest import (
+    MANIFEST,
     DatasetInfo,
     FileRef,
     Manifest,
@@ -60,7 +70,7 @@ from sisajax.store.manifest import (
     test_data_file,
     val_data_file,
 )
-from sisajax.store.rows import BackgroundWriter, encode_row
+from sisajax.store.rows import BackgroundWriter, encode_row, leaf_spec, read_row
 from sisajax.store.run_dir import RunDir
 
 PyTree = Any
@@ -473,6 +483,16 @@ class GenerationFiles:
     cost: CostReport
 
 
+@dataclasses.dataclass(frozen=True)
+class Resume:
+    """Where an interrupted training continues: ``completed`` slice steps are stored (``rows``
+    per shard), ``states`` the state of each shard after the last of them (one shard, numpy)."""
+
+    completed: int
+    rows: dict[int, list[RowRef]]
+    states: dict[int, Any]
+
+
 def train_generation(
     plan: TrainingPlan,
     files: RunDir,
@@ -483,11 +503,16 @@ def train_generation(
     progress: Progress = None,
     metrics: MetricsSink = None,
     label: str = "train",
+    resume: Resume | None = None,
+    on_interrupt: Callable[[GenerationWriter], None] | None = None,
 ) -> GenerationFiles:
     """Train ``shards`` (default: all) and write their files for ``generation`` (not yet live).
 
     Args:
       shared: also write the partition, the held-out split and the validation split.
+      resume: continue an interrupted training: its stored rows are kept and every shard
+        starts from its state after the last completed slice step.
+      on_interrupt: called with the writer (its finished rows) when Ctrl-C stops the training.
     """
     t0 = time.perf_counter()
     cfg, part, engine = plan.config, plan.partition, plan.engine
@@ -496,6 +521,11 @@ def train_generation(
     files.make_dirs()
     gen = GenerationWriter(files, generation, engine, cfg.fingerprint(), metrics)
     stats = TrainStats()
+    start = 0 if resume is None else resume.completed
+    if resume is not None:
+        for k in mine:
+            for j, ref in enumerate(resume.rows[k]):
+                gen.rows[(k, j)] = ref
     try:
         for k in mine:
             gen.add_shard(k, plan.data[k])
@@ -505,9 +535,15 @@ def train_generation(
             gen.add_test(ds.test_ids, ds.x_test, ds.y_test)
             if len(plan.validation[0]) or cfg.data.val_fraction:
                 gen.add_val(*plan.validation)
-        total = slice_schedule_cost(part.sizes()[mine], sisa.shard_epochs, sisa.batch_size)[1]
+        starts = np.full(len(mine), start)
+        total = slice_schedule_cost(part.sizes()[mine], sisa.shard_epochs, sisa.batch_size, starts)[
+            1
+        ]
         advance = gen.progress(progress, label, total)
-        jobs = [ShardJob(k, plan.data[k]) for k in mine]
+        jobs = [
+            ShardJob(k, plan.data[k], start, None if resume is None else resume.states[k])
+            for k in mine
+        ]
         _, stats = engine.run(
             jobs,
             capacity=plan.capacity,
@@ -516,6 +552,11 @@ def train_generation(
         )
         t_wait = time.perf_counter()
         gen.finish()
+    except KeyboardInterrupt:
+        gen.abort()
+        if on_interrupt is not None:
+            on_interrupt(gen)
+        raise
     except BaseException:
         gen.abort()
         raise
@@ -660,6 +701,15 @@ def train(
     root = files.root
     if root.exists() and not root.is_dir():
         raise UserInputError(f"{run_dir} exists and is not a directory")
+    if (
+        root.is_dir()
+        and (root / INTERRUPTED).is_file()
+        and not (root / MANIFEST).exists()
+        and not discard_deletion_history
+    ):
+        return _continue_training(
+            files, config, dataset, partition, devices, progress, metrics, plugins, tensorboard
+        )
     if root.exists() and any(root.iterdir()):
         if not overwrite:
             raise UserInputError(f"{run_dir} is not empty; pass overwrite=True to retrain it")
@@ -695,23 +745,220 @@ def train(
                     "salt_source": ledger.salt_source(),
                 }
             sink = metrics_sink(root, metrics, tensorboard)
-            manifest, cost = _train_generation(
+            out = train_generation(
                 plan,
                 files,
                 0,
-                origin={"op": "train"},
-                id_hashing=id_hashing,
                 progress=progress,
                 metrics=sink,
+                on_interrupt=_keep_progress(root, plan, tuple(plugins), {}),
+            )
+            manifest = make_manifest(
+                plan,
+                0,
+                out.entries,
+                out.partition,
+                out.test_data,
+                out.hosts,
+                origin={"op": "train"},
+                id_hashing=id_hashing,
                 plugins=tuple(plugins),
+                val_data=out.val_data,
             )
             files.write_config(plan.config.to_dict())
             files.write_manifest(manifest)
-            _log_train(sink, 0, cost)
+            _log_train(sink, 0, out.cost)
+    except KeyboardInterrupt:
+        if not (root / INTERRUPTED).is_file():  # no slice step completed: nothing to keep
+            _remove_new_run(root, created)
+        raise
     except BaseException:
         _remove_new_run(root, created)
         raise
-    return SisaRun(root), cost
+    return SisaRun(root), out.cost
+
+
+def plan_fingerprint(plan: TrainingPlan) -> str:
+    """sha256 of exactly what the shards of ``plan`` train on (ids, (shard, slice) of each, the
+    rows' features and labels) and of the validation and test ids."""
+    part = plan.partition
+    arrays = [part.ids, part.shard, part.slice]
+    for d in plan.data:
+        arrays += [d.x, d.y]
+    return data_fingerprint(*arrays, plan.validation[0], plan.dataset.test_ids)
+
+
+def _keep_progress(
+    root: Path, plan: TrainingPlan, plugins: tuple[str, ...], hosts: dict[str, dict[str, Any]]
+) -> Callable[[GenerationWriter], None]:
+    """An ``on_interrupt`` that records the completed slice steps of a new run, so that the same
+    training (or ``sisajax resume``) continues from them. Without a completed slice step, or
+    when the record cannot be written, nothing is recorded (the caller removes the directory)."""
+
+    def keep(gen: GenerationWriter) -> None:
+        shards = list(range(plan.config.sisa.shards))
+        done = completed_slices(gen.rows, shards, plan.config.sisa.slices)
+        if done == 0:
+            return
+        record = InterruptedTraining(
+            plan.config.to_dict(),
+            plan.config.fingerprint(),
+            plan_fingerprint(plan),
+            done,
+            {k: [gen.rows[(k, j)] for j in range(done)] for k in shards},
+            {**hosts, **gen.hosts},
+            plugins,
+        )
+        try:
+            write_record(root, record)
+        except BaseException:  # a full disk or a second Ctrl-C: keep nothing half-written
+            with contextlib.suppress(OSError):
+                remove_record(root)
+
+    return keep
+
+
+def _continue_training(
+    files: RunDir,
+    config: RunConfig,
+    dataset: Dataset,
+    partition: Partition | None,
+    devices: int | None,
+    progress: Progress,
+    metrics: MetricsSink,
+    plugins: tuple[str, ...],
+    tensorboard: bool,
+):
+    """Finish a new run that Ctrl-C interrupted: check that ``config`` and ``dataset`` are what
+    it was training, restore every shard after the last completed slice step (rows checked
+    against the record) and train the rest; bit-identical to an uninterrupted training."""
+    from sisajax.run import SisaRun
+
+    root = files.root
+    plan = plan_training(config, dataset, partition, devices, np.zeros(0, np.int64))
+    with writer_lock(root, config.ledger.lock_timeout_s):
+        try:
+            rec = read_record(root)
+        except (ValueError, OSError) as e:
+            raise RunError(
+                f"{root}: the record of its interrupted training is unreadable ({e}); remove the "
+                "directory and train again"
+            ) from None
+        if rec is None or (root / MANIFEST).exists():
+            raise RunError(f"{root}: its interrupted training was finished by another process")
+        if rec.config_fingerprint != plan.config.fingerprint():
+            raise UserInputError(
+                f"{root} holds an interrupted training of another configuration; continue it "
+                f"with its own (`sisajax resume run_dir={root}`) or remove the directory"
+            )
+        if rec.data_fingerprint != plan_fingerprint(plan):
+            raise UserInputError(
+                f"{root} holds an interrupted training on other data; continue it with the same "
+                "data (`sisajax resume` reloads it) or remove the directory"
+            )
+        engine = plan.engine
+        template = engine.state_template()
+        spec = leaf_spec(
+            engine.leaf_paths(), [np.zeros(x.shape, x.dtype) for x in jax.tree.leaves(template)]
+        )
+        states = {}
+        for k, refs in rec.rows.items():
+            fps = prefix_facts(plan.data[k], plan.config.sisa.slices)[1]
+            for j, ref in enumerate(refs):
+                rel = row_file(k, j, ref.generation)
+                header, leaves = read_row(files.path(rel), ref.sha256, spec, rel)
+                want = (k, j, fps[j])
+                got = (header.get("shard"), header.get("slice"), header.get("ids_fingerprint"))
+                if got != want:
+                    raise RunError(
+                        f"{rel} is not the row the interrupted training recorded; remove the "
+                        "directory and train again"
+                    )
+            states[k] = jax.tree.unflatten(
+                jax.tree.structure(template), [np.array(x) for x in leaves]
+            )
+        id_hashing = None
+        if config.ledger.hash_ids:
+            ledger = Ledger(root, hash_ids=True, salt_file=config.ledger.salt_file)
+            ledger.load_salt(create=True)
+            id_hashing = {
+                "salt_fingerprint": ledger.salt_fingerprint(),
+                "salt_source": ledger.salt_source(),
+            }
+        sink = metrics_sink(root, metrics, tensorboard)
+        out = train_generation(
+            plan,
+            files,
+            0,
+            progress=progress,
+            metrics=sink,
+            resume=Resume(rec.completed, rec.rows, states),
+            on_interrupt=_keep_progress(root, plan, rec.plugins, rec.hosts),
+        )
+        manifest = make_manifest(
+            plan,
+            0,
+            out.entries,
+            out.partition,
+            out.test_data,
+            {**rec.hosts, **out.hosts},
+            origin={"op": "train", "continued_after_slice_steps": rec.completed},
+            id_hashing=id_hashing,
+            plugins=tuple(plugins) or rec.plugins,
+            val_data=out.val_data,
+        )
+        files.write_config(plan.config.to_dict())
+        files.write_manifest(manifest)
+        remove_record(root)
+        _log_train(sink, 0, out.cost, continued_after_slice_steps=rec.completed)
+    return SisaRun(root), out.cost
+
+
+def continue_training(
+    run_dir: str | Path,
+    dataset: Dataset | None = None,
+    *,
+    progress: Progress = None,
+    devices: int | None = None,
+    metrics: MetricsSink = None,
+):
+    """Finish a new run that Ctrl-C interrupted, from its last completed slice step, with the
+    configuration it was trained with (``dataset``: default, the configuration's registered
+    data set loaded again; its plug-ins are imported first). Returns ``(run, cost)`` as
+    :func:`train`.
+
+    Raises:
+      RunError: ``run_dir`` holds no interrupted training, or its record or rows are damaged.
+      UserInputError: ``dataset`` is not the data it was training on.
+    """
+
+    root = RunDir(run_dir, must_exist=False).root
+    try:
+        rec = read_record(root)
+    except (ValueError, OSError) as e:
+        raise RunError(
+            f"{root}: the record of its interrupted training is unreadable ({e})"
+        ) from None
+    if rec is None or (root / MANIFEST).exists():
+        raise RunError(f"{root} holds no interrupted training")
+    config = RunConfig.from_dict(rec.config)
+    if rec.plugins:
+        from sisajax.plugins import load_plugins
+
+        load_plugins(list(rec.plugins))
+    if dataset is None:
+        from sisajax.data.datasets import load_dataset
+
+        dataset = load_dataset(config.data.name, **config.data.params)
+    return train(
+        config,
+        dataset,
+        root,
+        progress=progress,
+        devices=devices,
+        metrics=metrics,
+        plugins=rec.plugins,
+    )
 
 
 def _log_train(sink, generation: int, cost: CostReport, **extra: Any) -> None:
@@ -829,6 +1076,7 @@ def _retrain_in_place(
 
 __all__ = [
     "GenerationWriter",
+    "continue_training",
     "build_engine",
     "check_partition",
     "library_versions",

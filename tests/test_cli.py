@@ -427,11 +427,13 @@ def test_a_closed_output_pipe_is_not_reported_as_a_storage_error(args):
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_train_says_what_happened(tmp_path):
-    """Ctrl-C while a new run trains: exit 130, one line that is true (the new directory is
-    removed, nothing is kept)."""
+def test_ctrl_c_during_train_says_what_happened_and_resume_finishes(tmp_path):
+    """Ctrl-C while a new run trains, after its first slice steps: exit 130, one true line (the
+    completed slice steps are kept); `sisajax resume` finishes the run from them."""
     import signal
     import time
+
+    from sisajax.store.interrupted import INTERRUPTED
 
     run_dir = tmp_path / "r"
     proc = subprocess.Popen(
@@ -454,14 +456,32 @@ def test_ctrl_c_during_train_says_what_happened(tmp_path):
         text=True,
     )
     deadline = time.time() + 120
-    while time.time() < deadline and not list(run_dir.glob("checkpoints/*.row")):
+    done = ["checkpoints/s000r001.g000000.row", "checkpoints/s001r001.g000000.row"]
+    while time.time() < deadline and not all((run_dir / f).exists() for f in done):
         time.sleep(0.05)
-    assert list(run_dir.glob("checkpoints/*.row")), "training never wrote a row"
+    assert all((run_dir / f).exists() for f in done), "training never finished slice step 1"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("training finished before the interrupt arrived")
     assert proc.returncode == 130, out + err
-    assert len(err.strip().splitlines()) == 1 and "directory was removed" in err
-    assert not run_dir.exists()
+    assert len(err.strip().splitlines()) == 1 and "keeps its completed slice steps" in err
+    record = json.loads((run_dir / INTERRUPTED).read_text())
+    assert 2 <= record["completed"] < 4
+    code = subprocess.run(
+        [sys.executable, "-m", "sisajax.cli", "resume", f"run_dir={run_dir}", "progress=false"],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert code.returncode == 0, code.stdout + code.stderr
+    assert f"from slice step {record['completed']}" in code.stdout
+    run = sj.open_run(run_dir)
+    assert run.manifest.origin["continued_after_slice_steps"] == record["completed"]
+    assert not (run_dir / INTERRUPTED).exists()
+    assert sj.verify(run, shards=[1], write=False).ok  # bit-identical to training from scratch
 
 
 @pytest.mark.parametrize(

@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 # What an interrupted command leaves behind, by command (what each one's code guarantees).
 _INTERRUPTED = {
     "train": (
-        "interrupted; a new run's directory was removed (nothing was kept: train again), and a run "
+        "interrupted; a new run keeps its completed slice steps (the same `sisajax train` again, or "
+        "`sisajax resume`, continues; with none completed its directory was removed), and a run "
         "retrained in place keeps its previous generation (`sisajax resume` closes the request)"
     ),
     "forget": "interrupted; the run is unchanged or resumable (`sisajax resume`)",

@@ -361,9 +361,21 @@ def _ratio(full: int, done: int) -> str:
 
 
 def cmd_resume(cfg: dict[str, Any], overrides: list[str]) -> int:
-    """Repair an interrupted ledger append, finish pending requests, remove partial files."""
+    """Repair an interrupted ledger append, finish pending requests, remove partial files; finish
+    a new run whose training Ctrl-C interrupted (from its last completed slice step)."""
     import sisajax as sj
+    from sisajax.store.interrupted import INTERRUPTED
 
+    root = Path(cfg["run_dir"]).expanduser()
+    if (root / INTERRUPTED).is_file() and not (root / "MANIFEST.json").exists():
+        factory, bar = progress_factory(cfg["progress"])
+        with bar:
+            run, cost = sj.continue_training(root, progress=factory)
+        say(
+            f"continued the interrupted training of {run.run_dir} from slice step "
+            f"{run.manifest.origin.get('continued_after_slice_steps')}: {fmt_cost(cost)}"
+        )
+        return 0
     run = _open(cfg)
     pending = [r["request_id"] for r in run.ledger.pending()]
     factory, bar = progress_factory(cfg["progress"])

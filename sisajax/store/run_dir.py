@@ -66,6 +66,7 @@ MANAGED_TOP = (
     ".writer.lock",
     ".reader.lock",
     "pending",
+    "training.interrupted.json",
 )
 OURS_IN = {
     "data": (SHARD_DATA_RE, TEST_DATA_RE, VAL_DATA_RE),

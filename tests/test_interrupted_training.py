@@ -1,0 +1,88 @@
+"""Ctrl-C during the training of a new run keeps its completed slice steps; training the same
+configuration on the same data again (or `sisajax resume`) finishes it, bit-identical to an
+uninterrupted training."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import assert_trees_equal, tiny_config, tiny_digits
+
+import sisajax as sj
+from sisajax.costs import slice_schedule_cost
+from sisajax.errors import RunError, UserInputError
+from sisajax.store.interrupted import INTERRUPTED
+from sisajax.training import GenerationWriter
+
+
+def _interrupt_after(monkeypatch, n_slices: int) -> None:
+    """Ctrl-C arrives when slice step ``n_slices`` is handed over (0: before any is done)."""
+    real = GenerationWriter.on_slice
+
+    def on_slice(self, shards):
+        handle = real(self, shards)
+        seen = []
+
+        def wrapped(out):
+            if len(seen) == n_slices:
+                raise KeyboardInterrupt
+            seen.append(out.slice)
+            handle(out)
+
+        return wrapped
+
+    monkeypatch.setattr(GenerationWriter, "on_slice", on_slice)
+
+
+def _rows(run):
+    return [[run.read_row(k, j) for j in range(run.num_slices)] for k in range(run.num_shards)]
+
+
+def test_an_interrupted_training_continues_bit_identically(tmp_path, monkeypatch):
+    ds, cfg = tiny_digits(), tiny_config(slices=4)
+    ref, _ = sj.train(cfg, ds, tmp_path / "ref", metrics=False)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)  # slice steps 0 and 1 are written; 2 was being fetched
+        with pytest.raises(KeyboardInterrupt):
+            sj.train(cfg, ds, tmp_path / "run", metrics=False)
+    record = json.loads((tmp_path / "run" / INTERRUPTED).read_text())
+    assert record["completed"] == 2 and len(record["rows"]) == cfg.sisa.shards
+    assert not (tmp_path / "run" / "MANIFEST.json").exists()
+    # another configuration or other data is refused, with one line, and changes nothing
+    with pytest.raises(UserInputError, match="another configuration"):
+        sj.train(cfg.replace(optim={"learning_rate": 0.2}), ds, tmp_path / "run", metrics=False)
+    with pytest.raises(UserInputError, match="other data"):
+        sj.continue_training(tmp_path / "run")  # the whole digits set, not the tiny one
+    run, cost = sj.train(cfg, ds, tmp_path / "run", metrics=False)
+    assert not (tmp_path / "run" / INTERRUPTED).exists()
+    assert run.manifest.origin == {"op": "train", "continued_after_slice_steps": 2}
+    # the continuation trained slice steps 2 and 3 only, nothing twice
+    sizes, s = run.partition.sizes(), cfg.sisa.shards
+    expect = slice_schedule_cost(sizes, cfg.sisa.shard_epochs, cfg.sisa.batch_size, np.full(s, 2))
+    assert (cost.examples, cost.grad_steps) == expect
+    for a, b in zip(_rows(run), _rows(ref), strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert_trees_equal(x, y)
+    assert sj.verify(run, write=False).ok
+    assert np.array_equal(run.val_data()[0], ref.val_data()[0])
+
+
+def test_an_interruption_before_any_slice_step_removes_the_new_directory(tmp_path, monkeypatch):
+    _interrupt_after(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        sj.train(tiny_config(), tiny_digits(), tmp_path / "run", metrics=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(RunError, match="no interrupted training"):
+        sj.continue_training(tmp_path / "run")
+
+
+def test_a_damaged_row_of_an_interrupted_training_is_refused(tmp_path, monkeypatch):
+    ds, cfg = tiny_digits(), tiny_config()
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            sj.train(cfg, ds, tmp_path / "run", metrics=False)
+    row = tmp_path / "run" / "checkpoints" / "s001r001.g000000.row"
+    row.write_bytes(row.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(Exception, match="s001r001"):
+        sj.train(cfg, ds, tmp_path / "run", metrics=False)

@@ -108,7 +108,8 @@ def test_evaluate_and_verify_append_their_records(tmp_path):
     d = tmp_path / "run"
     assert cli(["train", f"run_dir={d}", *TINY]) == 0
     assert cli(["evaluate", f"run_dir={d}", "aggregation=mean_prob"]) == 0
-    (ev,) = read_metrics(d, "evaluate")
+    val_ev, ev = read_metrics(d, "evaluate")  # train scores its validation split first
+    assert val_ev["split"] == "val" and ev["split"] == "test"
     assert ev["generation"] == 0 and ev["aggregation"] == "mean_prob" and ev["time"] > 0
     assert ev["accuracy"] == ev["mean_prob_accuracy"] and 0 < ev["vote_accuracy"] <= 1
     assert len(ev["shard_accuracy"]) == 3 and ev["wall_s"] >= 0

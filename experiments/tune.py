@@ -360,3 +360,103 @@ def _plot(res: dict[str, Any], rows: list[dict[str, Any]], png: Any) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     pyplot.close(fig)
+
+
+def grid_edges(res: dict[str, Any], shards: int) -> list[str]:
+    """Searched numeric parameters whose chosen value for ``shards`` is the smallest or largest
+    of its grid: the best value may lie outside the space searched (``["optim.learning_rate"]``).
+    """
+    space, point = res["experiment"]["space"], res["chosen"][str(shards)]["params"]
+    edges = []
+    for key, values in space.items():
+        nums = [v for v in values if isinstance(v, int | float) and not isinstance(v, bool)]
+        if len(nums) > 2 and point.get(key) in (min(nums), max(nums)):
+            edges.append(key)
+    return edges
+
+
+HEADLINE_BEGIN = "<!-- tune headline: generated from the stored results; do not edit by hand -->"
+HEADLINE_END = "<!-- end of tune headline -->"
+
+
+def headline(results: list[dict[str, Any]]) -> str:
+    """One markdown table over several stored ``tune`` results: per data set and S > 1, the
+    tuned full model's and tuned SISA's test vote (mean ± sd over test seeds), the gap with its
+    95% paired interval, the goal, the computed verdict, and the parameters chosen at a grid edge.
+    """
+    body = []
+    for res in results:
+        rows = {r["shards"]: r for r in summary(res)}
+        goal = float(res["experiment"].get("goal_points", DEFAULTS["goal_points"]))
+        full = rows.get(1)
+        n_trials = len({t["trial"] for t in res["trials"]})
+        for s, r in rows.items():
+            if s == 1 or full is None:
+                continue
+            g = r["gap"]
+            edges = sorted(set(grid_edges(res, s)) | set(grid_edges(res, 1)))
+            body.append(
+                [
+                    f"{res['name']} ({res['data']['name']}, {res['data']['num_test']:,} test)",
+                    str(s),
+                    str(n_trials),
+                    f"{fmt(full['vote'])} ± {fmt(full['vote_sd'])}",
+                    f"{fmt(r['vote'])} ± {fmt(r['vote_sd'])}",
+                    "-" if g is None else f"{g['gap']:.2f} [{g['lo']:.2f}, {g['hi']:.2f}]",
+                    f"<= {goal:g}",
+                    r["verdict"],
+                    fmt(res.get("bayes_accuracy")),
+                    ", ".join(edges) or "none",
+                ]
+            )
+    return table(
+        [
+            "study (data, test examples)",
+            "S",
+            "trials per S",
+            "tuned full, test vote",
+            "tuned SISA, test vote",
+            "gap, points [95% CI]",
+            "goal",
+            "verdict",
+            "Bayes ceiling",
+            "chosen at a grid edge",
+        ],
+        body,
+    )
+
+
+def load_results(dirs: list[Any]) -> list[dict[str, Any]]:
+    """The ``results.json`` of each stored tune study directory, in order."""
+    import json
+    from pathlib import Path
+
+    return [json.loads((Path(d) / "results.json").read_text()) for d in dirs]
+
+
+def replace_headline(text: str, block: str) -> str:
+    """``text`` with the part between the headline markers replaced by ``block``."""
+    start, end = text.find(HEADLINE_BEGIN), text.find(HEADLINE_END)
+    if start < 0 or end < start:
+        raise ExperimentError("the document has no tune headline markers")
+    return text[: start + len(HEADLINE_BEGIN)] + "\n" + block + "\n" + text[end:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sisajax.experiments.tune DOC STUDY_DIR...``: rewrite DOC's headline table from
+    the stored studies (the verdicts are computed, never typed)."""
+    import sys
+    from pathlib import Path
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2:
+        print("usage: python -m sisajax.experiments.tune DOC STUDY_DIR...", file=sys.stderr)
+        return 2
+    doc = Path(args[0])
+    doc.write_text(replace_headline(doc.read_text(), headline(load_results(args[1:]))))
+    print(f"{doc}: headline from {len(args) - 1} stored studies")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -103,3 +103,34 @@ def test_a_drawn_search_is_a_fixed_subset_of_the_grid():
     a, b = tune.search_points(opts), tune.search_points(opts)
     grid = tune.search_points({**opts, "trials": None})
     assert a == b and len(a) == 3 and all(p in grid for p in a) and len(grid) == 4
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+STUDIES = [REPO / "docs/accuracy/tune_digits", REPO / "docs/accuracy/tune_purchase"]
+
+
+@pytest.mark.parametrize("doc", ["docs/accuracy.md", "README.md"])
+def test_the_published_headline_is_what_the_stored_studies_compute(doc):
+    # The table of verdicts in the docs is rendered from results.json (gaps recomputed by the
+    # bootstrap from the stored per-example correctness), never typed: editing a number or a
+    # verdict by hand, or rerunning a study without regenerating the table, fails here.
+    text = (REPO / doc).read_text()
+    block = tune.headline(tune.load_results(STUDIES))
+    assert tune.replace_headline(text, block) == text
+    assert block.count("\n") == 1 + 4 and ("met" in block or "undecided" in block)
+
+
+def test_the_headline_recomputes_verdicts_and_flags_grid_edges():
+    res = json.loads((STUDIES[1] / "results.json").read_text())
+    edited = json.loads(json.dumps(res))
+    edited["experiment"]["goal_points"] = -5.0  # an impossible goal turns every verdict
+    assert "| met |" in tune.headline([res])
+    assert "| met |" not in tune.headline([edited]) and "not met" in tune.headline([edited])
+    chosen = res["chosen"]["20"]["params"]["optim.learning_rate"]
+    grid = res["experiment"]["space"]["optim.learning_rate"]
+    assert ("optim.learning_rate" in tune.grid_edges(res, 20)) == (chosen in (min(grid), max(grid)))
+    inner = json.loads(json.dumps(res))
+    inner["experiment"]["space"]["optim.learning_rate"] = [*grid, 10 * max(grid), min(grid) / 10]
+    assert "optim.learning_rate" not in tune.grid_edges(inner, 20)
+    with pytest.raises(ExperimentError, match="markers"):
+        tune.replace_headline("no markers here", "x")

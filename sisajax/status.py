@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+from sisajax.errors import UserInputError
 from sisajax.run import SisaRun
 
 
@@ -41,3 +44,65 @@ def run_status(run: SisaRun) -> dict[str, Any]:
         "layout": run.manifest.layout,
         "hosts": sorted(run.row_hosts()),
     }
+
+
+def locate_ids(run: SisaRun, ids: Any) -> list[dict[str, Any]]:
+    """Where each of ``ids`` ``[K]`` is now: ``{"id", "status", "shard", "slice"}`` with status
+    ``retained`` (shard and slice set), ``validation``, ``forgotten`` or ``unknown`` (never a
+    training id of this run). Forgotten ids are matched through the ledger's keys, so this works
+    when the run stores only salted hashes of them (``ledger.hash_ids``)."""
+    run.reload()
+    arr = np.asarray(ids, dtype=np.int64).ravel()
+    part = run.partition
+    row, found = np.searchsorted(part.ids, arr), part.contains(arr)
+    val = np.isin(arr, run.val_data()[0]) if run.has_validation else np.zeros(len(arr), bool)
+    gone = np.isin(run.ledger.removed_keys(arr), part.removed)
+    out = []
+    for i, x in enumerate(arr.tolist()):
+        rec: dict[str, Any] = {"id": x, "status": "unknown", "shard": None, "slice": None}
+        if found[i]:
+            r = int(row[i])
+            rec.update(status="retained", shard=int(part.shard[r]), slice=int(part.slice[r]))
+        elif val[i]:
+            rec["status"] = "validation"
+        elif gone[i]:
+            rec["status"] = "forgotten"
+        out.append(rec)
+    return out
+
+
+def list_ids(
+    run: SisaRun, which: str = "retained", shard: int | None = None, slice: int | None = None
+) -> np.ndarray:
+    """Sorted ids ``[K]`` of one kind: ``retained`` (optionally of one shard and/or slice),
+    ``validation`` or ``forgotten``.
+
+    Raises:
+      UserInputError: an unknown kind, a shard/slice filter on a kind without one, a shard or slice
+        out of range, or ``forgotten`` on a run that stores only salted hashes of them.
+    """
+    run.reload()
+    part = run.partition
+    if which not in ("retained", "validation", "forgotten"):
+        raise UserInputError(f"which must be retained, validation or forgotten, not {which!r}")
+    if which != "retained" and (shard is not None or slice is not None):
+        raise UserInputError("shard= and slice= select retained ids only")
+    if which == "validation":
+        return np.sort(run.val_data()[0]) if run.has_validation else np.zeros(0, np.int64)
+    if which == "forgotten":
+        if run.config.ledger.hash_ids:
+            raise UserInputError(
+                "this run keeps only salted hashes of forgotten ids (ledger.hash_ids): they "
+                "cannot be listed; ask about given ids with find=[...]"
+            )
+        return np.asarray(part.removed, np.int64)
+    keep = np.ones(len(part.ids), bool)
+    if shard is not None:
+        if not 0 <= int(shard) < part.num_shards:
+            raise UserInputError(f"shard must be in 0..{part.num_shards - 1}, not {shard}")
+        keep &= part.shard == int(shard)
+    if slice is not None:
+        if not 0 <= int(slice) < part.num_slices:
+            raise UserInputError(f"slice must be in 0..{part.num_slices - 1}, not {slice}")
+        keep &= part.slice == int(slice)
+    return part.ids[keep]

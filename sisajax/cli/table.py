@@ -42,6 +42,16 @@ TABLE: tuple[Command, ...] = (
         "sisajax.cli.commands:cmd_status",
     ),
     Command(
+        "ids",
+        "list a run's retained, validation or forgotten ids, or find where given ids are",
+        "sisajax.cli.run_commands:cmd_ids",
+    ),
+    Command(
+        "predict",
+        "labels from the ensemble for features in a file",
+        "sisajax.cli.run_commands:cmd_predict",
+    ),
+    Command(
         "audit",
         "check that every forgotten id is gone from everything stored (exit 1 if not)",
         "sisajax.cli.commands:cmd_audit",

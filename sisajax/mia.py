@@ -440,12 +440,10 @@ def train_shadows(
     s, r = config.sisa.shards, config.sisa.slices
     shadow_seed = key_word(seed, config.sisa.seed, 0x5AD0) & 0x7FFFFFFF
     width = num_ensembles * s
+    # The recipe keeps S (the learning rate and epochs scale with S, not with the program's
+    # width); the program is E*S wide.
     cfg = config.replace(
-        sisa={
-            "shards": width,
-            "seed": shadow_seed,
-            "shard_exec": resolve_shard_exec(config.sisa.shard_exec),
-        }
+        sisa={"seed": shadow_seed, "shard_exec": resolve_shard_exec(config.sisa.shard_exec)}
     )
     in_ens = balanced_halves(num_ensembles, len(population.ids), seed, fraction)
     member = np.zeros((width, len(population.ids)), bool)
@@ -464,7 +462,9 @@ def train_shadows(
                 )
             )
     x = np.asarray(population.x)
-    engine = Engine(cfg, x.shape[1:], x.dtype, num_classes, preprocessing=preprocessing)
+    engine = Engine(
+        cfg, x.shape[1:], x.dtype, num_classes, vmap_width=width, preprocessing=preprocessing
+    )
     capacity = int(-(-max(1, max(len(d) for d in data)) // 8) * 8)
     jobs = [ShardJob(w, d) for w, d in enumerate(data)]
     final, _ = engine.run(jobs, capacity=capacity)

@@ -1,7 +1,7 @@
 """Paper reproduction (Bourtoule et al., "Machine Unlearning", S&P 2021): the experiment suite.
 
 :func:`run_experiment` runs the kind named by ``experiment.kind`` (one module each: ``shards``,
-``slices``, ``requests``, ``dist_aware``, ``single``, ``accuracy``, ``tune``) on the data set the config names, with the
+``slices``, ``requests``, ``dist_aware``, ``single``, ``accuracy``, ``tune``, ``unlearning``) on the data set the config names, with the
 data set's own preprocessing; a ``features`` section selects the transfer-learning setup of
 :mod:`sisajax.features`. Outputs in the experiment's folder (``experiment.out_dir``,
 ``outputs/paper/<name>``, or Hydra's job folder under ``-m``): ``results.json``, ``results.csv``,
@@ -22,7 +22,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sisajax.experiments import accuracy, dist_aware, requests, shards, single, slices, tune
+from sisajax.experiments import (
+    accuracy,
+    dist_aware,
+    requests,
+    shards,
+    single,
+    slices,
+    tune,
+    unlearning,
+)
 from sisajax.experiments.common import (
     Workspace,
     feature_options,
@@ -43,6 +52,7 @@ KINDS = {
     "dist_aware": dist_aware,
     "accuracy": accuracy,
     "tune": tune,
+    "unlearning": unlearning,
 }
 
 

@@ -18,13 +18,16 @@ held out):
    before unlearning and "retrain" the exact single-model baseline.
 3. **Scores on the forget set** against the oracle of the same configuration (single models vs
    single models, ensembles vs ensembles): the unlearning challenge's forget quality F (with a
-   bootstrap interval over forget examples), a KLOM-style KL of margin histograms, a U-LiRA-style
+   bootstrap interval over models and forget examples), a KLOM-style KL of margin histograms, a U-LiRA-style
    attack accuracy (shadows: half of each population; targets: the other half), each beside the
    oracle-vs-oracle floor measured the same way; utility = retain, validation and test accuracy
    against the oracle's. Costs in examples and gradient steps, and wall seconds.
 
-Approximate methods use their documented defaults (no search): their hyperparameters were not
-tuned here, on validation or otherwise, and the report says so.
+Tuning, never on the evaluation forget set or the test split: every method gets the same number
+of trials (``experiment.tune``: a grid per method over its conf/unlearn hyperparameters, at its
+conf/unlearn budget), each scored on a *tuning* forget set of the same kind (disjoint ids)
+against that set's own oracle population, by the challenge's forget quality times the retain
+and validation accuracy relative to the oracle's. Every trial is stored.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ DEFAULTS: dict[str, Any] = {
     "methods": ["ft", "neggrad_plus", "scrub", "salun", "ssd", "l1_sparse"],
     "sisa": [[5, 1], [5, 4]],  # (S, R) configurations scored as points
     "retain_eval": 1000,  # retain ids scored for utility (a keyed sample)
+    "tune": {},  # method -> {hparam: [values]}: the grid each method is tuned over
 }
 SEED_LOOP = True
 ROW_KEYS = ("forget_set", "method")
@@ -79,17 +83,10 @@ def _phi(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
 def _scores(u: np.ndarray, o: np.ndarray, floor: np.ndarray, seed: int) -> dict[str, Any]:
     """Forget-quality scores of ``u [N, M]`` vs the oracle ``o [N, M]``, beside the floor
     ``floor [N, M]`` (a second oracle population) vs the same oracle."""
-    from sisajax.forget_quality import (
-        bootstrap_mean_ci,
-        challenge_points,
-        klom,
-        per_example_epsilon,
-        ulira_accuracy,
-    )
+    from sisajax.forget_quality import challenge_score_ci, klom, ulira_accuracy
 
     def one(a: np.ndarray) -> dict[str, float]:
-        pts = challenge_points(per_example_epsilon(a, o))
-        f, lo, hi = bootstrap_mean_ci(pts, seed=seed)
+        f, lo, hi = challenge_score_ci(a, o, seed=seed)
         h = len(a) // 2
         truth = np.r_[np.ones(len(a) - h, bool), np.zeros(len(o) - h, bool)]
         acc = ulira_accuracy(a[:h], o[:h], np.concatenate([a[h:], o[h:]]), truth)
@@ -110,81 +107,143 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
     if n < 4:
         raise ExperimentError("experiment.num_models must be at least 4 (halves for U-LiRA)")
     rows: list[dict[str, Any]] = []
+    trials: list[dict[str, Any]] = []
+    k = int(opts["forget_size"])
     for seed in [int(s) for s in opts["seeds"]]:
         val = validation_mask(ds.train_ids, rc.data.val_fraction, seed)
         ids, x, y = ds.train_ids[~val], ds.x_train[~val], ds.y_train[~val]
         evals = {"val": (ds.x_train[val], ds.y_train[val]), "test": (ds.x_test, ds.y_test)}
         for fi, kind in enumerate(opts["forget_sets"]):
-            key = jax.random.PRNGKey(key_word(seed, 0xF0, fi) & 0x7FFFFFFF)
-            fset = _forget_set(kind, ids, x, y, ds.num_classes, int(opts["forget_size"]), key)
+            keys = [jax.random.PRNGKey(key_word(seed, 0xF0, fi, t) & 0x7FFFFFFF) for t in (0, 1)]
+            fset = _forget_set(kind, ids, x, y, ds.num_classes, k, keys[0])
+            # the tuning forget set: the same kind, drawn from the other ids
+            rest = ~np.isin(ids, fset["ids"])
+            tset = _forget_set(kind, ids[rest], x[rest], y[rest], ds.num_classes, k, keys[1])
             y_d = y
-            if "labels" in fset:  # canaries: trained with their flipped labels
+            if "labels" in fset:  # canaries (both sets): trained with their flipped labels
                 from sisajax.approx.forget_sets import relabel
 
                 y_d = relabel(ids, y, fset["ids"], fset["labels"])
-            gone = np.isin(ids, fset["ids"])
+                y_d = relabel(ids, y_d, tset["ids"], tset["labels"])
+            gone, tune_gone = np.isin(ids, fset["ids"]), np.isin(ids, tset["ids"])
             rng = np.random.default_rng(key_word(seed, 0xE7A1, fi))
-            kept = np.flatnonzero(~gone)
+            kept = np.flatnonzero(~gone & ~tune_gone)
             kept = kept[rng.choice(len(kept), min(len(kept), int(opts["retain_eval"])), False)]
             sets = {"retain": (x[kept], y_d[kept]), **evals}
-            data = (ids, x, y_d, gone)
-            rows += _one_forget_set(rc, ds, opts, ws, seed, kind, data, sets)
+            study = Study(rc, ds, opts, ws, seed, kind, ids, x, y_d, sets)
+            got, tried = study.run(gone, tune_gone)
+            rows += got
+            trials += tried
             log(f"seed {seed}, forget set {kind} ({int(gone.sum())} ids): done")
-    return {"rows": rows, "num_models": n}
+    return {"rows": rows, "trials": trials, "num_models": n}
 
 
-def _one_forget_set(rc, ds, opts, ws, seed, kind, data, sets) -> list[dict[str, Any]]:
-    from sisajax.populations import train_population
+class Study:
+    """One seed and forget-set kind: the populations, the tuning and the scored rows."""
 
-    ids, x, y, gone = data
-    n = int(opts["num_models"])
-    fx, fy = x[gone], y[gone]
-    ys = {k: v[1] for k, v in sets.items()}
-    base = {"seed": seed, "forget_set": kind, "forget_ids": int(gone.sum())}
+    def __init__(self, rc, ds, opts, ws, seed, kind, ids, x, y, sets):
+        self.rc, self.ds, self.opts, self.ws, self.seed, self.kind = rc, ds, opts, ws, seed, kind
+        self.ids, self.x, self.y, self.sets = ids, x, y, sets
+        self.n = int(opts["num_models"])
+        self.ys = {k: v[1] for k, v in sets.items()}
 
-    def pop(cfg, on_d: bool, salt: int):
-        sel = np.ones(len(ids), bool) if on_d else ~gone
+    def pop(self, cfg: RunConfig, keep: np.ndarray, salt: int):
+        from sisajax.populations import train_population
+
         return train_population(
-            cfg, ids[sel], x[sel], y[sel], ds.num_classes, n,
-            seed=key_word_(seed, salt), preprocessing=ds.preprocessing,
+            cfg, self.ids[keep], self.x[keep], self.y[keep], self.ds.num_classes, self.n,
+            seed=key_word_(self.seed, salt), preprocessing=self.ds.preprocessing,
         )  # fmt: skip
 
-    def outputs(p) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        return _phi(p.probs(fx), fy), {k: p.probs(v[0]) for k, v in sets.items()}
+    def outputs(self, p, gone: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``phi [N, F]`` on the forget examples and the utility sets' mean probabilities."""
+        probs = {k: p.probs(v[0]) for k, v in self.sets.items()}
+        return _phi(p.probs(self.x[gone]), self.y[gone]), probs
 
-    rows: list[dict[str, Any]] = []
-
-    def add(method, got, oracle, floor_phi, cost: dict[str, Any]) -> None:
+    def row(self, method, got, oracle, floor_phi, cost, gone) -> dict[str, Any]:
         (phi, probs), (o_phi, o_probs) = got, oracle
-        rows.append(
-            {
-                **base,
-                "method": method,
-                **_scores(phi, o_phi, floor_phi, seed),
-                **_utility(probs, ys),
-                **{f"oracle_{k}": v for k, v in _utility(o_probs, ys).items()},
-                **cost,
-                "full_retrain_examples": full_examples,
-            }
-        )
+        return {
+            "seed": self.seed,
+            "forget_set": self.kind,
+            "forget_ids": int(gone.sum()),
+            "method": method,
+            **_scores(phi, o_phi, floor_phi, self.seed),
+            **_utility(probs, self.ys),
+            **{f"oracle_{k}": v for k, v in _utility(o_probs, self.ys).items()},
+            **cost,
+            "full_retrain_examples": self.full_examples,
+        }
 
-    single = rc.replace(sisa={"shards": 1, "slices": 1})
-    original, oracle, floor = pop(single, True, 1), pop(single, False, 2), pop(single, False, 3)
-    o_out, fl_out = outputs(oracle), outputs(floor)
-    full_examples = int(oracle.stats.examples // n)
-    add("none", outputs(original), o_out, fl_out[0], {"examples": 0, "grad_steps": 0, "wall_s": 0.0})
-    add("retrain", fl_out, o_out, fl_out[0],
-        {"examples": full_examples, "grad_steps": int(floor.stats.grad_steps // n),
-         "wall_s": floor.wall_s / n})  # fmt: skip
-    for name in opts["methods"]:
-        new_pop, cost, wall = _apply_method(name, original, x, y, gone, seed)
-        add(name, outputs(new_pop), o_out, fl_out[0], {**cost, "wall_s": wall / n})
-    for s, r in opts["sisa"]:
-        cfg = rc.replace(sisa={"shards": int(s), "slices": int(r)})
-        exact, e_oracle, e_floor = (pop(cfg, False, 10 + 3 * i) for i in range(3))
-        measured = _real_forget(cfg, ds, ids, x, y, ids[gone], ws, seed)
-        add(f"SISA S={s} R={r}", outputs(exact), outputs(e_oracle), outputs(e_floor)[0], measured)
-    return rows
+    def run(self, gone: np.ndarray, tune_gone: np.ndarray):
+        single = self.rc.replace(sisa={"shards": 1, "slices": 1})
+        every = np.ones(len(self.ids), bool)
+        original = self.pop(single, every, 1)
+        oracle, floor = self.pop(single, ~gone, 2), self.pop(single, ~gone, 3)
+        tune_oracle = self.pop(single, ~tune_gone, 4)
+        o_out, fl_out = self.outputs(oracle, gone), self.outputs(floor, gone)
+        self.full_examples = int(oracle.stats.examples // self.n)
+        zero = {"examples": 0, "grad_steps": 0, "wall_s": 0.0}
+        rows = [
+            self.row("none", self.outputs(original, gone), o_out, fl_out[0], zero, gone),
+            self.row("retrain", fl_out, o_out, fl_out[0],
+                     {"examples": self.full_examples,
+                      "grad_steps": int(floor.stats.grad_steps // self.n),
+                      "wall_s": floor.wall_s / self.n}, gone),
+        ]  # fmt: skip
+        trials = []
+        t_out = self.outputs(tune_oracle, tune_gone)
+        for name in self.opts["methods"]:
+            grid = _grid(self.opts, name)
+            scores = []
+            for t, point in enumerate(grid):
+                new, _, _ = _apply_method(name, point, original, self.x, self.y, tune_gone,
+                                          key_word_(self.seed, 1000 + t))  # fmt: skip
+                score = _selection_score(self.outputs(new, tune_gone), t_out, self.ys)
+                trials.append({"seed": self.seed, "forget_set": self.kind, "method": name,
+                               "trial": t, "params": point, **score})  # fmt: skip
+                scores.append(score["objective"])
+            point = grid[int(np.argmax(scores))]
+            new, cost, wall = _apply_method(name, point, original, self.x, self.y, gone,
+                                            key_word_(self.seed, 100))  # fmt: skip
+            cost = {**cost, "wall_s": wall / self.n, "params": point}
+            rows.append(self.row(name, self.outputs(new, gone), o_out, fl_out[0], cost, gone))
+        for s, r in self.opts["sisa"]:
+            cfg = self.rc.replace(sisa={"shards": int(s), "slices": int(r)})
+            exact, e_oracle, e_floor = (self.pop(cfg, ~gone, 10 + i) for i in range(3))
+            measured = _real_forget(cfg, self.ds, self.ids, self.x, self.y, self.ids[gone],
+                                    self.ws, self.seed)  # fmt: skip
+            rows.append(
+                self.row(f"SISA S={s} R={r}", self.outputs(exact, gone),
+                         self.outputs(e_oracle, gone), self.outputs(e_floor, gone)[0],
+                         measured, gone)
+            )  # fmt: skip
+        return rows, trials
+
+
+def _grid(opts: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The tuning trials of method ``name``: ``experiment.tune.<name>`` is ``{hparam: [values]}``
+    (the grid is their product; none: the conf/unlearn defaults only)."""
+    import itertools
+
+    space = dict((opts.get("tune") or {}).get(name) or {})
+    keys = list(space)
+    return [dict(zip(keys, c, strict=True)) for c in itertools.product(*space.values())] or [{}]
+
+
+def _selection_score(got, oracle, ys: dict[str, np.ndarray]) -> dict[str, float]:
+    """The tuning objective on the tuning forget set (never the evaluation forget set or the
+    test split): the challenge's forget quality F times the retain and validation accuracy
+    relative to the oracle's."""
+    from sisajax.forget_quality import challenge_score
+
+    (phi, probs), (o_phi, o_probs) = got, oracle
+    rel = {}
+    for k in ("retain", "val"):
+        acc, o_acc = (float((p[k].argmax(-1) == ys[k]).mean()) for p in (probs, o_probs))
+        rel[k] = acc / max(o_acc, 1e-9)
+    f = challenge_score(phi, o_phi)
+    return {"F": f, "retain_rel": rel["retain"], "val_rel": rel["val"],
+            "objective": f * rel["retain"] * rel["val"]}  # fmt: skip
 
 
 def key_word_(seed: int, salt: int) -> int:
@@ -193,22 +252,25 @@ def key_word_(seed: int, salt: int) -> int:
     return int(key_word(seed, 0x0C1E, salt) & 0x7FFFFFFF)
 
 
-def _apply_method(name, original, x, y, gone, seed):
-    """All N models of ``original`` unlearned by method ``name`` at once (vmap): the new
-    population, the cost per model and the wall seconds (compile included)."""
+def _apply_method(name, point, original, x, y, gone, key_seed: int):
+    """All N models of ``original`` unlearned by method ``name`` (its conf/unlearn defaults
+    with ``point``'s hyperparameters) at once (vmap): the new population, the cost per model
+    and the wall seconds (compile included)."""
+    import dataclasses
+
     from sisajax import approx
     from sisajax.approx.common import rows as make_rows
     from sisajax.approx.sisa import model_apply
 
-    method, budget, hp = approx.from_config(_method_conf(name))
+    conf = _method_conf(name)
+    conf["hparams"] = {**(conf.get("hparams") or {}), **point}
+    method, budget, hp = approx.from_config(conf)
     states = original.states
     use_avg = states.avg_params is not None
     params = states.avg_params if use_avg else states.params
     apply_fn = model_apply(original.engine.spec)
     forget, retain = make_rows(x[gone], y[gone]), make_rows(x[~gone], y[~gone])
-    keys = jax.numpy.stack(
-        [jax.random.PRNGKey(key_word_(seed, 100 + e)) for e in range(original.num_models)]
-    )
+    keys = jax.random.split(jax.random.PRNGKey(key_seed), original.num_models)
 
     def one(p, ctx, k):
         return method.update(apply_fn, budget, hp, p, ctx, forget, retain, k)
@@ -218,8 +280,6 @@ def _apply_method(name, original, x, y, gone, seed):
     wall = time.perf_counter() - t0
     out = states._replace(params=new, avg_params=new if use_avg else None)
     cost = method.cost(budget, hp, int(gone.sum()), int((~gone).sum()))
-    import dataclasses
-
     pop = dataclasses.replace(original, states=out)
     return pop, {"examples": cost.examples, "grad_steps": cost.grad_steps}, wall
 
@@ -263,8 +323,7 @@ def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     """Per (forget set, method): means over seeds of every score and cost, and whether F lies
     within the floor's interval (computed from the stored rows)."""
     out = []
-    keys = sorted({(r["forget_set"], r["method"]) for r in res["rows"]},
-                  key=lambda t: [r["forget_set"] for r in res["rows"]].index(t[0]))  # fmt: skip
+    keys = list(dict.fromkeys((r["forget_set"], r["method"]) for r in res["rows"]))
     for fset, method in keys:
         rs = [r for r in res["rows"] if r["forget_set"] == fset and r["method"] == method]
         m = {k: float(np.mean([r[k] for r in rs])) for k in rs[0] if _num(rs[0][k])}
@@ -298,21 +357,62 @@ def report(res: dict[str, Any], png: Path) -> str:
         [
             f"N = {res['num_models']} models per population; forget quality F (the unlearning "
             "challenge's score, 1 = indistinguishable from the oracle; 95% bootstrap interval "
-            "over forget examples), KLOM (lower is better) and U-LiRA attack accuracy (0.5 = "
-            "chance) against the oracle of the same configuration, each beside the floor two "
+            "over the models of both populations and the forget examples), KLOM (lower is "
+            "better) and U-LiRA attack accuracy (0.5 = chance) against the oracle of the same configuration, each beside the floor two "
             "independent oracle populations give. 'at floor': F within the floor's interval or "
             "above it. Utility: unlearned / oracle accuracy. Costs per model (SISA: the measured "
-            "forget of a real run, verified bit for bit). Approximate methods run with their "
-            "conf/unlearn defaults, not tuned here.",
+            "forget of a real run, verified bit for bit). Approximate methods: their "
+            "conf/unlearn budget, with the hyperparameters chosen by the tuning below.",
             "",
             table(
-                ["forget set", "method", "F [95% CI]", "floor F [95% CI]", "at floor",
-                 "KLOM / floor", "U-LiRA acc / floor", "retain acc / oracle",
-                 "test acc / oracle", "examples", "grad steps", "wall s"],
+                [
+                    "forget set",
+                    "method",
+                    "F [95% CI]",
+                    "floor F [95% CI]",
+                    "at floor",
+                    "KLOM / floor",
+                    "U-LiRA acc / floor",
+                    "retain acc / oracle",
+                    "test acc / oracle",
+                    "examples",
+                    "grad steps",
+                    "wall s",
+                ],
                 body,
             ),  # fmt: skip
             "",
-            f"![forget quality vs cost]({png.name})",
+            "Tuning (each method's grid, scored on a separate tuning forget set of the same kind "
+            "against its own oracle population by F x retain accuracy ratio x validation "
+            "accuracy ratio; the evaluation forget set and the test split are never read):",
+            "",
+            table(
+                [
+                    "seed",
+                    "forget set",
+                    "method",
+                    "trial",
+                    "params",
+                    "F",
+                    "retain rel",
+                    "val rel",
+                    "objective",
+                ],
+                [
+                    [
+                        str(t["seed"]),
+                        t["forget_set"],
+                        t["method"],
+                        str(t["trial"]),
+                        ", ".join(f"{k}={v}" for k, v in t["params"].items()) or "(defaults)",
+                        fmt(t["F"], ".3f"),
+                        fmt(t["retain_rel"], ".3f"),
+                        fmt(t["val_rel"], ".3f"),
+                        fmt(t["objective"], ".3f"),
+                    ]
+                    for t in res.get("trials", [])
+                ],
+            ),  # fmt: skip
         ]
     )
 
@@ -328,7 +428,11 @@ def _plot(rows: list[dict[str, Any]], png: Path) -> None:
         for r in rs:
             xv = max(r["examples"], 1.0)
             err = [[r["F"] - r["F_lo"]], [r["F_hi"] - r["F"]]]
-            mark = "s" if r["method"].startswith("SISA") else ("*" if r["method"] == "retrain" else "o")
+            mark = (
+                "s"
+                if r["method"].startswith("SISA")
+                else ("*" if r["method"] == "retrain" else "o")
+            )
             ax.errorbar([xv], [r["F"]], yerr=err, fmt=mark, capsize=2, label=r["method"])
         lo, hi = rs[0]["floor_F_lo"], rs[0]["floor_F_hi"]
         ax.axhspan(lo, hi, color="grey", alpha=0.2, label="oracle floor (single models)")

@@ -165,3 +165,29 @@ def bootstrap_mean_ci(
     means = v[rng.integers(0, len(v), (n_boot, len(v)))].mean(1)
     a = (1 - level) / 2
     return float(v.mean()), float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def challenge_score_ci(
+    a: np.ndarray,
+    b: np.ndarray,
+    *,
+    delta: float = 0.01,
+    n_boot: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``(F, lo, hi)``: :func:`challenge_score` of ``a [N, M]`` vs ``b [N', M]`` with a
+    percentile interval from resampling, with replacement, the models of each population and
+    the examples together: it covers the noise of drawing the models, not only the examples
+    (two oracle populations differ by that noise alone)."""
+    a, b = _pair(a, b)
+    rng = np.random.default_rng(seed)
+    f = challenge_score(a, b, delta)
+    reps = np.empty(n_boot)
+    for i in range(n_boot):
+        cols = rng.integers(0, a.shape[1], a.shape[1])
+        ra = a[rng.integers(0, len(a), len(a))][:, cols]
+        rb = b[rng.integers(0, len(b), len(b))][:, cols]
+        reps[i] = challenge_score(ra, rb, delta)
+    q = (1 - level) / 2
+    return f, float(np.quantile(reps, q)), float(np.quantile(reps, 1 - q))

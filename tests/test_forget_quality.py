@@ -85,3 +85,15 @@ def test_bad_shapes_and_values_are_refused():
     mean, lo, hi = bootstrap_mean_ci(np.arange(100.0))
     assert lo < mean == 49.5 < hi
     assert bootstrap_mean_ci(np.arange(100.0)) == (mean, lo, hi)
+
+
+def test_the_interval_covers_model_noise():
+    from sisajax.forget_quality import challenge_score_ci
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(16, 40)), rng.normal(size=(16, 40))
+    f, lo, hi = challenge_score_ci(a, b, n_boot=100)
+    assert f == challenge_score(a, b) and lo <= f <= hi and hi - lo > 0.02
+    assert challenge_score_ci(a, b, n_boot=100) == (f, lo, hi)  # reproducible
+    far = challenge_score_ci(a + 6.0, b, n_boot=100)
+    assert far[2] < lo  # a separated population's whole interval lies below

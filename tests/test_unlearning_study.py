@@ -1,0 +1,91 @@
+"""The ``unlearning`` study at tiny size: exact and approximate unlearning scored against the
+oracle of the same configuration, methods tuned on a separate forget set, every trial stored."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from sisajax.cli.app import compose
+from sisajax.experiments import paper, unlearning
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "experiment=unlearning",
+    "experiment.num_models=4",
+    "experiment.forget_sets=[random,canaries]",
+    "experiment.forget_size=4",
+    "experiment.methods=[ft,ssd]",
+    "experiment.sisa=[[3,2]]",
+    "experiment.retain_eval=200",
+    "sisa.epochs=2",
+    "sisa.batch_size=32",
+    "sisa.chunk_steps=32",
+]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("unlearning")
+    cfg = compose("paper", TINY)
+    cfg["model"]["hidden"] = [8]
+    cfg["experiment"]["tune"] = {"ft": {"lr": [0.001, 0.05]}, "ssd": {"alpha": [1.0, 10.0]}}
+    paper.run_experiment(cfg, out_dir=out)
+    return json.loads((out / "results.json").read_text()), out
+
+
+def test_every_method_and_sisa_is_scored_beside_the_floor(study):
+    res, out = study
+    methods = {"none", "retrain", "ft", "ssd", "SISA S=3 R=2"}
+    for kind in ("random", "canaries"):
+        rows = {r["method"]: r for r in res["rows"] if r["forget_set"] == kind}
+        assert set(rows) == methods
+        for r in rows.values():
+            assert r["forget_ids"] == 4 and 0 < r["F"] <= 1 and r["F_lo"] <= r["F"] <= r["F_hi"]
+            assert 0 <= r["ulira"] <= 1 and r["klom"] >= 0
+        # the exact single-model baseline is a second oracle population: it is the floor
+        assert rows["retrain"]["F"] == rows["retrain"]["floor_F"]
+        assert rows["none"]["examples"] == 0
+        assert rows["ft"]["examples"] == rows["ft"]["grad_steps"] * 32  # budget: 32 rows a step
+        sisa = rows["SISA S=3 R=2"]
+        assert (
+            sisa["verified_shards"] >= 1 and 0 < sisa["examples"] <= sisa["full_retrain_examples"]
+        )
+    report = (out / "report.md").read_text()
+    assert "floor F [95% CI]" in report and "Tuning" in report
+
+
+def test_methods_are_tuned_on_a_separate_forget_set_by_stored_trials(study):
+    res, _ = study
+    trials = res["trials"]
+    assert len(trials) == 2 * 2 * 2  # forget sets x methods x grid points
+    for kind in ("random", "canaries"):
+        for name, key in (("ft", "lr"), ("ssd", "alpha")):
+            mine = [t for t in trials if t["forget_set"] == kind and t["method"] == name]
+            best = mine[int(np.argmax([t["objective"] for t in mine]))]["params"]
+            row = next(r for r in res["rows"] if r["forget_set"] == kind and r["method"] == name)
+            assert row["params"] == best and set(best) == {key}
+            for t in mine:  # the objective is stored with its parts
+                assert t["objective"] == pytest.approx(t["F"] * t["retain_rel"] * t["val_rel"])
+
+
+def test_summary_verdicts_come_from_the_rows(study):
+    res, _ = study
+    rows = unlearning.summary(res)
+    for r in rows:
+        assert r["at_floor"] == (
+            r["floor_F_lo"] <= r["F"] <= r["floor_F_hi"] or r["F"] >= r["floor_F"]
+        )
+    assert {r["method"] for r in rows if r["method"] == "retrain" and r["at_floor"]} == {"retrain"}
+
+
+def test_bad_options_are_refused():
+    from sisajax.experiments.common import ExperimentError
+
+    with pytest.raises(ExperimentError, match="unknown kind"):
+        unlearning._forget_set("everything", np.arange(5), None, None, 2, 1, None)
+    with pytest.raises(ExperimentError, match="no conf/unlearn/nope.yaml"):
+        unlearning._method_conf("nope")

@@ -41,6 +41,19 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def replace_between(text: str, begin: str, end: str, block: str) -> str:
+    """``text`` with the part between the marker lines ``begin`` and ``end`` replaced by
+    ``block`` (a generated table in a document).
+
+    Raises:
+      ValueError: the markers are missing or out of order.
+    """
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        raise ValueError(f"the document has no {begin!r} ... {end!r} markers")
+    return text[: i + len(begin)] + "\n" + block + "\n" + text[j:]
+
+
 def recipe(res: dict[str, Any]) -> str:
     c = res["config"]
     m, o, s = c["model"], c["optim"], c["sisa"]

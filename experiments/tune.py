@@ -37,7 +37,7 @@ from sisajax.experiments.common import (
     log,
     partition_digest,
 )
-from sisajax.experiments.report import fmt, table
+from sisajax.experiments.report import fmt, replace_between, table
 from sisajax.stats import pack_correct, paired_bootstrap_gap, unpack_correct
 
 DEFAULTS: dict[str, Any] = {
@@ -436,10 +436,10 @@ def load_results(dirs: list[Any]) -> list[dict[str, Any]]:
 
 def replace_headline(text: str, block: str) -> str:
     """``text`` with the part between the headline markers replaced by ``block``."""
-    start, end = text.find(HEADLINE_BEGIN), text.find(HEADLINE_END)
-    if start < 0 or end < start:
-        raise ExperimentError("the document has no tune headline markers")
-    return text[: start + len(HEADLINE_BEGIN)] + "\n" + block + "\n" + text[end:]
+    try:
+        return replace_between(text, HEADLINE_BEGIN, HEADLINE_END, block)
+    except ValueError:
+        raise ExperimentError("the document has no tune headline markers") from None
 
 
 def main(argv: list[str] | None = None) -> int:

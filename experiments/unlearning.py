@@ -445,3 +445,51 @@ def _plot(rows: list[dict[str, Any]], png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     pyplot.close(fig)
+
+
+HEADLINE_BEGIN = "<!-- unlearning headline: generated from the stored results; do not edit -->"
+HEADLINE_END = "<!-- end of unlearning headline -->"
+
+
+def headline(res: dict[str, Any]) -> str:
+    """The study's summary as one markdown table (computed from its stored rows): per forget
+    set and method, F with its interval beside the floor's, whether it is at the floor, test
+    accuracy against the oracle's and examples per model."""
+    body = [
+        [
+            r["forget_set"], r["method"],
+            f"{r['F']:.3f} [{r['F_lo']:.3f}, {r['F_hi']:.3f}]",
+            f"{r['floor_F']:.3f} [{r['floor_F_lo']:.3f}, {r['floor_F_hi']:.3f}]",
+            "yes" if r["at_floor"] else "no",
+            f"{fmt(r['test_acc'])} / {fmt(r['oracle_test_acc'])}",
+            f"{r['examples']:,.0f}",
+        ]
+        for r in summary(res)
+    ]  # fmt: skip
+    return table(
+        ["forget set", "method", "forget quality F [95% CI]", "oracle floor F [95% CI]",
+         "at floor", "test acc / oracle", "examples per model"],
+        body,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sisajax.experiments.unlearning DOC STUDY_DIR``: rewrite DOC's unlearning
+    headline table from the stored study."""
+    import json
+    import sys
+
+    from sisajax.experiments.report import replace_between
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m sisajax.experiments.unlearning DOC STUDY_DIR", file=sys.stderr)
+        return 2
+    doc, res = Path(args[0]), json.loads((Path(args[1]) / "results.json").read_text())
+    doc.write_text(replace_between(doc.read_text(), HEADLINE_BEGIN, HEADLINE_END, headline(res)))
+    print(f"{doc}: unlearning headline from {args[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -332,6 +332,9 @@ def test_sisa_constituents_only_affected_shards_change(sisa_run, name):
     got = jax.tree.map(lambda a: a[0], res.states.params)
     for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(got), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    mapped = approx_sisa.unlearn_constituents(run, forget, method, BUDGET, hp, key, "map")
+    for a, b in zip(*map(jax.tree.leaves, (mapped.states, res.states)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
     # deterministic, evaluable, and nothing written to the run directory
     again = approx_sisa.unlearn_constituents(run, forget, method, BUDGET, hp, key)
     assert _tree_digest(again.states) == _tree_digest(res.states)

@@ -6,15 +6,21 @@ forget ids; the forget-set builders return the right ids."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import tiny_config, tiny_digits
 
+import sisajax as sj
 from sisajax import approx
+from sisajax.approx import forget_sets as fs
+from sisajax.approx import sisa as approx_sisa
 from sisajax.approx.common import Budget, ce, rows, sgd_loop
+from sisajax.approx.newton import NewtonParams, fit_l2, l2_objective, linear_apply
 
 FORGET_CLASS = 3
 BUDGET = Budget(steps=20, batch_size=16, forget_batch_size=8)
@@ -188,3 +194,154 @@ def test_l1_sparse_shrinks_the_l1_norm_against_plain_fine_tuning(trained):
         return sum(float(jnp.sum(jnp.abs(a))) for a in jax.tree.leaves(p))
 
     assert norm(sparse) < norm(plain)
+
+
+def _linear_problem(n: int = 300, n_forget: int = 10):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.data[:n] / 16.0).astype(np.float32)
+    y = d.target[:n].astype(np.int32)
+    drop = np.zeros(n, bool)
+    drop[np.asarray(jax.random.permutation(jax.random.PRNGKey(5), n))[:n_forget]] = True
+    return x, y, drop
+
+
+def test_newton_removal_matches_retraining_the_l2_linear_model():
+    l2 = 1e-3
+    x, y, drop = _linear_problem()
+    zero = {"kernel": jnp.zeros((64, 10)), "bias": jnp.zeros(10)}
+    full, forget, retain = rows(x, y), rows(x[drop], y[drop]), rows(x[~drop], y[~drop])
+    w_star = fit_l2(linear_apply, zero, full, l2)
+    grad = jax.grad(lambda p: l2_objective(linear_apply, p, None, full, l2))(w_star)
+    assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(grad)) < 1e-5  # converged
+    w_retrain = fit_l2(linear_apply, zero, retain, l2)
+    removal = approx.get_method("newton")
+    w_new, cost = removal.run(
+        linear_apply, w_star, forget, retain, Budget(), NewtonParams(l2), jax.random.PRNGKey(0)
+    )
+    assert cost == approx.ApproxCost(int((~drop).sum()), 1)
+
+    def dist(a, b):
+        return float(
+            jnp.sqrt(
+                sum(
+                    jnp.sum(jnp.square(u - v))
+                    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+                )
+            )
+        )
+
+    scale = dist(w_retrain, zero)
+    before, after = dist(w_star, w_retrain), dist(w_new, w_retrain)
+    assert after < 1e-2 * scale
+    assert after < 0.05 * before
+
+
+def test_forget_set_builders():
+    ids = np.arange(100, 160)
+    y = np.arange(60) % 4
+    k1, k2 = jax.random.PRNGKey(1), jax.random.PRNGKey(2)
+
+    r = fs.random_ids(ids, 7, k1)
+    assert len(r) == 7 == len(set(r)) and set(r) <= set(ids)
+    assert np.array_equal(r, fs.random_ids(ids, 7, k1))
+    assert not np.array_equal(r, fs.random_ids(ids, 7, k2))
+
+    assert np.array_equal(fs.class_ids(ids, y, 2), ids[y == 2])
+    cls, got = fs.random_class_ids(ids, y, k1)
+    assert np.array_equal(got, ids[y == cls])
+    classes = {fs.random_class_ids(ids, y, jax.random.PRNGKey(s))[0] for s in range(12)}
+    assert len(classes) > 1
+
+    feats = np.random.default_rng(0).normal(size=(60, 2, 3))
+    centre, near = fs.subpopulation_ids(ids, feats, 5, k1)
+    assert len(near) == 5 and centre in near
+    flat = feats.reshape(60, -1)
+    d = np.sum((flat - flat[ids == centre]) ** 2, axis=1)
+    inside = np.isin(ids, near)
+    assert d[inside].max() <= d[~inside].min()
+    assert not np.array_equal(near, fs.subpopulation_ids(ids, feats, 5, k2)[1])
+
+    canaries, labels = fs.mislabelled_canaries(ids, y, 6, 4, k1)
+    assert len(set(canaries)) == 6 and set(canaries) <= set(ids)
+    old = y[np.searchsorted(ids, canaries)]
+    assert np.all(labels != old) and np.all((labels >= 0) & (labels < 4))
+    assert not np.array_equal(canaries, fs.mislabelled_canaries(ids, y, 6, 4, k2)[0])
+    y2 = fs.relabel(ids, y, canaries, labels)
+    changed = ids[y2 != y]
+    assert np.array_equal(np.sort(changed), np.sort(canaries))
+    assert np.array_equal(y2[np.searchsorted(ids, canaries)], labels)
+    with pytest.raises(ValueError):
+        fs.random_ids(ids, 61, k1)
+
+
+def _tree_digest(tree) -> str:
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h.hexdigest()
+
+
+def _dir_digest(path) -> dict[str, str]:
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.suffix != ".lock"  # readers take a lock file
+    }
+
+
+@pytest.fixture(scope="module")
+def sisa_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("approx-run") / "run"
+    run, _ = sj.train(tiny_config(), tiny_digits(), path)
+    return run
+
+
+@pytest.mark.parametrize("name", ["neggrad_plus", "ssd"])
+def test_sisa_constituents_only_affected_shards_change(sisa_run, name):
+    run = sisa_run
+    before = _dir_digest(run.run_dir)
+    states = run.final_states()
+    ids0 = run.shard_data(0).ids
+    ids2 = run.shard_data(2).ids
+    forget = np.concatenate([ids0[:3], ids2[:2]])
+    method, _, hp = approx.load_config(name)
+    key = jax.random.PRNGKey(4)
+    res = approx_sisa.unlearn_constituents(run, forget, method, BUDGET, hp, key)
+    assert res.shards == [0, 2] and res.active.all()
+    for k in range(run.num_shards):
+        old = jax.tree.map(lambda a, k=k: a[k], states.params)
+        new = jax.tree.map(lambda a, k=k: a[k], res.states.params)
+        assert _differ(old, new) == (k in (0, 2))
+    n0, n2 = len(ids0), len(ids2)
+    expected = method.cost(BUDGET, hp, 3, n0 - 3) + method.cost(BUDGET, hp, 2, n2 - 2)
+    assert res.cost == expected and res.cost.models == 2
+    # shard 0 alone, as one model, gives the same weights (its own key: fold_in(key, 0))
+    d = run.shard_data(0)
+    alone, _ = method.run(
+        approx_sisa.model_apply(run.engine.spec),
+        jax.tree.map(lambda a: a[0], states.params),
+        rows(d.x[:3], d.y[:3]),
+        rows(d.x[3:], d.y[3:]),
+        BUDGET,
+        hp,
+        jax.random.fold_in(key, 0),
+        ctx=jax.tree.map(lambda a: a[0], dict(states.model_state)),
+    )
+    got = jax.tree.map(lambda a: a[0], res.states.params)
+    for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    mapped = approx_sisa.unlearn_constituents(run, forget, method, BUDGET, hp, key, "map")
+    for a, b in zip(*map(jax.tree.leaves, (mapped.states, res.states)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    # deterministic, evaluable, and nothing written to the run directory
+    again = approx_sisa.unlearn_constituents(run, forget, method, BUDGET, hp, key)
+    assert _tree_digest(again.states) == _tree_digest(res.states)
+    _, x_test, y_test = run.test_data()
+    acc = approx_sisa.evaluate(run, res, x_test, y_test)
+    assert 0.0 <= acc <= 1.0
+    assert approx_sisa.constituent_logits(run, res, x_test).shape == (3, len(y_test), 10)
+    assert _dir_digest(run.run_dir) == before
+    none = approx_sisa.unlearn_constituents(run, [10**9], method, BUDGET, hp, key)
+    assert none.shards == [] and none.cost.examples == 0

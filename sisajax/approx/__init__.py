@@ -33,7 +33,17 @@ from typing import Any
 
 import jax
 
-from sisajax.approx import ft, l1_sparse, neggrad, newton, salun, scrub, ssd
+from sisajax.approx import (
+    forget_sets,
+    ft,
+    l1_sparse,
+    neggrad,
+    newton,
+    salun,
+    scrub,
+    sisa,
+    ssd,
+)
 from sisajax.approx.common import ApplyFn, ApproxCost, Budget, Method, PyTree, Rows, rows
 
 METHODS: dict[str, Method] = {
@@ -141,9 +151,11 @@ __all__ = [
     "Method",
     "Rows",
     "config_file",
+    "forget_sets",
     "from_config",
     "get_method",
     "load_config",
     "rows",
+    "sisa",
     "unlearn",
 ]

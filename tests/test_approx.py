@@ -345,3 +345,12 @@ def test_sisa_constituents_only_affected_shards_change(sisa_run, name):
     assert _dir_digest(run.run_dir) == before
     none = approx_sisa.unlearn_constituents(run, [10**9], method, BUDGET, hp, key)
     assert none.shards == [] and none.cost.examples == 0
+
+
+def test_the_unlearn_config_group_composes_with_hydra():
+    from sisajax.cli.base import compose
+
+    cfg = compose("train", ["+unlearn=scrub", "unlearn.hparams.lr=0.5", "unlearn.budget.steps=7"])
+    method, budget, hp = approx.from_config(cfg["unlearn"])
+    assert method.name == "scrub" and budget.steps == 7 and hp.lr == 0.5
+    assert hp.temperature == approx.scrub.ScrubParams().temperature

@@ -111,7 +111,7 @@ def test_registry_and_configs_agree():
     assert {p.stem for p in folder.glob("*.yaml")} == set(approx.METHODS)
     for name in approx.METHODS:
         method, budget, hp = approx.load_config(name)
-        assert method.name == name and isinstance(hp, method.hparams)
+        assert method.name == name and hp == method.hparams()  # the file's = the code's
         assert isinstance(budget, Budget)
     _, budget, hp = approx.load_config("ft", budget={"steps": 3}, hparams={"lr": 0.5})
     assert budget.steps == 3 and budget.batch_size == 32 and hp.lr == 0.5
@@ -345,3 +345,29 @@ def test_sisa_constituents_only_affected_shards_change(sisa_run, name):
     assert _dir_digest(run.run_dir) == before
     none = approx_sisa.unlearn_constituents(run, [10**9], method, BUDGET, hp, key)
     assert none.shards == [] and none.cost.examples == 0
+
+
+def test_the_unlearn_config_group_composes_with_hydra():
+    from sisajax.cli.base import compose
+
+    cfg = compose("train", ["+unlearn=scrub", "unlearn.hparams.lr=0.5", "unlearn.budget.steps=7"])
+    method, budget, hp = approx.from_config(cfg["unlearn"])
+    assert method.name == "scrub" and budget.steps == 7 and hp.lr == 0.5
+    assert hp.temperature == approx.scrub.ScrubParams().temperature
+
+
+def test_margins_and_margin_kl():
+    from sisajax.approx.klom import margin_kl, margins
+
+    logits = np.array([[[2.0, 1.0, 0.0], [0.0, 3.0, 5.0]]])  # [1 model, 2 examples, 3 classes]
+    np.testing.assert_allclose(margins(logits, np.array([0, 1])), [[1.0, -2.0]])
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 3))
+    assert margin_kl(a, a).shape == (3,)
+    np.testing.assert_allclose(margin_kl(a, a), 0.0, atol=1e-12)
+    same = margin_kl(a, rng.normal(size=(400, 3)))
+    near = margin_kl(a, rng.normal(size=(400, 3)) + 0.5)
+    far = margin_kl(a, rng.normal(size=(400, 3)) + 3.0)
+    assert np.all(same >= 0) and np.all(same < near) and np.all(near < far)
+    with pytest.raises(ValueError):
+        margin_kl(a, a[:, :2])

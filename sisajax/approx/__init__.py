@@ -36,6 +36,7 @@ import jax
 from sisajax.approx import (
     forget_sets,
     ft,
+    klom,
     l1_sparse,
     neggrad,
     newton,
@@ -153,6 +154,7 @@ __all__ = [
     "config_file",
     "forget_sets",
     "from_config",
+    "klom",
     "get_method",
     "load_config",
     "rows",

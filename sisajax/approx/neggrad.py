@@ -28,9 +28,9 @@ from sisajax.approx.common import (
 class NegGradParams:
     """lr, momentum: SGD; beta: weight of the retain loss (``1 - beta`` on the forget loss)."""
 
-    lr: float = 0.01
+    lr: float = 0.03
     momentum: float = 0.9
-    beta: float = 0.95
+    beta: float = 0.9
 
 
 def _update(apply_fn, budget: Budget, hp: NegGradParams, params, ctx, forget, retain, key):

@@ -47,7 +47,8 @@ def linear_apply(params: PyTree, ctx: PyTree, x: jax.Array) -> jax.Array:
 def l2_objective(
     apply_fn: ApplyFn, params: PyTree, ctx: PyTree, data: Rows, l2: float
 ) -> jax.Array:
-    """``J(params; data)``: mean CE over the real rows of ``data`` plus ``l2 / 2 * ||params||^2``."""
+    """``J(params; data)``: mean CE over the real rows of ``data`` plus
+    ``l2 / 2 * ||params||^2``."""
     w = (jnp.arange(data.y.shape[0]) < data.n).astype(jnp.float32)
     sq = sum(jnp.sum(jnp.square(a)) for a in jax.tree.leaves(params))
     return ce(apply_fn(params, ctx, data.x), data.y, w) + 0.5 * l2 * sq

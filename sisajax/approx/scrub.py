@@ -48,7 +48,7 @@ class ScrubParams:
     temperature: float = 4.0
     period: int = 10
     max_per_period: int = 2
-    max_rounds: int = 2
+    max_rounds: int = 5
 
 
 def max_step_schedule(steps: int, hp: ScrubParams) -> np.ndarray:

@@ -3,9 +3,11 @@
 Foster et al., "Fast Machine Unlearning Without Retraining Through Selective Synaptic
 Dampening", AAAI 2024. The importance of a weight on a data set is the paper's diagonal Fisher
 estimate: the squared gradient of a batch's mean CE loss (true labels), averaged over the batches
-of one pass over the data (``batch_size`` rows each, in an order drawn from the key). With ``f`` the importance on the forget set and ``g`` the importance on the full
-training data (retain and forget together), every weight with ``f > alpha * g`` is multiplied by
-``min(lam * g / f, 1)``; the others are left alone.
+of one pass over the data (``batch_size`` rows each, in an order drawn from the key). With ``f``
+the importance on the forget set and ``g`` the importance on the full training data (retain and
+forget together), every weight with ``f > alpha * g`` is multiplied by ``min(lam * g / f, 1)``;
+the others are left alone. (The paper's loader shuffles the full data; here its batches mix
+retain and forget rows in a keyed order too.)
 
 Cost: one pass of batch gradients over the forget rows and one over the full training data
 (``examples = 2 * n_forget + n_retain``; no step, ``grad_steps = 0``).
@@ -102,5 +104,6 @@ def ssd(
 ) -> tuple[PyTree, ApproxCost]:
     """Dampen the weights of ``params`` far more important to ``forget`` than to the full
     training data (``forget`` and ``retain`` together); ``key`` orders the batches of the
-    importance estimates, ``budget.batch_size`` sizes them, ``budget.steps`` is unused. Returns ``(params, cost)``."""
+    importance estimates, ``budget.batch_size`` sizes them, ``budget.steps`` is unused.
+    Returns ``(params, cost)``."""
     return METHOD.run(apply_fn, params, forget, retain, budget, hp, key, ctx)

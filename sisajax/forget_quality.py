@@ -42,9 +42,10 @@ def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def per_example_epsilon(a: np.ndarray, b: np.ndarray, delta: float = 0.01) -> np.ndarray:
     """``[M]`` epsilon per example from threshold attacks on ``a [N, M]`` vs ``b [N', M]``.
 
-    For each threshold t (every pooled value, both directions) an attack says "a" when the
-    score is >= t; with its false positive rate FPR (b called a) and false negative rate FNR
-    (a called b), epsilon >= max(log((1 - delta - FPR) / FNR), log((1 - delta - FNR) / FPR)).
+    For each threshold t (every pooled value) an attack says "a" when the score is >= t, and
+    its reverse when it is < t; with a rule's false positive rate FPR (b called a) and false
+    negative rate FNR (a called b), epsilon >= max(log((1 - delta - FPR) / FNR),
+    log((1 - delta - FNR) / FPR)).
     Rates of 0 are clamped to half a model (1 / (2N)), so finite populations give finite
     epsilons; terms whose numerator is not positive are ignored.
     """
@@ -53,17 +54,19 @@ def per_example_epsilon(a: np.ndarray, b: np.ndarray, delta: float = 0.01) -> np
     out = np.zeros(a.shape[1])
     for m in range(a.shape[1]):
         ts = np.unique(np.concatenate([a[:, m], b[:, m]]))
-        # attack "score >= t means a": FNR = P_a(score < t), FPR = P_b(score >= t)
+        # rule "score >= t means a": FNR = P_a(score < t), FPR = P_b(score >= t); the reversed
+        # rule "score < t means a" has the complements (every threshold, both orientations)
         fnr = np.searchsorted(np.sort(a[:, m]), ts, side="left") / na
         fpr = 1.0 - np.searchsorted(np.sort(b[:, m]), ts, side="left") / nb
-        fnr = np.maximum(fnr, 0.5 / na)
-        fpr = np.maximum(fpr, 0.5 / nb)
         eps = 0.0
-        for x, y in ((fpr, fnr), (fnr, fpr)):  # both directions of the rule
-            num = 1.0 - delta - x
-            ok = num > 0
-            if ok.any():
-                eps = max(eps, float(np.max(np.log(num[ok]) - np.log(y[ok]))))
+        for f_p, f_n in ((fpr, fnr), (1.0 - fpr, 1.0 - fnr)):
+            f_p = np.maximum(f_p, 0.5 / nb)
+            f_n = np.maximum(f_n, 0.5 / na)
+            for x, y in ((f_p, f_n), (f_n, f_p)):  # both inequalities of the definition
+                num = 1.0 - delta - x
+                ok = num > 0
+                if ok.any():
+                    eps = max(eps, float(np.max(np.log(num[ok]) - np.log(y[ok]))))
         out[m] = eps
     return out
 
@@ -172,22 +175,41 @@ def challenge_score_ci(
     b: np.ndarray,
     *,
     delta: float = 0.01,
-    n_boot: int = 200,
+    n_boot: int = 1000,
     level: float = 0.95,
     seed: int = 0,
 ) -> tuple[float, float, float]:
     """``(F, lo, hi)``: :func:`challenge_score` of ``a [N, M]`` vs ``b [N', M]`` with a
-    percentile interval from resampling, with replacement, the models of each population and
-    the examples together: it covers the noise of drawing the models, not only the examples
-    (two oracle populations differ by that noise alone)."""
-    a, b = _pair(a, b)
+    percentile bootstrap interval over the examples (the per-example points resampled). The
+    noise of drawing the models is not in it: :func:`floor_test` compares a population with a
+    second oracle draw for that."""
+    pts = challenge_points(per_example_epsilon(a, b, delta))
+    return bootstrap_mean_ci(pts, n_boot=n_boot, level=level, seed=seed)
+
+
+def floor_test(
+    u: np.ndarray,
+    floor: np.ndarray,
+    oracle: np.ndarray,
+    *,
+    delta: float = 0.01,
+    n_perm: int = 100,
+    seed: int = 0,
+) -> float:
+    """p-value that population ``u [N, M]`` scores as well against ``oracle [N'', M]`` as a
+    second, independent oracle population ``floor [N', M]`` does (a permutation test: under
+    the hypothesis that ``u`` is drawn like an oracle, its models and the floor's are
+    exchangeable). Small p: ``u``'s forget quality is below the oracle-vs-oracle floor beyond
+    the noise of drawing N models."""
+    u, floor = _pair(u, floor)
+    observed = challenge_score(floor, oracle, delta) - challenge_score(u, oracle, delta)
+    pool, n = np.concatenate([u, floor]), len(u)
     rng = np.random.default_rng(seed)
-    f = challenge_score(a, b, delta)
-    reps = np.empty(n_boot)
-    for i in range(n_boot):
-        cols = rng.integers(0, a.shape[1], a.shape[1])
-        ra = a[rng.integers(0, len(a), len(a))][:, cols]
-        rb = b[rng.integers(0, len(b), len(b))][:, cols]
-        reps[i] = challenge_score(ra, rb, delta)
-    q = (1 - level) / 2
-    return f, float(np.quantile(reps, q)), float(np.quantile(reps, 1 - q))
+    hits = 0
+    for _ in range(n_perm):
+        idx = rng.permutation(len(pool))
+        d = challenge_score(pool[idx[n:]], oracle, delta) - challenge_score(
+            pool[idx[:n]], oracle, delta
+        )
+        hits += d >= observed
+    return float((hits + 1) / (n_perm + 1))

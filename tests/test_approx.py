@@ -354,20 +354,3 @@ def test_the_unlearn_config_group_composes_with_hydra():
     method, budget, hp = approx.from_config(cfg["unlearn"])
     assert method.name == "scrub" and budget.steps == 7 and hp.lr == 0.5
     assert hp.temperature == approx.scrub.ScrubParams().temperature
-
-
-def test_margins_and_margin_kl():
-    from sisajax.approx.klom import margin_kl, margins
-
-    logits = np.array([[[2.0, 1.0, 0.0], [0.0, 3.0, 5.0]]])  # [1 model, 2 examples, 3 classes]
-    np.testing.assert_allclose(margins(logits, np.array([0, 1])), [[1.0, -2.0]])
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=(400, 3))
-    assert margin_kl(a, a).shape == (3,)
-    np.testing.assert_allclose(margin_kl(a, a), 0.0, atol=1e-12)
-    same = margin_kl(a, rng.normal(size=(400, 3)))
-    near = margin_kl(a, rng.normal(size=(400, 3)) + 0.5)
-    far = margin_kl(a, rng.normal(size=(400, 3)) + 3.0)
-    assert np.all(same >= 0) and np.all(same < near) and np.all(near < far)
-    with pytest.raises(ValueError):
-        margin_kl(a, a[:, :2])

@@ -36,7 +36,6 @@ import jax
 from sisajax.approx import (
     forget_sets,
     ft,
-    klom,
     l1_sparse,
     neggrad,
     newton,
@@ -154,7 +153,6 @@ __all__ = [
     "config_file",
     "forget_sets",
     "from_config",
-    "klom",
     "get_method",
     "load_config",
     "rows",

@@ -428,7 +428,7 @@ def _plot(rows: list[dict[str, Any]], png: Path) -> None:
 
     pyplot = plt()
     sets = list(dict.fromkeys(r["forget_set"] for r in rows))
-    fig, axes = pyplot.subplots(1, len(sets), figsize=(4.2 * len(sets), 3.8), squeeze=False)
+    fig, axes = pyplot.subplots(1, len(sets), figsize=(4.2 * len(sets), 4.6), squeeze=False)
     for ax, fset in zip(axes[0], sets, strict=True):
         rs = [r for r in rows if r["forget_set"] == fset]
         for r in rs:
@@ -447,8 +447,9 @@ def _plot(rows: list[dict[str, Any]], png: Path) -> None:
         ax.set_ylabel("forget quality F")
         ax.set_title(fset)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(png, dpi=110)
     pyplot.close(fig)
 

@@ -89,3 +89,18 @@ def test_bad_options_are_refused():
         unlearning._forget_set("everything", np.arange(5), None, None, 2, 1, None)
     with pytest.raises(ExperimentError, match="no conf/unlearn/nope.yaml"):
         unlearning._method_conf("nope")
+
+
+@pytest.mark.parametrize("doc", ["docs/unlearning.md", "README.md"])
+def test_the_published_unlearning_table_is_what_the_stored_study_computes(doc):
+    from pathlib import Path
+
+    from sisajax.experiments.report import replace_between
+
+    repo = Path(__file__).resolve().parents[1]
+    res = json.loads((repo / "docs/unlearning/digits/results.json").read_text())
+    text = (repo / doc).read_text()
+    block = unlearning.headline(res)
+    assert replace_between(text, unlearning.HEADLINE_BEGIN, unlearning.HEADLINE_END, block) == text
+    sisa = [r for r in unlearning.summary(res) if r["method"].startswith("SISA")]
+    assert sisa and sum(r["at_floor"] for r in sisa) >= len(sisa) - 1

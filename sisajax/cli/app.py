@@ -190,6 +190,6 @@ def interrupted_message(command: str) -> str:
     """The one line printed when ``command`` is interrupted (Ctrl-C): true for that command."""
     if command in _INTERRUPTED:
         return _INTERRUPTED[command]
-    if command in ("evaluate", "status", "audit", "verify", "predict", "ids"):
+    if command in ("evaluate", "status", "audit", "verify", "predict", "ids", "check-receipt"):
         return "interrupted; nothing was changed"
     return "interrupted; the command's partial outputs may remain (run it again)"

@@ -62,6 +62,16 @@ TABLE: tuple[Command, ...] = (
         "sisajax.cli.commands:cmd_verify",
     ),
     Command(
+        "receipt",
+        "write the deletion receipt of a done forget request",
+        "sisajax.cli.receipt_commands:cmd_receipt",
+    ),
+    Command(
+        "check-receipt",
+        "verify a deletion receipt against a run (replay=true retrains and compares)",
+        "sisajax.cli.receipt_commands:cmd_check_receipt",
+    ),
+    Command(
         "serve",
         "serve a stream of forget requests from one long-lived process",
         "sisajax.cli.commands:cmd_serve",

@@ -87,7 +87,7 @@ def remove_uncommitted_files(run: SisaRun) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Kind:
+class _Policy:
     """How one kind of request goes through the transaction: its crash points and whether an
     abort removes the files written so far."""
 
@@ -99,9 +99,9 @@ class _Kind:
 
 
 KINDS = {
-    "train": _Kind(),
-    "forget": _Kind("after_pending", "before_commit", None, "before_done", remove_on_abort=True),
-    "retrain": _Kind(None, "retrain_before_commit", "retrain_after_commit", None),
+    "train": _Policy(),
+    "forget": _Policy("after_pending", "before_commit", None, "before_done", remove_on_abort=True),
+    "retrain": _Policy(None, "retrain_before_commit", "retrain_after_commit", None),
 }
 
 
@@ -131,7 +131,7 @@ class Generation:
         self.run, self.request_id = run, request_id
         self.writer: GenerationWriter | None = None
         self.committed = False
-        self._kind = KINDS[kind]
+        self._policy = KINDS[kind]
         self._writing = False
         self._reload = False
 
@@ -153,8 +153,8 @@ class Generation:
             request_id = run.ledger.new_request_id()
             run.ledger.append(request_id, "pending", kind=kind, **(record or {}))
         g = cls(run.files, run.generation + 1, kind, run=run, request_id=request_id)
-        if g._kind.after_pending:
-            fault(g._kind.after_pending)
+        if g._policy.after_pending:
+            fault(g._policy.after_pending)
         try:
             yield g
         except BaseException:
@@ -198,7 +198,7 @@ class Generation:
         if self._writing:
             self._writing = False
             self.writer.abort()
-        if not self.committed and self._kind.remove_on_abort:
+        if not self.committed and self._policy.remove_on_abort:
             remove_uncommitted_files(self.run)  # a full disk or Ctrl-C: nothing new stays behind
 
     # -- switching -------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ class Generation:
             self.files.write_manifest(manifest)
             self.committed = True
             return []
-        k = self._kind
+        k = self._policy
         if k.before_commit:
             fault(k.before_commit)
         timeout = (
@@ -246,8 +246,8 @@ class Generation:
         """Record the committed request as ``done`` (a new run has no ledger record)."""
         if self.run is None:
             return
-        if self._kind.before_done:
-            fault(self._kind.before_done)
+        if self._policy.before_done:
+            fault(self._policy.before_done)
         self.run.ledger.append(self.request_id, "done", kind=self.kind, **fields)
         if self._reload:
             self.run.reload()

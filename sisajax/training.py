@@ -52,6 +52,7 @@ from sisajax.planning import (
     shard_data_from,
 )
 from sisajax.retraining import Resume, log_train, retrain_in_place, train_generation
+from sisajax.run import SisaRun
 from sisajax.store.interrupted import (
     INTERRUPTED,
     InterruptedTraining,
@@ -107,8 +108,6 @@ def train(
       StorageError: the disk filled up or is read-only; a new run directory is removed again, an
         existing run stays as it was.
     """
-    from sisajax.run import SisaRun
-
     files = RunDir(run_dir, must_exist=False)
     root = files.root
     if root.exists() and not root.is_dir():
@@ -226,8 +225,6 @@ def _continue_training(
     """Finish a new run that Ctrl-C interrupted: check that ``config`` and ``dataset`` are what
     it was training, restore every shard after the last completed slice step (rows checked
     against the record) and train the rest; bit-identical to an uninterrupted training."""
-    from sisajax.run import SisaRun
-
     root = files.root
     plan = plan_training(config, dataset, partition, devices, np.zeros(0, np.int64))
     with Generation.new_run(files, config.ledger.lock_timeout_s) as g:
@@ -363,7 +360,9 @@ def _remove_new_run(root: Path, created: bool) -> None:
             p.unlink(missing_ok=True)
 
 
-def full_retrain(run, run_dir: str | Path, *, progress: Progress = None) -> tuple[Any, CostReport]:
+def full_retrain(
+    run: SisaRun, run_dir: str | Path, *, progress: Progress = None
+) -> tuple[SisaRun, CostReport]:
     """The full-retrain baseline: the same engine with one shard and one slice, trained from
     scratch on the data ``run`` currently retains (same model, optimizer, epochs, batch, seed).
     """

@@ -38,7 +38,7 @@ def run_point(n_devices: int, partitioning: str, args) -> dict[str, Any]:
 
     from sisajax.data.partition import hash_partition
     from sisajax.engine import Engine, ShardJob
-    from sisajax.training import shard_data_from
+    from sisajax.planning import shard_data_from
 
     assert jax.local_device_count() == n_devices, jax.local_devices()
     wl = C.workload(args)

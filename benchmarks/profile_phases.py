@@ -57,6 +57,10 @@ WRITER_THREAD_PREFIX = "sisajax-writer"  # BackgroundWriter's ThreadPoolExecutor
 
 TRAINING = "sisajax/training.py"
 UNLEARN = "sisajax/unlearning.py"
+GENERATION = "sisajax/generation.py"
+GEN_WRITER = "sisajax/generation_writer.py"
+PLANNING = "sisajax/planning.py"
+RETRAINING = "sisajax/retraining.py"
 ENGINE = "sisajax/engine.py"
 JOBS = "sisajax/jobs.py"
 RUN = "sisajax/run.py"
@@ -102,29 +106,29 @@ def engine_run_phases(d: int, *, forget: bool) -> list[Phase]:
         Phase("host->device puts: data, states, batches (Engine.put)", (ENGINE, "put"), run, d),
         Phase("batch schedules (slice_step_batches)", (SCHEDULE, "slice_step_batches"), run, d),
         Phase("program dispatch (PerDeviceProgram/Compiled.__call__)", DISPATCH, run, d),
-        Phase("on_slice handler (GenerationWriter.on_slice)", (TRAINING, "handle"), run, d),
+        Phase("on_slice handler (GenerationWriter.on_slice)", (GEN_WRITER, "handle"), run, d),
         Phase(
             "per-slice state fetch, one step behind (_fetch_pending)",
-            (TRAINING, "_fetch_pending"),
-            (TRAINING, "handle"),
+            (GEN_WRITER, "_fetch_pending"),
+            (GEN_WRITER, "handle"),
             d + 1,
         ),
         Phase(
             "device_get of a slice's states: waiting for the device (+ finish's)",
             (JAX_API, "device_get"),
-            (TRAINING, "_fetch_pending"),
+            (GEN_WRITER, "_fetch_pending"),
             d + 2,
         ),
         Phase(
             "slice losses (SliceOutput.mean_loss)",
             (JOBS, "mean_loss"),
-            (TRAINING, "_fetch_pending"),
+            (GEN_WRITER, "_fetch_pending"),
             d + 2,
         ),
         Phase(
             "handing to the writer (BackgroundWriter.call; blocks at 16 pending)",
             (ROWS, "call"),
-            (TRAINING, "_fetch_pending"),
+            (GEN_WRITER, "_fetch_pending"),
             d + 2,
         ),
         Phase("final states fetch (device_get in Engine.run)", (JAX_API, "device_get"), run, d),
@@ -132,11 +136,14 @@ def engine_run_phases(d: int, *, forget: bool) -> list[Phase]:
 
 
 def finish_phases(d: int) -> list[Phase]:
-    finish = (TRAINING, "finish")
+    finish = (GEN_WRITER, "finish")
     return [
         Phase("finish: last fetch, writer drain, dir fsyncs (finish)", finish, None, d),
         Phase(
-            "last slice step's fetch (_fetch_pending)", (TRAINING, "_fetch_pending"), finish, d + 1
+            "last slice step's fetch (_fetch_pending)",
+            (GEN_WRITER, "_fetch_pending"),
+            finish,
+            d + 1,
         ),
         Phase(
             "waiting for the writer thread (BackgroundWriter.wait)", (ROWS, "wait"), finish, d + 1
@@ -149,7 +156,7 @@ def finish_phases(d: int) -> list[Phase]:
 def writer_phases(*, test_copy: bool) -> list[Phase]:
     """The checkpoint writer thread(s): concurrent with the calling thread."""
     w = "writer"
-    npz = (TRAINING, "_npz")
+    npz = (GEN_WRITER, "_npz")
     return [
         Phase(
             "writer thread busy (BackgroundWriter._run; concurrent)",
@@ -158,18 +165,20 @@ def writer_phases(*, test_copy: bool) -> list[Phase]:
             0,
             w,
         ),
-        Phase("slice rows (GenerationWriter._write_slice)", (TRAINING, "_write_slice"), None, 1, w),
+        Phase(
+            "slice rows (GenerationWriter._write_slice)", (GEN_WRITER, "_write_slice"), None, 1, w
+        ),
         Phase(
             "row encoding: header, byte order (encode_row)",
             (ROWS, "encode_row"),
-            (TRAINING, "_write_slice"),
+            (GEN_WRITER, "_write_slice"),
             2,
             w,
         ),
         Phase(
             "row files: sha256 + write + fsync (write_file)",
             (FILES, "write_file"),
-            (TRAINING, "_write_slice"),
+            (GEN_WRITER, "_write_slice"),
             2,
             w,
         ),
@@ -183,7 +192,7 @@ def writer_phases(*, test_copy: bool) -> list[Phase]:
         Phase(
             "loss records (MetricsLog.__call__)",
             (METRICS, "__call__"),
-            (TRAINING, "_write_slice"),
+            (GEN_WRITER, "_write_slice"),
             2,
             w,
         ),
@@ -236,18 +245,18 @@ def compile_phases(only_when: str | None) -> list[Phase]:
 TRAIN = (TRAINING, "train")
 TRAIN_PHASES = [
     Phase("sj.train total", TRAIN, None, 0),
-    Phase("writer lock (RunLock.__enter__)", (LOCKS, "__enter__"), TRAIN, 1),
-    Phase("plan: partition, engine, shard data (plan_training)", (TRAINING, "plan_training")),
+    Phase("writer lock (RunLock.__enter__)", (LOCKS, "__enter__"), (GENERATION, "new_run"), 1),
+    Phase("plan: partition, engine, shard data (plan_training)", (PLANNING, "plan_training")),
     Phase("hash partition (hash_partition)", (PARTITION, "hash_partition"), None, 2),
-    Phase("engine + state template (build_engine)", (TRAINING, "build_engine"), None, 2),
-    Phase("per-shard data selection (shard_data_from)", (TRAINING, "shard_data_from"), None, 2),
-    Phase("train_generation", (TRAINING, "train_generation")),
-    Phase("prefix id fingerprints (prefix_facts)", (TRAINING, "prefix_facts"), None, 2),
-    Phase("Engine.run", (ENGINE, "run"), (TRAINING, "train_generation"), 2),
+    Phase("engine + state template (build_engine)", (PLANNING, "build_engine"), None, 2),
+    Phase("per-shard data selection (shard_data_from)", (PLANNING, "shard_data_from"), None, 2),
+    Phase("train_generation", (RETRAINING, "train_generation")),
+    Phase("prefix id fingerprints (prefix_facts)", (GEN_WRITER, "prefix_facts"), None, 2),
+    Phase("Engine.run", (ENGINE, "run"), (RETRAINING, "train_generation"), 2),
     *engine_run_phases(3, forget=False),
     *finish_phases(2),
-    Phase("manifest: build (make_manifest)", (TRAINING, "make_manifest")),
-    Phase("library versions (library_versions)", (TRAINING, "library_versions"), None, 2),
+    Phase("manifest: build (make_manifest)", (PLANNING, "make_manifest")),
+    Phase("library versions (library_versions)", (PLANNING, "library_versions"), None, 2),
     Phase("config.json (RunDir.write_config)", (RUN_DIR, "write_config")),
     Phase("manifest commit: JSON + write + fsync (write_manifest)", (RUN_DIR, "write_manifest")),
     Phase("opening the run (SisaRun.__init__)", (RUN, "__init__"), TRAIN, 1),
@@ -256,16 +265,16 @@ TRAIN_PHASES = [
     *writer_phases(test_copy=True),
 ]
 
-FORGET = (UNLEARN, "_forget_locked")
+FORGET = (UNLEARN, "forget_in")
 FORGET_PHASES = [
     Phase("sj.forget total", (UNLEARN, "forget"), None, 0),
-    Phase("writer lock (RunLock.__enter__)", (LOCKS, "__enter__"), (UNLEARN, "forget"), 1),
-    Phase("manifest stamp check (SisaRun.reload)", (RUN, "reload"), (UNLEARN, "forget"), 1),
-    Phase("ledger check: recover + requests (prepare_ledger)", (UNLEARN, "prepare_ledger")),
-    Phase("_forget_locked", FORGET),
+    Phase("writer lock (RunLock.__enter__)", (LOCKS, "__enter__"), (GENERATION, "_session"), 1),
+    Phase("manifest stamp check (SisaRun.reload)", (RUN, "reload"), (GENERATION, "_session"), 1),
+    Phase("ledger check: recover + requests (prepare_ledger)", (GENERATION, "prepare_ledger")),
+    Phase("forget_in", FORGET),
     Phase("held-out ids (SisaRun.test_data, cached)", (RUN, "test_data"), FORGET, 2),
     Phase("partition (SisaRun.partition, cached by sha256)", (RUN, "partition"), None, 2),
-    Phase("planning (plan_forget)", (UNLEARN, "plan_forget"), None, 2),
+    Phase("planning (plan_forget)", (PLANNING, "plan_forget"), None, 2),
     Phase("new partition (Partition.drop)", (PARTITION, "drop"), None, 2),
     Phase("shard data load + sha256 (SisaRun.shard_data)", (RUN, "shard_data"), FORGET, 2),
     Phase("sha256 of the data copy", SHA256_NEW, (RUN, "load_npz"), 3),
@@ -283,15 +292,25 @@ FORGET_PHASES = [
         3,
         only_when="the forgotten id is not in slice 0",
     ),
-    Phase("ledger appends: pending + done (Ledger.append)", (LEDGER, "append"), FORGET, 2),
+    Phase("ledger appends: pending + done (Ledger.append)", (LEDGER, "append"), None, 2),
     Phase("ledger line fsync", FSYNC, (LEDGER, "append"), 3),
     Phase("ledger head write + fsyncs (_write_head)", (LEDGER, "_write_head"), None, 3),
-    Phase("writer setup (GenerationWriter.__init__)", (TRAINING, "__init__"), FORGET, 2),
-    Phase("prefix id fingerprints (prefix_facts)", (TRAINING, "prefix_facts"), None, 2),
+    Phase(
+        "writer setup (GenerationWriter.__init__)",
+        (GEN_WRITER, "__init__"),
+        (GENERATION, "start_writer"),
+        2,
+    ),
+    Phase("prefix id fingerprints (prefix_facts)", (GEN_WRITER, "prefix_facts"), None, 2),
     Phase("Engine.run (the retraining)", (ENGINE, "run"), FORGET, 2),
     *engine_run_phases(3, forget=True),
     *finish_phases(2),
-    Phase("manifest commit + garbage collection (RunDir.commit)", (RUN_DIR, "commit"), FORGET, 2),
+    Phase(
+        "manifest commit + garbage collection (RunDir.commit)",
+        (RUN_DIR, "commit"),
+        (GENERATION, "commit"),
+        2,
+    ),
     Phase(
         "reader lock, exclusive (RunLock.__enter__)", (LOCKS, "__enter__"), (RUN_DIR, "commit"), 3
     ),

@@ -69,7 +69,7 @@ def run_experiment(cfg: dict[str, Any], out_dir: str | Path | None = None) -> di
     """
     from sisajax.config import run_config_from
     from sisajax.experiments.report import make_report
-    from sisajax.training import library_versions
+    from sisajax.planning import library_versions
 
     t0 = time.perf_counter()
     opts = options(cfg, KINDS)

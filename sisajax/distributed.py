@@ -37,12 +37,15 @@ from sisajax.config import ConfigError, RunConfig
 from sisajax.costs import CostReport
 from sisajax.data.datasets import Dataset
 from sisajax.errors import RunError, UserInputError
+from sisajax.generation import Generation, id_hashing_record
+from sisajax.generation_writer import Progress
+from sisajax.planning import make_manifest, plan_training
+from sisajax.retraining import train_generation
 from sisajax.run import SisaRun
 from sisajax.store.files import read_json, write_json
 from sisajax.store.ledger import Ledger
 from sisajax.store.manifest import parse_shard_entry, shard_entry_json
 from sisajax.store.run_dir import RunDir
-from sisajax.training import Progress, make_manifest, plan_training, train_generation
 
 PARTS_DIR = ".parts"  # per-process shard entries, removed once the manifest is written
 
@@ -144,10 +147,11 @@ def train_multiprocess(
         files.make_dirs()
     barrier("sisajax_train_dir_ready")
 
+    # every process writes its shards' files of generation 0; process 0 commits the manifest
+    g = Generation(files, 0, "train")
     out = train_generation(
         plan,
-        files,
-        0,
+        g,
         shards=mine,
         shared=(pid == 0),
         progress=progress,
@@ -167,15 +171,16 @@ def train_multiprocess(
     cost = out.cost
     if pid == 0:
         t_save = time.perf_counter()
-        _write_run(files, plan, out, nproc)
+        _write_run(g, plan, out, nproc)
         cost.save_s += time.perf_counter() - t_save
     cost.wall_s = time.perf_counter() - t_start
     barrier("sisajax_train_manifest_written")
     return SisaRun(root), cost
 
 
-def _write_run(files: RunDir, plan, out, num_processes: int) -> None:
+def _write_run(g: Generation, plan, out, num_processes: int) -> None:
     """Process 0: gather every process's shard entries and write the manifest (run live)."""
+    files = g.files
     parts = [
         read_json(files.root / PARTS_DIR / f"process_{p:05d}.json") for p in range(num_processes)
     ]
@@ -192,12 +197,7 @@ def _write_run(files: RunDir, plan, out, num_processes: int) -> None:
     id_hashing = None
     lc = plan.config.ledger
     if lc.hash_ids:
-        ledger = Ledger(files.root, hash_ids=True, salt_file=lc.salt_file)
-        ledger.load_salt(create=True)
-        id_hashing = {
-            "salt_fingerprint": ledger.salt_fingerprint(),
-            "salt_source": ledger.salt_source(),
-        }
+        id_hashing = id_hashing_record(Ledger(files.root, hash_ids=True, salt_file=lc.salt_file))
     manifest = make_manifest(
         plan,
         0,
@@ -210,8 +210,7 @@ def _write_run(files: RunDir, plan, out, num_processes: int) -> None:
         layout=layout,
         val_data=out.val_data,
     )
-    files.write_config(plan.config.to_dict())
-    files.write_manifest(manifest)
+    g.commit(manifest, config=plan.config.to_dict())
     shutil.rmtree(files.root / PARTS_DIR)
     costs = [CostReport(**p["cost"]) for p in parts]
     total = CostReport(

@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from sisajax.errors import SisajaxError, UserInputError
+from sisajax.generation import prepare_ledger, writer_session
 from sisajax.run import SisaRun
+from sisajax.unlearning import finish_pending, forget_in
 
 STOP_FILE = "STOP"
 
@@ -67,20 +69,16 @@ class ForgetServer:
     ):
         self.run = run
         self.evaluate = evaluate
-        self._lock = run.writer_lock(lock_timeout_s)
+        self._session = writer_session(run, lock_timeout_s)
         self.served = 0
 
     def __enter__(self) -> ForgetServer:
-        from sisajax.unlearning import prepare_ledger, resume
-
-        self._lock.__enter__()
+        self._session.__enter__()
         try:
-            self.run.reload()
-            prepare_ledger(self.run)
-            resume(self.run, _locked=True)  # finish what a crashed server left
+            finish_pending(self.run)  # finish what a crashed server left
             _ = self.run.engine.compiled(*self._program_shape())  # compile (or load) once
         except BaseException:
-            self._lock.__exit__(None, None, None)
+            self._session.__exit__(None, None, None)
             raise
         return self
 
@@ -89,17 +87,16 @@ class ForgetServer:
         return eng.padded_width(self.run.num_shards), self.run.capacity
 
     def __exit__(self, *exc: object) -> None:
-        self._lock.__exit__(*exc)
+        self._session.__exit__(*exc)
 
     def forget(self, ids: Any, tag: str | None = None) -> dict[str, Any]:
         """Serve one request; returns its response (errors are responses, not exceptions)."""
-        from sisajax.unlearning import forget_locked
-
         t0 = time.perf_counter()
         self.served += 1
         response: dict[str, Any] = {"request": self.served, "tag": tag}
         try:
-            rep = forget_locked(self.run, ids)
+            prepare_ledger(self.run)  # a failed request may have left an interrupted append
+            rep = forget_in(self.run, ids)
         except SisajaxError as e:
             response.update(ok=False, error=str(e), exit_code=e.exit_code)
             return response

@@ -1,6 +1,7 @@
 """Unlearning: forget training ids exactly, by retraining only what saw them.
 
-``plan_forget`` is pure: ids -> which shards restart at which slice. ``forget`` executes a plan:
+``plan_forget`` (:mod:`sisajax.planning`) is pure: ids -> which shards restart at which slice.
+``forget`` executes a plan as one :class:`~sisajax.generation.Generation`:
 for every affected shard, read the one stored state from just before its earliest affected slice
 (or build the initial state for slice 0), drop the ids, retrain the remaining slices of all
 affected shards together in one program while their new checkpoints are written in the
@@ -15,135 +16,25 @@ the init and the dropout keys are pure functions of (seed, shard, slice, epoch, 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sisajax.costs import CostReport, full_retrain_cost, slice_schedule_cost
-from sisajax.data.partition import Partition, PartitionError
 from sisajax.engine import ShardJob, TrainStats
+from sisajax.generation import (
+    Generation,
+    prepare_ledger,
+    remove_uncommitted_files,
+    writer_session,
+)
+from sisajax.generation_writer import MetricsSink, Progress, metrics_sink
+from sisajax.planning import ForgetError, ForgetPlan, normalise_ids, plan_forget
 from sisajax.run import SisaRun
 from sisajax.store.faults import fault
-from sisajax.training import GenerationWriter, MetricsSink, Progress, metrics_sink, train
-
-
-class ForgetError(PartitionError):
-    """A forget request is malformed or names ids that cannot be forgotten (exit code 2)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ForgetPlan:
-    """What a forget request will retrain.
-
-    Attributes:
-      ids: ``[K]`` sorted ids to forget now.
-      already_forgotten: ids that were forgotten before (nothing to do for them).
-      restart: ``{shard: first slice to retrain}`` for every affected shard.
-      locations: ``{id: (shard, slice)}`` of every id to forget that a shard trained on.
-      validation: ``[V]`` sorted ids among ``ids`` that belong to the run's validation split
-        (never trained on: they leave its copy of the split, nothing is retrained for them).
-    """
-
-    ids: np.ndarray
-    already_forgotten: np.ndarray
-    restart: dict[int, int]
-    locations: dict[int, tuple[int, int]]
-    validation: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
-
-    @property
-    def trained(self) -> np.ndarray:
-        """``[K - V]`` the ids to forget that shards trained on."""
-        return self.ids[~np.isin(self.ids, self.validation)]
-
-    @property
-    def is_noop(self) -> bool:
-        return len(self.ids) == 0
-
-
-def normalise_ids(ids: Any) -> np.ndarray:
-    """Validate a user's id list: a flat list of integers, no duplicates. Returns ``[K]`` int64.
-
-    Accepts a list, tuple, range or 1-D integer array. Floats (even ``45.0``), booleans, strings
-    and nested lists are refused: an id is an integer.
-    """
-    if isinstance(ids, np.ndarray):
-        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-            raise ForgetError(f"ids must be a flat array of integers, got {ids.dtype} {ids.shape}")
-        out = ids.astype(np.int64)
-    elif isinstance(ids, list | tuple | range):
-        bad = [v for v in ids if isinstance(v, bool) or not isinstance(v, int | np.integer)]
-        if bad:
-            raise ForgetError(
-                f"ids must be integers; {len(bad)} value(s) are not (e.g. of type "
-                f"{type(bad[0]).__name__})"
-            )
-        try:
-            out = np.array([int(v) for v in ids], dtype=np.int64)
-        except OverflowError:
-            raise ForgetError("ids must fit in 64-bit integers") from None
-    else:
-        raise ForgetError(f"ids must be a list of integers, got {type(ids).__name__}")
-    if out.size == 0:
-        raise ForgetError("no ids given")
-    uniq, counts = np.unique(out, return_counts=True)
-    if (counts > 1).any():
-        raise ForgetError(f"{int((counts > 1).sum())} id(s) appear more than once in one request")
-    return out
-
-
-def plan_forget(
-    partition: Partition,
-    ids: Any,
-    test_ids: np.ndarray | None = None,
-    removed_keys: np.ndarray | None = None,
-    *,
-    redact: bool = False,
-    val_ids: np.ndarray | None = None,
-) -> ForgetPlan:
-    """Pure planning: which shards restart at which slice for forgetting ``ids``.
-
-    Args:
-      partition: the run's partition.
-      ids: the ids to forget.
-      test_ids: the run's held-out ids (never training ids).
-      removed_keys: how ``ids`` appear in ``partition.removed`` (default: the ids themselves;
-        salted hashes for runs with ``ledger.hash_ids``).
-      redact: name no id in error messages (``ledger.hash_ids``).
-      val_ids: the run's validation ids (training ids held out of every shard), if any.
-
-    Raises:
-      ForgetError: malformed ids, duplicates, test ids, or ids that were never training ids.
-    """
-    arr = normalise_ids(ids)
-    keys = arr if removed_keys is None else np.asarray(removed_keys, np.int64)
-
-    def name(bad: np.ndarray) -> str:
-        return f"{len(bad)} id(s)" if redact else f"ids {bad.tolist()[:20]}"
-
-    if test_ids is not None:
-        bad = arr[np.isin(arr, test_ids)]
-        if bad.size:
-            raise ForgetError(f"{name(bad)} belong to the test split, not the training set")
-    gone = np.isin(keys, partition.removed)
-    already, todo = np.sort(arr[gone]), np.sort(arr[~gone])
-    held_out = np.isin(todo, val_ids) if val_ids is not None else np.zeros(len(todo), bool)
-    trained = todo[~held_out]
-    unknown = trained[~partition.contains(trained)]
-    if unknown.size:
-        raise ForgetError(f"{name(unknown)} are not training ids of this run")
-    restart: dict[int, int] = {}
-    locations = {}
-    if trained.size:
-        shards, slices = partition.locate(trained)
-        for i, k, j in zip(trained.tolist(), shards.tolist(), slices.tolist(), strict=True):
-            locations[i] = (k, j)
-            restart[k] = min(restart.get(k, j), j)
-    return ForgetPlan(todo, already, dict(sorted(restart.items())), locations, todo[held_out])
 
 
 @dataclasses.dataclass
@@ -203,8 +94,9 @@ def forget(
 
     Takes the run's writer lock (a concurrent writer waits up to ``lock_timeout_s``, default the
     run's ``ledger.lock_timeout_s``, then fails with ``RunBusyError``), repairs an interrupted
-    ledger append, finishes any request an earlier crash left pending, records this request as
-    ``pending``, retrains, switches the run to the new files atomically and records ``done``.
+    ledger append, then :func:`forget_in`: finishes any request an earlier crash left pending,
+    records this request as ``pending``, retrains, switches the run to the new files atomically
+    and records ``done``.
 
     Args:
       run: an open run.
@@ -222,120 +114,30 @@ def forget(
       RunError / RowError / LedgerError / StorageError: damaged files or a full/read-only disk;
         nothing changes, or the request is left pending for ``resume``.
     """
-    with run.writer_lock(lock_timeout_s):
-        run.reload()
-        return forget_locked(run, ids, progress=progress, metrics=metrics)
+    with writer_session(run, lock_timeout_s):
+        return forget_in(run, ids, progress=progress, metrics=metrics)
 
 
-def forget_locked(
-    run: SisaRun, ids: Any, *, progress: Progress = None, metrics: MetricsSink = None
-) -> ForgetReport:
-    """:func:`forget` for a caller that already holds the run's writer lock (a long-lived
-    server, :class:`sisajax.serve.ForgetServer`): repairs an interrupted ledger append, finishes
-    pending requests, then forgets ``ids``."""
-    prepare_ledger(run)
-    if run.ledger.pending():
-        resume(run, progress=progress, _locked=True)
-    return _forget_locked(run, ids, progress=progress, metrics=metrics_sink(run.run_dir, metrics))
-
-
-def resume(run: SisaRun, *, progress: Progress = None, _locked: bool = False) -> list[ForgetReport]:
-    """Finish every request an interrupted command left pending; clean up partial files.
-
-    A pending ``forget`` either committed its new manifest (then only its ``done`` record is
-    missing) or did not (then its partial files are deleted and it is redone from the committed
-    state, deterministically): the result is identical to an uninterrupted run. A pending
-    ``retrain`` that never committed is recorded as ``aborted`` (the run kept its generation).
-    """
-    if not _locked:
-        with run.writer_lock():
-            run.reload()
-            prepare_ledger(run)
-            return resume(run, progress=progress, _locked=True)
-    ledger = run.ledger
-    reports = []
-    for rec in ledger.pending():
-        run.reload()
-        rid = rec["request_id"]
-        committed = run.manifest.origin.get("request_id") == rid
-        if rec.get("kind") == "retrain":
-            state = "done" if committed else "aborted"
-            ledger.append(rid, state, kind="retrain", resumed=True, generation=run.generation)
-            continue
-        if committed:
-            fault("before_done")
-            ledger.append(
-                rid,
-                "done",
-                kind="forget",
-                resumed=True,
-                generation=run.generation,
-                model_fingerprints=_model_fingerprints(run, rec.get("restart", {})),
-            )
-            continue
-        run.files.collect_garbage(run.manifest)
-        shards = sorted({int(loc[0]) for loc in rec.get("locations", {}).values()} - {-1})
-        candidates = [run.shard_data(k).ids for k in shards]
-        if run.has_validation:
-            candidates.append(run.val_data()[0])
-        candidates = np.concatenate(candidates or [np.zeros(0, np.int64)])
-        ids = ledger.resolve(rec.get("ids", []), candidates)
-        if len(ids) == 0:  # nothing of it is left to forget
-            ledger.append(rid, "done", kind="forget", resumed=True, generation=run.generation)
-            continue
-        reports.append(_forget_locked(run, ids, progress=progress, pending=rec))
-    run.reload()
-    run.files.collect_garbage(run.manifest)
-    return reports
-
-
-def remove_uncommitted_files(run: SisaRun) -> None:
-    """Delete the files of a generation that was being written but never committed (after a
-    failure): whatever the manifest on disk does not name. Reading the manifest back (not the
-    handle's copy) keeps a generation whose commit got as far as the rename. Best effort: the
-    failure being raised is the one to report, and ``resume`` collects anything left."""
-    with contextlib.suppress(Exception):
-        run.files.collect_garbage(run.files.read_manifest())
-
-
-def prepare_ledger(run: SisaRun) -> str | None:
-    """Before writing: complete or drop an interrupted ledger append, and refuse a ledger that no
-    longer records the request that made the run's generation (deleted or replaced). Returns
-    what the repair did, if anything.
-
-    Raises:
-      LedgerError: the ledger is damaged or does not match the run.
-    """
-    from sisajax.store.ledger import LedgerError
-
-    ledger = run.ledger
-    repaired = ledger.recover()
-    origin = run.manifest.origin.get("request_id")
-    if run.generation > 0 and origin not in ledger.requests():
-        raise LedgerError(
-            f"the ledger does not record request {origin}, which made generation "
-            f"{run.generation} (ledger deleted or replaced?); restore it before changing the run"
-        )
-    return repaired
-
-
-def _model_fingerprints(run: SisaRun, restart: dict) -> dict[str, str]:
-    """sha256 over each retrained shard's row checksums (what the ledger records)."""
-    out = {}
-    for k in restart:
-        shas = [r.sha256 for r in run.manifest.shards[int(k)].rows]
-        out[str(k)] = hashlib.sha256("".join(shas).encode()).hexdigest()
-    return out
-
-
-def _forget_locked(
+def forget_in(
     run: SisaRun,
     ids: Any,
     *,
-    progress: Progress,
-    pending: dict[str, Any] | None = None,
+    progress: Progress = None,
     metrics: MetricsSink = None,
+    pending: dict[str, Any] | None = None,
 ) -> ForgetReport:
+    """:func:`forget` for a caller that holds the run's writer session
+    (:func:`~sisajax.generation.writer_session`; a long-lived server,
+    :class:`sisajax.serve.ForgetServer`): finishes the requests left pending first, then forgets
+    ``ids`` as one :class:`~sisajax.generation.Generation`.
+
+    Args:
+      pending: the ledger's ``pending`` record of an interrupted forget of ``ids`` to redo
+        (:func:`resume`) instead of recording a new request.
+    """
+    metrics = metrics_sink(run.run_dir, metrics)
+    if pending is None and run.ledger.pending():
+        finish_pending(run, progress=progress)
     t0 = time.perf_counter()
     ledger = run.ledger
     hashed = run.config.ledger.hash_ids
@@ -407,60 +209,48 @@ def _forget_locked(
     restore_s = time.perf_counter() - t_restore
 
     redacted = ledger.redact(plan.ids)
-    if pending is None:
-        request_id = ledger.new_request_id()
-        ledger.append(
-            request_id,
-            "pending",
-            kind="forget",
-            ids=redacted,
-            locations={
-                str(r): list(plan.locations.get(i, (-1, -1)))  # (-1, -1): a validation id
-                for r, i in zip(redacted, plan.ids.tolist(), strict=True)
-            },
-            restart={str(k): j for k, j in plan.restart.items()},
-            restored_rows=[
-                {
-                    "shard": k,
-                    "slice": j - 1,
-                    "generation": run.manifest.shards[k].rows[j - 1].generation,
-                }
-                for k, j in plan.restart.items()
-                if j > 0
-            ],
-            generation_before=run.generation,
-            generation_target=gen,
-        )
-    else:
-        request_id = pending["request_id"]
-    fault("after_pending")
-
-    try:
-        writer = GenerationWriter(run.files, gen, engine, run.manifest.config_fingerprint, metrics)
-        try:
-            for job in jobs:
-                writer.add_shard(job.shard, job.data)
-            writer.add_partition(new_part)
-            if plan.validation.size:  # the stored validation split drops them too
-                keep = ~np.isin(val[0], plan.validation)
-                writer.add_val(val[0][keep], val[1][keep], val[2][keep])
-            stats = TrainStats()
-            if jobs:
-                total = slice_schedule_cost(
-                    new_part.sizes()[shards],
-                    sisa.shard_epochs,
-                    sisa.batch_size,
-                    np.array([plan.restart[k] for k in shards]),
-                )[1]
-                advance = writer.progress(progress, "forget", total)
-                _, stats = engine.run(
-                    jobs, capacity=run.capacity, on_slice=writer.on_slice(shards), progress=advance
-                )
-            t_save = time.perf_counter()
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
+    record = {
+        "ids": redacted,
+        "locations": {
+            str(r): list(plan.locations.get(i, (-1, -1)))  # (-1, -1): a validation id
+            for r, i in zip(redacted, plan.ids.tolist(), strict=True)
+        },
+        "restart": {str(k): j for k, j in plan.restart.items()},
+        "restored_rows": [
+            {
+                "shard": k,
+                "slice": j - 1,
+                "generation": run.manifest.shards[k].rows[j - 1].generation,
+            }
+            for k, j in plan.restart.items()
+            if j > 0
+        ],
+        "generation_before": run.generation,
+        "generation_target": gen,
+    }
+    request_id = None if pending is None else pending["request_id"]
+    with Generation.begin(run, "forget", record, request_id=request_id) as g:
+        writer = g.start_writer(engine, run.manifest.config_fingerprint, metrics)
+        for job in jobs:
+            writer.add_shard(job.shard, job.data)
+        writer.add_partition(new_part)
+        if plan.validation.size:  # the stored validation split drops them too
+            keep = ~np.isin(val[0], plan.validation)
+            writer.add_val(val[0][keep], val[1][keep], val[2][keep])
+        stats = TrainStats()
+        if jobs:
+            total = slice_schedule_cost(
+                new_part.sizes()[shards],
+                sisa.shard_epochs,
+                sisa.batch_size,
+                np.array([plan.restart[k] for k in shards]),
+            )[1]
+            advance = writer.progress(progress, "forget", total)
+            _, stats = engine.run(
+                jobs, capacity=run.capacity, on_slice=g.on_slice(shards), progress=advance
+            )
+        t_save = time.perf_counter()
+        g.finish_writing()
         manifest = run.manifest
         for k in shards:
             manifest = manifest.with_shard(
@@ -470,43 +260,33 @@ def _forget_locked(
         hosts = {h: i for h, i in {**manifest.hosts, **writer.hosts}.items() if h in live_hosts}
         manifest = manifest.replace(
             generation=gen,
-            partition=writer.other["partition"].result(),
+            partition=writer.partition_ref,
             hosts=hosts,
-            origin={"op": "forget", "request_id": request_id},
+            origin={"op": "forget", "request_id": g.request_id},
         )
-        if "val" in writer.other:
-            manifest = manifest.replace(val_data=writer.other["val"].result())
-        fault("before_commit")
-        removed, _ = run.files.commit(manifest, run.config.ledger.lock_timeout_s)
-    except BaseException:
-        remove_uncommitted_files(run)  # a full disk or Ctrl-C: nothing new stays behind
-        raise
-    run.adopt_partition(new_part, manifest.partition.sha256)
-    run.adopt(manifest)
-    save_s = time.perf_counter() - t_save
-    cost = CostReport(
-        wall_s=time.perf_counter() - t0,
-        compile_s=stats.compile_s,
-        restore_s=restore_s,
-        retrain_s=stats.train_s,
-        save_s=save_s,
-        examples=stats.examples,
-        grad_steps=stats.grad_steps,
-        shard_slices=stats.shard_slices,
-        shards=len(shards),
-        writer_busy_s=writer.writer.busy_s,
-    )
-    fault("before_done")
-    ledger.append(
-        request_id,
-        "done",
-        kind="forget",
-        generation=gen,
-        model_fingerprints=_model_fingerprints(run, plan.restart),
-        files_removed=removed,
-        cost=cost.to_dict(),
-        resumed=pending is not None,
-    )
+        if writer.val_file is not None:
+            manifest = manifest.replace(val_data=writer.val_ref)
+        removed = g.commit(manifest, partition=new_part)
+        save_s = time.perf_counter() - t_save
+        cost = CostReport(
+            wall_s=time.perf_counter() - t0,
+            compile_s=stats.compile_s,
+            restore_s=restore_s,
+            retrain_s=stats.train_s,
+            save_s=save_s,
+            examples=stats.examples,
+            grad_steps=stats.grad_steps,
+            shard_slices=stats.shard_slices,
+            shards=len(shards),
+            writer_busy_s=writer.busy_s,
+        )
+        g.done(
+            generation=gen,
+            model_fingerprints=_model_fingerprints(run, plan.restart),
+            files_removed=removed,
+            cost=cost.to_dict(),
+            resumed=pending is not None,
+        )
     cost.wall_s = time.perf_counter() - t0
     if metrics:
         metrics(
@@ -536,11 +316,80 @@ def _forget_locked(
     )
 
 
-def full_retrain(
-    run: SisaRun, run_dir: str | Path, *, progress: Progress = None
-) -> tuple[SisaRun, CostReport]:
-    """The full-retrain baseline: the same engine with one shard and one slice, trained from
-    scratch on the data ``run`` currently retains (same model, optimizer, epochs, batch, seed).
+def resume(run: SisaRun, *, progress: Progress = None) -> list[ForgetReport]:
+    """Finish every request an interrupted command left pending; clean up partial files.
+
+    Takes the run's writer session (:func:`~sisajax.generation.writer_session`), then
+    :func:`finish_pending`.
     """
-    cfg = run.config.replace(sisa={"shards": 1, "slices": 1})
-    return train(cfg, run.retained_dataset(), run_dir, overwrite=True, progress=progress)
+    with writer_session(run):
+        return finish_pending(run, progress=progress)
+
+
+def finish_pending(run: SisaRun, *, progress: Progress = None) -> list[ForgetReport]:
+    """:func:`resume` for a caller that holds the run's writer session.
+
+    A pending ``forget`` either committed its new manifest (then only its ``done`` record is
+    missing) or did not (then its partial files are deleted and it is redone from the committed
+    state, deterministically): the result is identical to an uninterrupted run. A pending
+    ``retrain`` that never committed is recorded as ``aborted`` (the run kept its generation).
+    """
+    ledger = run.ledger
+    reports = []
+    for rec in ledger.pending():
+        run.reload()
+        rid = rec["request_id"]
+        committed = run.manifest.origin.get("request_id") == rid
+        if rec.get("kind") == "retrain":
+            state = "done" if committed else "aborted"
+            ledger.append(rid, state, kind="retrain", resumed=True, generation=run.generation)
+            continue
+        if committed:
+            fault("before_done")
+            ledger.append(
+                rid,
+                "done",
+                kind="forget",
+                resumed=True,
+                generation=run.generation,
+                model_fingerprints=_model_fingerprints(run, rec.get("restart", {})),
+            )
+            continue
+        run.files.collect_garbage(run.manifest)
+        shards = sorted({int(loc[0]) for loc in rec.get("locations", {}).values()} - {-1})
+        candidates = [run.shard_data(k).ids for k in shards]
+        if run.has_validation:
+            candidates.append(run.val_data()[0])
+        candidates = np.concatenate(candidates or [np.zeros(0, np.int64)])
+        ids = ledger.resolve(rec.get("ids", []), candidates)
+        if len(ids) == 0:  # nothing of it is left to forget
+            ledger.append(rid, "done", kind="forget", resumed=True, generation=run.generation)
+            continue
+        reports.append(forget_in(run, ids, progress=progress, metrics=False, pending=rec))
+    run.reload()
+    run.files.collect_garbage(run.manifest)
+    return reports
+
+
+def _model_fingerprints(run: SisaRun, restart: dict) -> dict[str, str]:
+    """sha256 over each retrained shard's row checksums (what the ledger records)."""
+    out = {}
+    for k in restart:
+        shas = [r.sha256 for r in run.manifest.shards[int(k)].rows]
+        out[str(k)] = hashlib.sha256("".join(shas).encode()).hexdigest()
+    return out
+
+
+__all__ = [
+    "ForgetError",
+    "ForgetPlan",
+    "ForgetReport",
+    "finish_pending",
+    "forget",
+    "forget_in",
+    "normalise_ids",
+    "plan_forget",
+    "prepare_ledger",
+    "remove_uncommitted_files",
+    "resume",
+]

@@ -40,10 +40,11 @@ from sisajax.data.datasets import Dataset
 from sisajax.data.partition import Partition, fingerprint_ids, hash_partition, validation_mask
 from sisajax.engine import ShardData, ShardJob, SliceOutput, stack_states
 from sisajax.errors import RunError, UserInputError
+from sisajax.planning import library_versions
 from sisajax.run import SisaRun
 from sisajax.store.manifest import Manifest, row_file
 from sisajax.store.rows import RowError, read_row
-from sisajax.training import library_versions, train
+from sisajax.training import train
 
 CROSS_HOST_TOLERANCE = 1e-3
 

@@ -11,8 +11,8 @@ from conftest import assert_trees_equal, tiny_config, tiny_digits
 import sisajax as sj
 from sisajax.costs import slice_schedule_cost
 from sisajax.errors import RunError, UserInputError
+from sisajax.generation_writer import GenerationWriter
 from sisajax.store.interrupted import INTERRUPTED
-from sisajax.training import GenerationWriter
 
 
 def _interrupt_after(monkeypatch, n_slices: int) -> None:

@@ -339,7 +339,7 @@ def _refuse_if_all_forgotten(run, ids: list[Any]) -> bool:
     import numpy as np
 
     from sisajax.errors import SisajaxError
-    from sisajax.unlearning import normalise_ids
+    from sisajax.planning import normalise_ids
 
     try:
         if run.ledger.pending():

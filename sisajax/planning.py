@@ -1,0 +1,365 @@
+"""Planning, before anything is written: what a training trains and what a forget retrains.
+
+:func:`plan_training` checks a configuration against its data (partition, validation split,
+engine, per-shard data, row capacity) and :func:`make_manifest` is the one place a freshly
+trained generation's manifest is built. :func:`plan_forget` is pure: ids -> which shards restart
+at which slice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+
+from sisajax.config import ConfigError, RunConfig
+from sisajax.data.datasets import Dataset
+from sisajax.data.partition import (
+    Partition,
+    PartitionError,
+    hash_partition,
+    validation_mask,
+)
+from sisajax.engine import Engine, ShardData
+from sisajax.layout import resolve_shard_exec
+from sisajax.plugins import source_hashes
+from sisajax.step import resolve_trip
+from sisajax.store.interrupted import data_fingerprint
+from sisajax.store.manifest import (
+    DatasetInfo,
+    FileRef,
+    Manifest,
+    ShardEntry,
+)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that determine the trained bits (recorded in every manifest)."""
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "sisajax"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "unknown"
+    out["backend"] = jax.default_backend()
+    return out
+
+
+def shard_data_from(partition: Partition, dataset: Dataset, k: int) -> ShardData:
+    """The rows of ``dataset`` that ``partition`` places in shard ``k`` (sorted by id)."""
+    sel = partition.shard == k
+    ids = partition.ids[sel]
+    order = np.argsort(dataset.train_ids, kind="stable")
+    pos = order[np.searchsorted(dataset.train_ids, ids, sorter=order)]
+    return ShardData(ids, dataset.x_train[pos], dataset.y_train[pos], partition.slice[sel])
+
+
+def check_partition(partition: Partition, config: RunConfig, num_train: int) -> None:
+    """Every shard (and slice count) feasible, before anything is written."""
+    sisa = config.sisa
+    sizes = partition.sizes()
+    empty = np.flatnonzero(sizes.sum(1) == 0)
+    if len(empty) and not sisa.allow_empty_shards:
+        raise PartitionError(
+            f"shards {empty.tolist()} received no training examples ({num_train} ids over "
+            f"{sisa.shards} shards); use fewer shards (or sisa.allow_empty_shards=true)"
+        )
+    if sisa.slices > sizes.sum(1).min() and not sisa.allow_empty_shards:
+        raise ConfigError(
+            f"{sisa.slices} slices but the smallest shard has {sizes.sum(1).min()} examples; "
+            "use fewer slices or fewer shards"
+        )
+
+
+def build_engine(config: RunConfig, dataset: Dataset, devices: int | None = None) -> Engine:
+    """The engine for ``config`` on ``dataset``, after checking the model accepts its inputs."""
+    engine = Engine(
+        config,
+        dataset.feature_shape,
+        dataset.x_train.dtype,
+        dataset.num_classes,
+        devices=devices,
+        preprocessing=dataset.preprocessing,
+    )
+    try:
+        engine.state_template()
+    except Exception as e:  # shape errors surface from deep inside Flax: name the cause once
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise ConfigError(
+            f"model {config.model.name!r} cannot take {dataset.name} inputs of shape "
+            f"{dataset.feature_shape}: {msg}"
+        ) from None
+    return engine
+
+
+def plan_training(
+    config: RunConfig,
+    dataset: Dataset,
+    partition: Partition | None,
+    devices: int | None,
+    removed: np.ndarray,
+) -> TrainingPlan:
+    """Everything a training needs, checked before anything is written.
+
+    Args:
+      config: the run configuration (``shard_exec`` resolved here).
+      dataset: the data to train on (forgotten ids already excluded).
+      partition: an explicit partition or None for the hash partition.
+      devices: local devices to use (None: all).
+      removed: tombstones (forgotten ids or their keys) carried into the new partition.
+    """
+    sisa = config.sisa
+    explicit = partition is not None
+    held_out = validation_mask(dataset.train_ids, config.data.val_fraction, sisa.seed)
+    train_ids = dataset.train_ids[~held_out]
+    if partition is None:
+        if sisa.shards > len(train_ids):
+            raise PartitionError(
+                f"{sisa.shards} shards but only {len(train_ids)} training examples"
+                + (
+                    f" ({int(held_out.sum())} more are the validation split)"
+                    if held_out.any()
+                    else ""
+                )
+            )
+        partition = hash_partition(train_ids, sisa.shards, sisa.slices, sisa.seed)
+    else:
+        if (partition.num_shards, partition.num_slices) != (sisa.shards, sisa.slices):
+            raise ConfigError(
+                f"the partition has {partition.num_shards} shards x {partition.num_slices} slices "
+                f"but the config asks for {sisa.shards} x {sisa.slices}"
+            )
+        # an explicit partition covers the training ids, with or without the validation split
+        # (the validation ids leave it; nobody else moves)
+        if np.array_equal(partition.ids, np.sort(dataset.train_ids)):
+            partition = partition.without(dataset.train_ids[held_out])
+        elif not np.array_equal(partition.ids, np.sort(train_ids)):
+            raise PartitionError(
+                "the partition's ids are not the dataset's training ids (with or without its "
+                "validation split)"
+            )
+    partition = dataclasses.replace(partition, removed=np.union1d(partition.removed, removed))
+    check_partition(partition, config, len(train_ids))
+    shard_exec = resolve_shard_exec(sisa.shard_exec)
+    resolved = config.replace(
+        sisa={"shard_exec": shard_exec, "chunk_trip": resolve_trip(sisa.chunk_trip, shard_exec)}
+    )
+    engine = build_engine(resolved, dataset, devices)
+    data = [shard_data_from(partition, dataset, k) for k in range(sisa.shards)]
+    capacity = int(-(-max(len(d) for d in data) // 8) * 8)
+    val = np.flatnonzero(held_out)
+    val = val[np.argsort(dataset.train_ids[val], kind="stable")]
+    return TrainingPlan(
+        resolved,
+        dataset,
+        partition,
+        engine,
+        explicit,
+        data,
+        capacity,
+        (dataset.train_ids[val], dataset.x_train[val], dataset.y_train[val]),
+    )
+
+
+@dataclasses.dataclass
+class TrainingPlan:
+    """A checked training: config, data, partition, engine, per-shard data, row capacity, and
+    the validation split ``(ids [V], x [V, *feat], y [V])`` (empty with ``val_fraction=0``)."""
+
+    config: RunConfig
+    dataset: Dataset
+    partition: Partition
+    engine: Engine
+    explicit: bool
+    data: list[ShardData]
+    capacity: int
+    validation: tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def make_manifest(
+    plan: TrainingPlan,
+    generation: int,
+    entries: dict[int, ShardEntry],
+    partition: FileRef,
+    test_data: FileRef,
+    hosts: dict[str, dict[str, Any]],
+    *,
+    origin: dict[str, Any],
+    id_hashing: dict[str, str] | None,
+    plugins: tuple[str, ...] = (),
+    layout: dict[str, Any] | None = None,
+    val_data: FileRef | None = None,
+) -> Manifest:
+    """The manifest of a freshly trained generation (built in this one place)."""
+    cfg, ds = plan.config, plan.dataset
+    return Manifest(
+        generation=generation,
+        config=cfg.to_dict(),
+        config_fingerprint=cfg.fingerprint(),
+        layout=layout or plan.engine.layout(),
+        capacity=plan.capacity,
+        dataset=DatasetInfo(
+            ds.name,
+            tuple(ds.feature_shape),
+            str(ds.x_train.dtype),
+            ds.num_classes,
+            len(plan.partition.ids),
+            len(ds.test_ids),
+            dict(ds.preprocessing),
+        ),
+        partition=partition,
+        partition_kind="explicit" if plan.explicit else "hash",
+        test_data=test_data,
+        val_data=val_data,
+        shards=tuple(entries[k] for k in range(cfg.sisa.shards)),
+        hosts=hosts,
+        versions=library_versions(),
+        id_hashing=id_hashing,
+        origin=origin,
+        plugins=tuple(plugins),
+        plugin_sources=source_hashes(plugins),  # what forget checks the plug-ins against
+    )
+
+
+def plan_fingerprint(plan: TrainingPlan) -> str:
+    """sha256 of exactly what the shards of ``plan`` train on (ids, (shard, slice) of each, the
+    rows' features and labels) and of the validation and test ids."""
+    part = plan.partition
+    arrays = [part.ids, part.shard, part.slice]
+    for d in plan.data:
+        arrays += [d.x, d.y]
+    return data_fingerprint(*arrays, plan.validation[0], plan.dataset.test_ids)
+
+
+class ForgetError(PartitionError):
+    """A forget request is malformed or names ids that cannot be forgotten (exit code 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgetPlan:
+    """What a forget request will retrain.
+
+    Attributes:
+      ids: ``[K]`` sorted ids to forget now.
+      already_forgotten: ids that were forgotten before (nothing to do for them).
+      restart: ``{shard: first slice to retrain}`` for every affected shard.
+      locations: ``{id: (shard, slice)}`` of every id to forget that a shard trained on.
+      validation: ``[V]`` sorted ids among ``ids`` that belong to the run's validation split
+        (never trained on: they leave its copy of the split, nothing is retrained for them).
+    """
+
+    ids: np.ndarray
+    already_forgotten: np.ndarray
+    restart: dict[int, int]
+    locations: dict[int, tuple[int, int]]
+    validation: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def trained(self) -> np.ndarray:
+        """``[K - V]`` the ids to forget that shards trained on."""
+        return self.ids[~np.isin(self.ids, self.validation)]
+
+    @property
+    def is_noop(self) -> bool:
+        return len(self.ids) == 0
+
+
+def normalise_ids(ids: Any) -> np.ndarray:
+    """Validate a user's id list: a flat list of integers, no duplicates. Returns ``[K]`` int64.
+
+    Accepts a list, tuple, range or 1-D integer array. Floats (even ``45.0``), booleans, strings
+    and nested lists are refused: an id is an integer.
+    """
+    if isinstance(ids, np.ndarray):
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            raise ForgetError(f"ids must be a flat array of integers, got {ids.dtype} {ids.shape}")
+        out = ids.astype(np.int64)
+    elif isinstance(ids, list | tuple | range):
+        bad = [v for v in ids if isinstance(v, bool) or not isinstance(v, int | np.integer)]
+        if bad:
+            raise ForgetError(
+                f"ids must be integers; {len(bad)} value(s) are not (e.g. of type "
+                f"{type(bad[0]).__name__})"
+            )
+        try:
+            out = np.array([int(v) for v in ids], dtype=np.int64)
+        except OverflowError:
+            raise ForgetError("ids must fit in 64-bit integers") from None
+    else:
+        raise ForgetError(f"ids must be a list of integers, got {type(ids).__name__}")
+    if out.size == 0:
+        raise ForgetError("no ids given")
+    uniq, counts = np.unique(out, return_counts=True)
+    if (counts > 1).any():
+        raise ForgetError(f"{int((counts > 1).sum())} id(s) appear more than once in one request")
+    return out
+
+
+def plan_forget(
+    partition: Partition,
+    ids: Any,
+    test_ids: np.ndarray | None = None,
+    removed_keys: np.ndarray | None = None,
+    *,
+    redact: bool = False,
+    val_ids: np.ndarray | None = None,
+) -> ForgetPlan:
+    """Pure planning: which shards restart at which slice for forgetting ``ids``.
+
+    Args:
+      partition: the run's partition.
+      ids: the ids to forget.
+      test_ids: the run's held-out ids (never training ids).
+      removed_keys: how ``ids`` appear in ``partition.removed`` (default: the ids themselves;
+        salted hashes for runs with ``ledger.hash_ids``).
+      redact: name no id in error messages (``ledger.hash_ids``).
+      val_ids: the run's validation ids (training ids held out of every shard), if any.
+
+    Raises:
+      ForgetError: malformed ids, duplicates, test ids, or ids that were never training ids.
+    """
+    arr = normalise_ids(ids)
+    keys = arr if removed_keys is None else np.asarray(removed_keys, np.int64)
+
+    def name(bad: np.ndarray) -> str:
+        return f"{len(bad)} id(s)" if redact else f"ids {bad.tolist()[:20]}"
+
+    if test_ids is not None:
+        bad = arr[np.isin(arr, test_ids)]
+        if bad.size:
+            raise ForgetError(f"{name(bad)} belong to the test split, not the training set")
+    gone = np.isin(keys, partition.removed)
+    already, todo = np.sort(arr[gone]), np.sort(arr[~gone])
+    held_out = np.isin(todo, val_ids) if val_ids is not None else np.zeros(len(todo), bool)
+    trained = todo[~held_out]
+    unknown = trained[~partition.contains(trained)]
+    if unknown.size:
+        raise ForgetError(f"{name(unknown)} are not training ids of this run")
+    restart: dict[int, int] = {}
+    locations = {}
+    if trained.size:
+        shards, slices = partition.locate(trained)
+        for i, k, j in zip(trained.tolist(), shards.tolist(), slices.tolist(), strict=True):
+            locations[i] = (k, j)
+            restart[k] = min(restart.get(k, j), j)
+    return ForgetPlan(todo, already, dict(sorted(restart.items())), locations, todo[held_out])
+
+
+__all__ = [
+    "ForgetError",
+    "ForgetPlan",
+    "TrainingPlan",
+    "build_engine",
+    "check_partition",
+    "library_versions",
+    "make_manifest",
+    "normalise_ids",
+    "plan_fingerprint",
+    "plan_forget",
+    "plan_training",
+    "shard_data_from",
+]

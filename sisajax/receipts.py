@@ -64,8 +64,9 @@ def run_id(run: SisaRun) -> str:
 def shard_rows_fingerprint(run: SisaRun, k: int) -> str:
     """sha256 over shard ``k``'s live row checksums, in slice order (what a forget's done
     record stores per retrained shard)."""
-    shas = [r.sha256 for r in run.manifest.shards[int(k)].rows]
-    return hashlib.sha256("".join(shas).encode()).hexdigest()
+    from sisajax.unlearning import model_fingerprints
+
+    return model_fingerprints(run, {str(k): 0})[str(k)]
 
 
 def _request_records(records: list[dict[str, Any]], seq: int) -> tuple[dict, dict]:
@@ -127,7 +128,11 @@ def issue_receipt(run: SisaRun, seq: int) -> dict[str, Any]:
         },
         "locations": [list(t) for t in locations],  # [shard, slice]; [-1, -1]: validation ids
         "restart": pending.get("restart") or {},
-        "rows_before": pending.get("restored_rows") or [],
+        # the checkpoint each affected shard restarted from (with its sha256 where recorded)
+        # and the fingerprint of the shard's rows before the forget (runs from older versions
+        # did not record it: null)
+        "rows_restored": pending.get("restored_rows") or [],
+        "rows_before": pending.get("model_fingerprints_before"),
         "rows_after": done.get("model_fingerprints") or {},
         "generation": done.get("generation"),
         "config_fingerprint": m.config_fingerprint,

@@ -221,10 +221,12 @@ def forget_in(
                 "shard": k,
                 "slice": j - 1,
                 "generation": run.manifest.shards[k].rows[j - 1].generation,
+                "sha256": run.manifest.shards[k].rows[j - 1].sha256,
             }
             for k, j in plan.restart.items()
             if j > 0
         ],
+        "model_fingerprints_before": model_fingerprints(run, plan.restart),
         "generation_before": run.generation,
         "generation_target": gen,
     }
@@ -282,7 +284,7 @@ def forget_in(
         )
         g.done(
             generation=gen,
-            model_fingerprints=_model_fingerprints(run, plan.restart),
+            model_fingerprints=model_fingerprints(run, plan.restart),
             files_removed=removed,
             cost=cost.to_dict(),
             resumed=pending is not None,
@@ -352,7 +354,7 @@ def finish_pending(run: SisaRun, *, progress: Progress = None) -> list[ForgetRep
                 kind="forget",
                 resumed=True,
                 generation=run.generation,
-                model_fingerprints=_model_fingerprints(run, rec.get("restart", {})),
+                model_fingerprints=model_fingerprints(run, rec.get("restart", {})),
             )
             continue
         run.files.collect_garbage(run.manifest)
@@ -371,7 +373,7 @@ def finish_pending(run: SisaRun, *, progress: Progress = None) -> list[ForgetRep
     return reports
 
 
-def _model_fingerprints(run: SisaRun, restart: dict) -> dict[str, str]:
+def model_fingerprints(run: SisaRun, restart: dict) -> dict[str, str]:
     """sha256 over each retrained shard's row checksums (what the ledger records)."""
     out = {}
     for k in restart:

@@ -46,6 +46,9 @@ def test_a_receipt_names_the_request_and_verifies_with_replay(forgotten, tmp_pat
     assert rec["run_id"] == run_id(run) and rec["ledger"]["done_seq"] == 1
     assert {int(k) for k in rec["rows_after"]} == {0, 1} and sorted(rec["restart"]) == ["0", "1"]
     assert rec["config_fingerprint"] == run.manifest.config_fingerprint
+    assert set(rec["rows_before"]) == set(rec["rows_after"])  # every retrained shard changed
+    assert all(rec["rows_before"][k] != rec["rows_after"][k] for k in rec["rows_after"])
+    assert all(len(r["sha256"]) == 64 for r in rec["rows_restored"])
     report = check_receipt(rec, run, replay=True)
     assert report.ok, report.checks
     names = [n for n, _, _ in report.checks]

@@ -320,7 +320,7 @@ FORGET_PHASES = [
     Phase("directory scan (RunDir.scan)", (RUN_DIR, "scan"), (RUN_DIR, "collect_garbage"), 4),
     Phase("unlinks (remove_if_ours)", (FILES, "remove_if_ours"), None, 4),
     Phase("folder fsyncs", (FILES, "fsync_dir"), (RUN_DIR, "collect_garbage"), 4),
-    Phase("model fingerprints for the ledger", (UNLEARN, "_model_fingerprints"), None, 2),
+    Phase("model fingerprints for the ledger", (UNLEARN, "model_fingerprints"), None, 2),
     Phase("metrics record (MetricsLog.__call__)", (METRICS, "__call__"), FORGET, 2),
     *across_phases(),
     *compile_phases("a forget needs a program the warm-up forget did not compile"),

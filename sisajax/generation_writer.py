@@ -102,6 +102,7 @@ class GenerationWriter:
         self.fetch_s = 0.0
         self.last_loss: float | None = None
         self._pending: tuple[SliceOutput, list[int]] | None = None
+        self._val: tuple[np.ndarray, np.ndarray] | None = None
 
     def add_shard(self, k: int, data: ShardData) -> None:
         """Write shard ``k``'s data copy (in the background) and note its prefix fingerprints."""
@@ -125,6 +126,39 @@ class GenerationWriter:
         """Write the validation split (ids held out of training) of this generation."""
         rel = val_data_file(self.generation)
         self.val_file = self.background.call(lambda: self._npz(rel, ids=ids, x=x, y=y))
+
+    def track_validation(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Score every slice step's models on the validation split ``x [V, *feat]``, ``y [V]``:
+        one ``val_slice`` metrics record per slice step with each trained shard's accuracy and,
+        when the step trained every shard, the ensemble's vote and mean-probability accuracy.
+        Costs one forward pass of the split per shard and slice step, on the training thread
+        (the rows and their bits are unaffected)."""
+        if len(y):
+            self._val = (np.asarray(x), np.asarray(y))
+
+    def _val_record(self, out: SliceOutput, host: Any, shards: list[int]) -> dict[str, Any]:
+        from sisajax import aggregation as agg
+
+        x, y = self._val
+        order = sorted(out.positions.items(), key=lambda t: shards[t[0]])
+        ks = [shards[i] for i, _ in order]
+        pos = np.array([p for _, p in order])
+        logits = self.engine.logits(jax.tree.map(lambda a: np.asarray(a)[pos], host), x)
+        j = out.slice
+        rec: dict[str, Any] = {
+            "event": "val_slice",
+            "generation": self.generation,
+            "slice": j,
+            "examples": int(len(y)),
+            "shard_accuracy": {
+                str(k): float((logits[n].argmax(-1) == y).mean()) for n, k in enumerate(ks)
+            },
+        }
+        if len(ks) == self.engine.config.sisa.shards:  # the whole ensemble at slice step j
+            active = np.array([self.prefix[k][0][j] > 0 for k in ks])
+            rec["vote_accuracy"] = agg.accuracy(agg.aggregate(logits, "vote", active), y)
+            rec["mean_prob_accuracy"] = agg.accuracy(agg.aggregate(logits, "mean_prob", active), y)
+        return rec
 
     def add_partition(self, part: Partition) -> None:
         rel = partition_file(self.generation)
@@ -167,7 +201,8 @@ class GenerationWriter:
         if finite:
             self.last_loss = float(np.mean(finite))
         self.fetch_s += time.perf_counter() - t0
-        self.background.call(lambda: self._write_slice(out, host, losses, shards, sums))
+        val = self._val_record(out, host, shards) if self._val and self.metrics else None
+        self.background.call(lambda: self._write_slice(out, host, losses, shards, sums, val))
 
     def _write_slice(
         self,
@@ -176,6 +211,7 @@ class GenerationWriter:
         losses: dict[int, float],
         shards: list[int],
         sums: np.ndarray | None = None,
+        val: dict[str, Any] | None = None,
     ) -> None:
         leaves = jax.tree.leaves(host)
         j = out.slice
@@ -217,6 +253,8 @@ class GenerationWriter:
                         "examples": int(out.examples[p]) if out.examples is not None else None,
                     }
                 )
+        if val is not None:
+            self.metrics(val)
         sync_files(self.files.root, written)  # one durable sync per slice step, not per row
 
     def progress(self, factory: Progress, label: str, total: int) -> Callable[[int], None] | None:

@@ -87,6 +87,11 @@ class MetricsLog:
             # one curve per generation: a forget retrains a shard's later steps again
             tag = f"loss_per_chunk/gen_{rec['generation']:06d}/shard_{rec['shard']:03d}"
             self._tb.add_scalar(tag, rec["loss"], rec["global_step"])
+        elif event == "val_slice":
+            step = rec["generation"] * 100_000 + rec["slice"]
+            for key in ("vote_accuracy", "mean_prob_accuracy"):
+                if rec.get(key) is not None:
+                    self._tb.add_scalar(f"val/{key}", rec[key], step)
         elif event in ("forget", "stream_request"):
             self._step += 1
             for key in ("examples", "wall_s", "accuracy"):

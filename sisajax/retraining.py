@@ -64,6 +64,7 @@ def train_generation(
     label: str = "train",
     resume: Resume | None = None,
     on_interrupt: Callable[[GenerationWriter], None] | None = None,
+    val_metrics: bool = False,
 ) -> GenerationFiles:
     """Train ``shards`` (default: all) and write their files for generation ``g`` (not yet live).
 
@@ -72,6 +73,7 @@ def train_generation(
       resume: continue an interrupted training: its stored rows are kept and every shard
         starts from its state after the last completed slice step.
       on_interrupt: called with the writer (its finished rows) when Ctrl-C stops the training.
+      val_metrics: log the validation accuracy of every slice step (``val_slice`` records).
     """
     t0 = time.perf_counter()
     cfg, part, engine = plan.config, plan.partition, plan.engine
@@ -94,6 +96,8 @@ def train_generation(
             gen.add_test(ds.test_ids, ds.x_test, ds.y_test)
             if len(plan.validation[0]) or cfg.data.val_fraction:
                 gen.add_val(*plan.validation)
+            if val_metrics and len(plan.validation[0]):
+                gen.track_validation(plan.validation[1], plan.validation[2])
         starts = np.full(len(mine), start)
         total = slice_schedule_cost(part.sizes()[mine], sisa.shard_epochs, sisa.batch_size, starts)[
             1

@@ -80,6 +80,7 @@ def train(
     metrics: MetricsSink = None,
     plugins: tuple[str, ...] = (),
     tensorboard: bool = False,
+    val_metrics: bool = False,
 ):
     """Train all S constituent models together, checkpointing every slice of every shard.
 
@@ -99,6 +100,9 @@ def train(
         ``False`` nowhere, or a callback receiving each record.
       plugins: modules the run needs imported (plug-in models or data sets), recorded.
       tensorboard: also write the metrics as TensorBoard events (``tensorboardX``).
+      val_metrics: a new run logs its validation accuracy after every slice step (each shard's
+        and the ensemble's, ``val_slice`` records; one forward pass of the split per shard and
+        slice step).
 
     Returns:
       (the opened :class:`~sisajax.run.SisaRun`, its :class:`~sisajax.costs.CostReport`).
@@ -156,6 +160,7 @@ def train(
                 progress=progress,
                 metrics=sink,
                 on_interrupt=_keep_progress(root, plan, tuple(plugins), {}),
+                val_metrics=val_metrics,
             )
             manifest = make_manifest(
                 plan,

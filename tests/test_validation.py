@@ -111,3 +111,29 @@ def test_a_mixed_request_is_exact_and_the_split_survives_a_retrain(tmp_path):
     full, _ = sj.full_retrain(again, tmp_path / "full")
     assert np.array_equal(full.val_data()[0], again.val_data()[0])
     assert np.array_equal(full.partition.ids, again.partition.ids)
+
+
+def test_val_metrics_log_each_slice_steps_validation_accuracy(tmp_path):
+    from sisajax.metrics import read_metrics
+
+    ds = tiny_digits()
+    cfg = tiny_config(shards=3, slices=3).replace(data={"val_fraction": 0.2})
+    plain, _ = sj.train(cfg, ds, tmp_path / "plain", metrics=False)
+    run, _ = sj.train(cfg, ds, tmp_path / "tracked", val_metrics=True)
+    recs = read_metrics(run.run_dir, "val_slice")
+    assert [r["slice"] for r in recs] == [0, 1, 2]
+    _, xv, yv = run.val_data()
+    assert all(r["examples"] == len(yv) and set(r["shard_accuracy"]) == {"0", "1", "2"}
+               for r in recs)  # fmt: skip
+    # the last slice step's scores are the trained run's own
+    ev = run.evaluate(split="val")
+    assert recs[-1]["vote_accuracy"] == pytest.approx(ev.vote_accuracy)
+    assert recs[-1]["mean_prob_accuracy"] == pytest.approx(ev.mean_prob_accuracy)
+    assert [recs[-1]["shard_accuracy"][str(k)] for k in range(3)] == pytest.approx(
+        ev.shard_accuracy
+    )
+    # tracking reads the states; it never changes the bits
+    for k in range(3):
+        for j in range(3):
+            assert run.manifest.shards[k].rows[j].sha256 == plain.manifest.shards[k].rows[j].sha256
+    assert not (plain.run_dir / "metrics.jsonl").exists()  # metrics=False: nothing logged

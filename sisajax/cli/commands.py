@@ -71,6 +71,7 @@ def cmd_train(cfg: dict[str, Any], overrides: list[str]) -> int:
             devices=cfg["devices"],
             plugins=plugins,
             tensorboard=cfg["tensorboard"],
+            val_metrics=bool(cfg["val_metrics"]),
         )
     val = run.evaluate(split="val") if run.has_validation else None
     ev = run.evaluate()

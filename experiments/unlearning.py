@@ -42,7 +42,7 @@ import numpy as np
 
 from sisajax.config import RunConfig
 from sisajax.data.datasets import Dataset
-from sisajax.experiments.common import ExperimentError, Workspace, log
+from sisajax.experiments.common import ExperimentError, Workspace, log, partition_digest
 from sisajax.experiments.report import fmt, table
 
 DEFAULTS: dict[str, Any] = {
@@ -162,10 +162,12 @@ class Study:
         probs = {k: p.probs(v[0]) for k, v in self.sets.items()}
         return _phi(p.probs(self.x[gone]), self.y[gone]), probs
 
-    def row(self, method, got, oracle, floor_phi, cost, gone) -> dict[str, Any]:
+    def row(self, method, got, oracle, floor_phi, cost, gone, shape=(1, 1)) -> dict[str, Any]:
         (phi, probs), (o_phi, o_probs) = got, oracle
         return {
             "seed": self.seed,
+            "shards": shape[0],
+            "slices": shape[1],
             "forget_set": self.kind,
             "forget_ids": int(gone.sum()),
             "method": method,
@@ -217,7 +219,7 @@ class Study:
             rows.append(
                 self.row(f"SISA S={s} R={r}", self.outputs(exact, gone),
                          self.outputs(e_oracle, gone), self.outputs(e_floor, gone)[0],
-                         measured, gone)
+                         measured, gone, (int(s), int(r)))
             )  # fmt: skip
         return rows, trials
 
@@ -309,6 +311,7 @@ def _real_forget(cfg, ds, ids, x, y, f_ids, ws: Workspace, seed: int) -> dict[st
     t0 = time.perf_counter()
     rep = sj.forget(run_, f_ids, progress=None)
     wall = time.perf_counter() - t0
+    digest = partition_digest(run_.partition)
     ver = sj.verify(run_, shards=sorted(rep.restart))
     ws.drop(p)
     if not ver.ok:
@@ -318,6 +321,7 @@ def _real_forget(cfg, ds, ids, x, y, f_ids, ws: Workspace, seed: int) -> dict[st
         "grad_steps": int(rep.cost.grad_steps),
         "wall_s": wall,
         "verified_shards": len(rep.restart),
+        "partition_digest": digest,
     }
 
 

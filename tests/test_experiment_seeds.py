@@ -40,6 +40,14 @@ TINY = {
     ],
     "single": ["sisa.shards=2", "sisa.slices=1", "experiment.k=1"],
     "tune": ["experiment.shards=[1,2]"],
+    "unlearning": [
+        "experiment.num_models=4",
+        "experiment.forget_sets=[random]",
+        "experiment.forget_size=3",
+        "experiment.methods=[ft]",
+        "experiment.sisa=[[2,1]]",
+        "experiment.retain_eval=100",
+    ],
 }
 COMMON = [
     "data=digits",
@@ -59,6 +67,8 @@ def _run(preset: str, out: Path, *extra: str) -> dict:
         cfg["experiment"].update(recipes={"baseline": {}}, deletion_recipe="baseline")
     if preset == "tune":
         cfg["experiment"].update(space={"optim.learning_rate": [0.05, 0.1]})
+    if preset == "unlearning":
+        cfg["experiment"].update(tune={"ft": {"lr": [0.01]}})
     return paper.run_experiment(cfg, out_dir=out)
 
 

@@ -279,8 +279,14 @@ def _apply_method(name, point, original, x, y, gone, key_seed: int):
     def one(p, ctx, k):
         return method.update(apply_fn, budget, hp, p, ctx, forget, retain, k)
 
+    # one program for all N models: vmapped, or one after another (lax.map) where the run's
+    # engine maps its shards (convolutions under vmap are slow on CPUs)
+    if original.engine.shard_exec == "vmap":
+        program = jax.jit(jax.vmap(one))
+    else:
+        program = jax.jit(lambda p, c, k: jax.lax.map(lambda a: one(*a), (p, c, k)))
     t0 = time.perf_counter()
-    new = jax.device_get(jax.jit(jax.vmap(one))(params, dict(states.model_state), keys))
+    new = jax.device_get(program(params, dict(states.model_state), keys))
     wall = time.perf_counter() - t0
     out = states._replace(params=new, avg_params=new if use_avg else None)
     cost = method.cost(budget, hp, int(gone.sum()), int((~gone).sum()))

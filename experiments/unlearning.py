@@ -202,15 +202,23 @@ class Study:
             for t, point in enumerate(grid):
                 new, _, _ = _apply_method(name, point, original, self.x, self.y, tune_gone,
                                           key_word_(self.seed, 1000 + t))  # fmt: skip
-                score = _selection_score(self.outputs(new, tune_gone), t_out, self.ys)
+                got = self.outputs(new, tune_gone)
+                score = _selection_score(got, t_out, self.ys) if _finite(got) else DIVERGED
                 trials.append({"seed": self.seed, "forget_set": self.kind, "method": name,
                                "trial": t, "params": point, **score})  # fmt: skip
                 scores.append(score["objective"])
+            if max(scores) == DIVERGED["objective"]:
+                log(f"{name}: every tuning trial diverged (non-finite outputs); not scored")
+                continue
             point = grid[int(np.argmax(scores))]
             new, cost, wall = _apply_method(name, point, original, self.x, self.y, gone,
                                             key_word_(self.seed, 100))  # fmt: skip
             cost = {**cost, "wall_s": wall / self.n, "params": point}
-            rows.append(self.row(name, self.outputs(new, gone), o_out, fl_out[0], cost, gone))
+            got = self.outputs(new, gone)
+            if not _finite(got):
+                log(f"{name}: diverged on the evaluation forget set (non-finite outputs)")
+                continue
+            rows.append(self.row(name, got, o_out, fl_out[0], cost, gone))
         for s, r in self.opts["sisa"]:
             cfg = self.rc.replace(sisa={"shards": int(s), "slices": int(r)})
             exact, e_oracle, e_floor = (self.pop(cfg, ~gone, 10 + i) for i in range(3))
@@ -232,6 +240,15 @@ def _grid(opts: dict[str, Any], name: str) -> list[dict[str, Any]]:
     space = dict((opts.get("tune") or {}).get(name) or {})
     keys = list(space)
     return [dict(zip(keys, c, strict=True)) for c in itertools.product(*space.values())] or [{}]
+
+
+# a tuning trial whose models produced non-finite outputs: never chosen, stored as such
+DIVERGED: dict[str, Any] = {"F": None, "retain_rel": None, "val_rel": None, "objective": -1.0}
+
+
+def _finite(got) -> bool:
+    phi, probs = got
+    return bool(np.isfinite(phi).all() and all(np.isfinite(p).all() for p in probs.values()))
 
 
 def _selection_score(got, oracle, ys: dict[str, np.ndarray]) -> dict[str, float]:

@@ -104,3 +104,10 @@ def test_the_published_unlearning_table_is_what_the_stored_study_computes(doc):
     assert replace_between(text, unlearning.HEADLINE_BEGIN, unlearning.HEADLINE_END, block) == text
     sisa = [r for r in unlearning.summary(res) if r["method"].startswith("SISA")]
     assert sisa and sum(r["at_floor"] for r in sisa) >= len(sisa) - 1
+
+
+def test_a_diverged_trial_is_never_chosen():
+    ok = (np.zeros((2, 3)), {"val": np.full((4, 2), 0.5)})
+    nan = (np.zeros((2, 3)), {"val": np.full((4, 2), np.nan)})
+    assert unlearning._finite(ok) and not unlearning._finite(nan)
+    assert unlearning.DIVERGED["objective"] < 0 <= 0.0  # every real objective is >= 0

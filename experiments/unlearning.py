@@ -485,6 +485,17 @@ HEADLINE_BEGIN = "<!-- unlearning headline: generated from the stored results; d
 HEADLINE_END = "<!-- end of unlearning headline -->"
 
 
+def markers(name: str) -> tuple[str, str]:
+    """The lines around a study's generated table in a document (``unlearning``: the default
+    study's; another preset's carry its name)."""
+    if name == "unlearning":
+        return HEADLINE_BEGIN, HEADLINE_END
+    return (
+        f"<!-- unlearning headline ({name}): generated from the stored results; do not edit -->",
+        f"<!-- end of unlearning headline ({name}) -->",
+    )
+
+
 def headline(res: dict[str, Any]) -> str:
     """The study's summary as one markdown table (computed from its stored rows): per forget
     set and method, F with its interval beside the floor's, whether it is at the floor, test
@@ -520,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m sisajax.experiments.unlearning DOC STUDY_DIR", file=sys.stderr)
         return 2
     doc, res = Path(args[0]), json.loads((Path(args[1]) / "results.json").read_text())
-    doc.write_text(replace_between(doc.read_text(), HEADLINE_BEGIN, HEADLINE_END, headline(res)))
+    begin, end = markers(res["name"])
+    doc.write_text(replace_between(doc.read_text(), begin, end, headline(res)))
     print(f"{doc}: unlearning headline from {args[1]}")
     return 0
 

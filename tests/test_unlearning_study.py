@@ -111,3 +111,15 @@ def test_a_diverged_trial_is_never_chosen():
     nan = (np.zeros((2, 3)), {"val": np.full((4, 2), np.nan)})
     assert unlearning._finite(ok) and not unlearning._finite(nan)
     assert unlearning.DIVERGED["objective"] < 0 <= 0.0  # every real objective is >= 0
+
+
+def test_the_fashion_table_is_what_its_stored_study_computes():
+    from pathlib import Path
+
+    from sisajax.experiments.report import replace_between
+
+    repo = Path(__file__).resolve().parents[1]
+    res = json.loads((repo / "docs/unlearning/fashion_mnist/results.json").read_text())
+    text = (repo / "docs/unlearning.md").read_text()
+    begin, end = unlearning.markers(res["name"])
+    assert replace_between(text, begin, end, unlearning.headline(res)) == text

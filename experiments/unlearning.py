@@ -154,12 +154,16 @@ class Study:
 
         return train_population(
             cfg, self.ids[keep], self.x[keep], self.y[keep], self.ds.num_classes, self.n,
-            seed=key_word_(self.seed, salt), preprocessing=self.ds.preprocessing,
+            seed=population_seed(self.seed, salt), preprocessing=self.ds.preprocessing,
         )  # fmt: skip
 
-    def outputs(self, p, gone: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """``phi [N, F]`` on the forget examples and the utility sets' mean probabilities."""
-        probs = {k: p.probs(v[0]) for k, v in self.sets.items()}
+    def outputs(
+        self, p, gone: np.ndarray, sets: tuple[str, ...] | None = None
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``phi [N, F]`` on the forget examples and the mean probabilities on the utility sets
+        named in ``sets`` (default: all; tuning reads only retain and validation)."""
+        names = self.sets if sets is None else sets
+        probs = {k: p.probs(self.sets[k][0]) for k in names}
         return _phi(p.probs(self.x[gone]), self.y[gone]), probs
 
     def row(self, method, got, oracle, floor_phi, cost, gone, shape=(1, 1)) -> dict[str, Any]:
@@ -195,14 +199,14 @@ class Study:
                       "wall_s": floor.wall_s / self.n}, gone),
         ]  # fmt: skip
         trials = []
-        t_out = self.outputs(tune_oracle, tune_gone)
+        t_out = self.outputs(tune_oracle, tune_gone, TUNE_SETS)
         for name in self.opts["methods"]:
             grid = _grid(self.opts, name)
             scores = []
             for t, point in enumerate(grid):
                 new, _, _ = _apply_method(name, point, original, self.x, self.y, tune_gone,
-                                          key_word_(self.seed, 1000 + t))  # fmt: skip
-                got = self.outputs(new, tune_gone)
+                                          population_seed(self.seed, 1000 + t))  # fmt: skip
+                got = self.outputs(new, tune_gone, TUNE_SETS)
                 score = _selection_score(got, t_out, self.ys) if _finite(got) else DIVERGED
                 trials.append({"seed": self.seed, "forget_set": self.kind, "method": name,
                                "trial": t, "params": point, **score})  # fmt: skip
@@ -212,7 +216,7 @@ class Study:
                 continue
             point = grid[int(np.argmax(scores))]
             new, cost, wall = _apply_method(name, point, original, self.x, self.y, gone,
-                                            key_word_(self.seed, 100))  # fmt: skip
+                                            population_seed(self.seed, 100))  # fmt: skip
             cost = {**cost, "wall_s": wall / self.n, "params": point}
             got = self.outputs(new, gone)
             if not _finite(got):
@@ -226,7 +230,7 @@ class Study:
                                     self.ws, self.seed)  # fmt: skip
             rows.append(
                 self.row(f"SISA S={s} R={r}", self.outputs(exact, gone),
-                         self.outputs(e_oracle, gone), self.outputs(e_floor, gone)[0],
+                         self.outputs(e_oracle, gone), self.outputs(e_floor, gone, ())[0],
                          measured, gone, (int(s), int(r)))
             )  # fmt: skip
         return rows, trials
@@ -241,6 +245,8 @@ def _grid(opts: dict[str, Any], name: str) -> list[dict[str, Any]]:
     keys = list(space)
     return [dict(zip(keys, c, strict=True)) for c in itertools.product(*space.values())] or [{}]
 
+
+TUNE_SETS = ("retain", "val")  # what the tuning objective reads (never the test split)
 
 # a tuning trial whose models produced non-finite outputs: never chosen, stored as such
 DIVERGED: dict[str, Any] = {"F": None, "retain_rel": None, "val_rel": None, "objective": -1.0}
@@ -267,7 +273,8 @@ def _selection_score(got, oracle, ys: dict[str, np.ndarray]) -> dict[str, float]
             "objective": f * rel["retain"] * rel["val"]}  # fmt: skip
 
 
-def key_word_(seed: int, salt: int) -> int:
+def population_seed(seed: int, salt: int) -> int:
+    """The seed of a study's population (or method key) number ``salt`` under ``seed``."""
     from sisajax.data.partition import key_word
 
     return int(key_word(seed, 0x0C1E, salt) & 0x7FFFFFFF)

@@ -219,6 +219,14 @@ def import_plugins(cfg: dict[str, Any]) -> tuple[str, ...]:
     return load_plugins(names)
 
 
+def open_run(cfg: dict[str, Any]):
+    """The run of ``cfg["run_dir"]``, after importing the plug-ins the command names."""
+    import sisajax as sj
+
+    import_plugins(cfg)
+    return sj.open_run(cfg["run_dir"])
+
+
 # -- running -------------------------------------------------------------------------------------
 
 

@@ -14,14 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from sisajax.cli.base import UsageError, import_plugins, run_config
+from sisajax.cli.base import open_run as _open
 from sisajax.console import fmt_cost, print_table, progress_factory, say
-
-
-def _open(cfg: dict[str, Any]):
-    import sisajax as sj
-
-    import_plugins(cfg)
-    return sj.open_run(cfg["run_dir"])
 
 
 def _result(run, name: str, obj: dict[str, Any]) -> None:

@@ -5,15 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sisajax.cli.base import UsageError, import_plugins
+from sisajax.cli.base import UsageError
+from sisajax.cli.base import open_run as _open
 from sisajax.console import print_table, say
-
-
-def _open(cfg: dict[str, Any]):
-    import sisajax as sj
-
-    import_plugins(cfg)
-    return sj.open_run(cfg["run_dir"])
 
 
 def cmd_receipt(cfg: dict[str, Any], overrides: list[str]) -> int:

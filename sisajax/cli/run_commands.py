@@ -7,15 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from sisajax.cli.base import UsageError, import_plugins
+from sisajax.cli.base import UsageError
+from sisajax.cli.base import open_run as _open
 from sisajax.console import print_table, say
-
-
-def _open(cfg: dict[str, Any]):
-    import sisajax as sj
-
-    import_plugins(cfg)
-    return sj.open_run(cfg["run_dir"])
 
 
 def _id_list(value: Any, name: str) -> list[int]:

@@ -89,11 +89,11 @@ def progress_factory(
 
 
 def setup_jax() -> None:
-    """Persistent compilation cache, one folder per host (``SISAJAX_CACHE_DIR`` overrides the
+    """Persistent compilation cache, one folder per :func:`sisajax.host.code_id` (``SISAJAX_CACHE_DIR`` overrides the
     location; an empty value disables it)."""
     import jax
 
-    from sisajax import host
+    from sisajax import host, program_store
     from sisajax.layout import restore_cpu_affinity
 
     restore_cpu_affinity()
@@ -103,6 +103,8 @@ def setup_jax() -> None:
         str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sisajax" / "jax"),
     )
     if base:
-        jax.config.update("jax_compilation_cache_dir", str(Path(base) / host.current()[0]))
+        folder = Path(base) / host.code_id()
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        program_store.enable(folder / "programs")
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -19,6 +19,7 @@ Randomness: see :mod:`sisajax.step` (keys from seed, shard, slice and step only)
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from sisajax import program_store
 from sisajax.config import TRAINING_PROGRAM, RunConfig
 from sisajax.data.schedule import slice_step_batches
 from sisajax.jobs import (
@@ -49,6 +51,7 @@ from sisajax.layout import (
     resolve_shard_exec,
     select_devices,
 )
+from sisajax.models import code_fingerprint
 from sisajax.step import (
     StepMeta,
     StepSpec,
@@ -135,6 +138,7 @@ class Engine:
         self._init_fn: Any = None
         self._predict_fn = jax.jit(self._predict_stack)
         self._template: PyTree | None = None
+        self._model_code: str | None = None
 
     # -- layout -------------------------------------------------------------------------------
     @property
@@ -167,6 +171,31 @@ class Engine:
             return SingleDeviceSharding(self.devices[0])
         return NamedSharding(self.mesh, PartitionSpec(SHARD_AXIS))
 
+    def program_identity(self, program: str, **shape: Any) -> dict[str, Any] | None:
+        """What this engine's ``program`` is a function of, for :mod:`sisajax.program_store`
+        (``shape``: its width and capacity). None, when the store is off or the model's code
+        cannot be fingerprinted (then nothing is stored)."""
+        if program_store.directory() is None:
+            return None
+        if self._model_code is None:
+            self._model_code = code_fingerprint(self.config.model.name, self.model) or ""
+        if not self._model_code:
+            return None
+        return {
+            "program": program,
+            **shape,
+            "config": self.config.to_dict(),
+            "model_code": self._model_code,
+            "num_classes": self.num_classes,
+            "preprocessing": self.preprocessing,
+            "feature_shape": list(self.feature_shape),
+            "x_dtype": self.x_dtype.str,
+            "shard_exec": self.shard_exec,
+            "trip": self.trip,
+            "partitioning": self.partitioning,
+            "training_program": TRAINING_PROGRAM,
+        }
+
     def put(self, tree: PyTree) -> PyTree:
         """Place a pytree of ``[W, ...]`` arrays (``W`` a multiple of the device count)."""
         return jax.device_put(tree, self.shard_sharding())
@@ -184,17 +213,27 @@ class Engine:
         (a ResNet-18's took 10 s to compile, 1.5 s this way), and an init runs once per shard.
         """
         if self._init_fn is None:
-            key = jax.random.PRNGKey(0)
-            opts = INIT_COMPILER_OPTIONS if self.devices[0].platform == "cpu" else None
-            lowered = jax.jit(self._init_one).lower(key)
-            self._init_fn = lowered.compile(compiler_options=opts)
+            device = self.devices[0]
+            opts = INIT_COMPILER_OPTIONS if device.platform == "cpu" else None
+
+            def compile_init():
+                lowered = jax.jit(self._init_one).lower(jax.random.PRNGKey(0))
+                return lowered.compile(compiler_options=opts)
+
+            self._init_fn = program_store.load_or_compile(
+                self.program_identity("init"), [device], compile_init
+            )
         key = jax.random.fold_in(jax.random.PRNGKey(self.config.sisa.seed), shard)
         return jax.device_get(self._init_fn(key))
 
     def state_template(self) -> PyTree:
         """Abstract (shape/dtype) pytree of one shard's state (computed once)."""
         if self._template is None:
-            self._template = jax.eval_shape(self._init_one, jax.random.PRNGKey(0))
+            self._template = program_store.load_or_compute(
+                self.program_identity("state_template"),
+                self.devices[:1],
+                lambda: jax.eval_shape(self._init_one, jax.random.PRNGKey(0)),
+            )
         return self._template
 
     def leaf_paths(self) -> list[str]:
@@ -246,21 +285,26 @@ class Engine:
         key = (width, capacity)
         if key not in self._compiled:
             t0 = time.perf_counter()
-            if self.partitioning == "single":
-                program = self._lower(self._program, width, capacity, self.shard_sharding())
-                program = program.compile()
-            elif self.partitioning == "shard_map":
-                program = self._lower(
-                    self._shard_map_program, width, capacity, self.shard_sharding()
+            ident = functools.partial(self.program_identity, capacity=capacity)
+            if self.partitioning in ("single", "shard_map"):
+                fn = self._program if self.partitioning == "single" else self._shard_map_program
+                program = program_store.load_or_compile(
+                    ident("train_chunk", width=width),
+                    self.devices,
+                    lambda: self._lower(fn, width, capacity, self.shard_sharding()).compile(),
                 )
-                program = program.compile()
             else:
                 local = width // self.num_devices
+
+                def compile_on(d):
+                    sharding = SingleDeviceSharding(d)
+                    return lambda: self._lower(self._program, local, capacity, sharding).compile()
+
                 program = PerDeviceProgram(
                     [
-                        self._lower(
-                            self._program, local, capacity, SingleDeviceSharding(d)
-                        ).compile()
+                        program_store.load_or_compile(
+                            ident("train_chunk", width=local), [d], compile_on(d)
+                        )
                         for d in self.devices
                     ],
                     self.devices,

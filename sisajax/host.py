@@ -104,6 +104,26 @@ def host_info() -> dict[str, Any]:
 IDENTITY_KEYS = ("jax", "jaxlib", "backend", "device_kind", "machine", "isa", "xla_flags")
 
 
+def code_id() -> str:
+    """A short id of what decides generated code that is known before jax's backend starts: jax
+    and jaxlib versions, machine, ISA features and the code-relevant ``XLA_FLAGS``. It names the
+    command line's compilation-cache folder, so choosing that folder starts no backend (a command
+    may still choose its device layout after reading its run); jax's own cache keys add the
+    backend and device kind."""
+    import jax
+    import jaxlib
+
+    _, isa = cpu_description()
+    ident = {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "machine": platform.machine(),
+        "isa": list(isa),
+        "xla_flags": code_flags(),
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def host_id(info: dict[str, Any]) -> str:
     """A short id of the code-relevant part of a host description (``cpu_model`` excluded)."""
     ident = {k: info.get(k) for k in IDENTITY_KEYS}

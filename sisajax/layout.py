@@ -43,6 +43,8 @@ GPU_DETERMINISM_FLAGS = (
 SERIAL = "serial"
 _saved_affinity: set[int] | None = None  # set by the serial layout until jax has started
 _setting_error: ConfigError | None = None  # a bad SISAJAX_CPU_DEVICES seen at import
+_added_count_flag: str | None = None  # the XLA_FLAGS entry configure_cpu_devices added
+_serial_started = False  # jax's backend was started in the serial layout
 
 
 class LayoutError(ConfigError):
@@ -89,8 +91,56 @@ def configure_cpu_devices(devices: int | str | None = None) -> int | None:
             ) from None
     if n <= 1:
         return None
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    global _added_count_flag
+    _added_count_flag = f"--xla_force_host_platform_device_count={n}"
+    os.environ["XLA_FLAGS"] = f"{flags} {_added_count_flag}".strip()
     return n
+
+
+def serial_suits(run_layout: dict[str, Any] | None, shards: int) -> bool:
+    """Whether retraining ``shards`` shards of a run with layout ``run_layout`` (its manifest's
+    ``layout``) is faster in the ``serial`` layout than one device per core, with the same bits.
+
+    True for one shard of a CPU run whose shards run under ``lax.map``: a single shard's program
+    keeps one core busy at most, and XLA's thread pools sized for one core run its small kernels
+    1.3-1.9x faster than pools shared by two devices (measured on 2 cores, docs/performance.md);
+    ``map`` programs give the same bits on any number of devices. With two or more shards one
+    device per core retrains them side by side, which is faster.
+    """
+    if not run_layout or shards != 1:
+        return False
+    return run_layout.get("platform") == "cpu" and run_layout.get("shard_exec") == "map"
+
+
+def start_serial_backend() -> bool:
+    """Start jax's CPU backend in the ``serial`` layout, in a process whose layout sisajax chose.
+
+    For a command that learns what it will run only after reading a run (e.g. a forget that
+    retrains one shard: :func:`serial_suits`). Does nothing, and returns False, when the user chose
+    the devices (``SISAJAX_CPU_DEVICES``, ``JAX_NUM_CPU_DEVICES`` or a device count of their own in
+    ``XLA_FLAGS``), when jax's backends have started, or when this process may use one core only.
+    Returns whether the backend now runs in the serial layout.
+    """
+    global _added_count_flag
+    if os.environ.get(DEVICES_ENV) or os.environ.get("JAX_NUM_CPU_DEVICES"):
+        return False
+    flags = os.environ.get("XLA_FLAGS", "")
+    ours = _added_count_flag is not None and _added_count_flag in flags.split()
+    if "xla_force_host_platform_device_count" in flags and not ours:
+        return False
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2:
+        return False
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            return False
+    if ours:
+        os.environ["XLA_FLAGS"] = " ".join(f for f in flags.split() if f != _added_count_flag)
+        _added_count_flag = None
+    _narrow_affinity()
+    restore_cpu_affinity()  # starts the backend on one core, then gives the cores back
+    return True
 
 
 def configure_gpu_determinism() -> bool:
@@ -163,6 +213,18 @@ def _narrow_affinity() -> None:
         os.sched_setaffinity(0, {min(cores)})
 
 
+def process_layout() -> dict[str, Any]:
+    """How this process runs programs: ``{"platform", "devices", "serial"}`` (``serial``: XLA's
+    CPU thread pools were sized for one core, see :func:`configure_cpu_devices`)."""
+    import jax
+
+    return {
+        "platform": jax.default_backend(),
+        "devices": jax.local_device_count(),
+        "serial": _serial_started,
+    }
+
+
 def restore_cpu_affinity() -> bool:
     """Start jax's backend, then give every thread of this process back the cores the
     ``serial`` layout took away (no-op otherwise). Returns whether anything was restored."""
@@ -172,6 +234,8 @@ def restore_cpu_affinity() -> bool:
     import jax
 
     jax.devices()  # the backend (and its thread pools) exists from here on
+    global _serial_started
+    _serial_started = True
     cores, _saved_affinity = _saved_affinity, None
     task_dir = "/proc/self/task"
     tasks = [int(t) for t in os.listdir(task_dir)] if os.path.isdir(task_dir) else [0]

@@ -14,6 +14,7 @@ statistics are always reduced in float32.
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -400,6 +401,26 @@ class _ReadTracking(dict):
     def copy(self) -> dict[str, Any]:
         self._all()
         return dict(super().items())
+
+
+def code_fingerprint(name: str, module: nn.Module) -> str | None:
+    """A sha256 of the code that defines model ``name`` beyond sisajax's own: ``"builtin"`` for
+    sisajax's models; for a registered model, the sources of the packages (or files) holding its
+    factory and its module's class. None when a source cannot be read (e.g. a model defined in a
+    notebook or in ``__main__``)."""
+    if name not in _REGISTERED_PARAMS:
+        return "builtin"
+    from sisajax.plugins import source_hash
+
+    h = hashlib.sha256()
+    for mod in sorted({_REGISTRY[name].__module__, type(module).__module__}):
+        if mod == "__main__":
+            return None
+        digest = source_hash(mod.split(".")[0])
+        if digest is None:
+            return None
+        h.update(f"{mod}\0{digest}\n".encode())
+    return h.hexdigest()
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> nn.Module:

@@ -217,6 +217,7 @@ def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
         raise UsageError(f"requests.mode must be batched or sequential; got {req['mode']!r}")
     run.writer_lock(cfg["lock_timeout_s"])  # checks the timeout value; takes no lock
     pending_before = _refuse_if_all_forgotten(run, ids)
+    _choose_layout(run, ids, req["mode"])
     factory, bar = progress_factory(cfg["progress"])
     log = MetricsLog(run.run_dir, tensorboard=cfg["tensorboard"])
     try:
@@ -309,7 +310,9 @@ def _forget(cfg, run, ids, mode: str, pending_before: bool, factory, bar, log) -
             f"skipped {len(rep.already_forgotten)} id(s) forgotten before{named}"
             + (" (a pending request was finished first)" if pending_before else "")
         )
-    _result(run, f"forget-g{rep.generation:06d}", rep.to_dict())
+    from sisajax.layout import process_layout
+
+    _result(run, f"forget-g{rep.generation:06d}", {**rep.to_dict(), "process": process_layout()})
     return 0
 
 
@@ -321,6 +324,22 @@ def _all_forgotten_message(n: int) -> str:
 def _some(ids: list[Any], limit: int = 20) -> str:
     """``ids`` for a message, the first ``limit`` of them."""
     return str(ids[:limit]) if len(ids) <= limit else f"{ids[:limit]} and {len(ids) - limit} more"
+
+
+def _choose_layout(run, ids: list[Any], mode: str) -> None:
+    """Start jax in the serial layout when every retrain of this request is one shard's and that
+    layout suits the run (:func:`sisajax.layout.serial_suits`); else keep the default."""
+    from sisajax.layout import serial_suits, start_serial_backend
+    from sisajax.planning import ForgetError, normalise_ids
+
+    try:
+        arr = normalise_ids(ids)
+    except ForgetError:  # reported by the forget itself
+        return
+    pending = run.ledger.pending()
+    shards = 1 if mode == "sequential" and not pending else len(run.partition.shards_of(arr))
+    if not pending and serial_suits(run.manifest.layout, shards):
+        start_serial_backend()
 
 
 def _refuse_if_all_forgotten(run, ids: list[Any]) -> bool:

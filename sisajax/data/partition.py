@@ -118,6 +118,11 @@ class Partition:
             raise PartitionError(f"ids not in the retained training set: {missing[:20]}", missing)
         return self.shard[row], self.slice[row]
 
+    def shards_of(self, ids: np.ndarray) -> np.ndarray:
+        """Sorted distinct shards holding any of ``ids`` ``[K]`` (ids not retained are ignored)."""
+        row, found = self._find(ids)
+        return np.unique(self.shard[row[found]])
+
     def shard_ids(self, k: int) -> np.ndarray:
         """Sorted ids of shard k."""
         return self.ids[self.shard == k]

@@ -1,0 +1,202 @@
+"""The program store (compiled programs kept between processes) and the command line's choice of
+the serial layout for one-shard forgets: the bits never change, only the time to get them."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import jax
+import numpy as np
+import pytest
+from conftest import assert_trees_equal, cli_run, copy_run, pick, tiny_config, tiny_digits, without
+
+import sisajax as sj
+from sisajax import program_store
+from sisajax.planning import build_engine
+
+
+@pytest.fixture(scope="module")
+def trained_digits(tmp_path_factory):
+    ds = tiny_digits()
+    cfg = tiny_config()
+    run, _ = sj.train(cfg, ds, tmp_path_factory.mktemp("trained") / "run")
+    return run.run_dir, cfg, ds
+
+
+@pytest.fixture
+def store(tmp_path):
+    folder = program_store.enable(tmp_path / "programs")
+    yield folder
+    program_store.disable()
+
+
+def _engine(cfg: sj.RunConfig, ds: sj.Dataset) -> sj.Engine:
+    return build_engine(cfg, ds, devices=1)
+
+
+def test_key_follows_what_the_program_is(store):
+    """Same configuration and devices -> same key (a new engine finds the program); a different
+    learning rate, width, chunk length or device count -> another key; store off -> no key."""
+    ds = tiny_digits()
+    cfg = tiny_config(chunk_steps=8)
+    a, b = _engine(cfg, ds), _engine(cfg, ds)
+    dev = a.devices
+
+    def key(e, **shape):
+        return program_store.program_key(e.program_identity("train_chunk", **shape), dev)
+
+    assert key(a, width=1, capacity=64) == key(b, width=1, capacity=64)
+    assert key(a, width=1, capacity=64) != key(a, width=2, capacity=64)
+    assert key(a, width=1, capacity=64) != key(a, width=1, capacity=65)
+    lr = tiny_config(chunk_steps=8, optim={"learning_rate": 0.02})
+    assert key(a, width=1, capacity=64) != key(_engine(lr, ds), width=1, capacity=64)
+    other = tiny_config(chunk_steps=16)
+    assert key(a, width=1, capacity=64) != key(_engine(other, ds), width=1, capacity=64)
+    if len(jax.local_devices()) > 1:
+        ident = a.program_identity("train_chunk", width=1, capacity=64)
+        assert program_store.program_key(ident, jax.local_devices()[1:2]) != key(
+            a, width=1, capacity=64
+        )
+    program_store.disable()
+    assert a.program_identity("train_chunk", width=1, capacity=64) is None
+
+
+def test_a_stored_program_trains_the_same_bits(store, tmp_path):
+    """A training compiled fresh stores its programs; a new engine (as in a new process) loads
+    them instead of tracing, and its training and forget give exactly the rows of the first."""
+    ds = tiny_digits()
+    # a configuration no other test compiles, so jax's own cache cannot serve it
+    cfg = tiny_config(chunk_steps=11, batch_size=7)
+    first, _ = sj.train(cfg, ds, tmp_path / "first")
+    stored = program_store.stats()["stored"]
+    assert stored >= 2  # the training chunk and the initial-state program at least
+    assert any(store.rglob("*.pkl"))
+    before = program_store.stats()["loaded"]
+    second, _ = sj.train(cfg, ds, tmp_path / "second")
+    assert program_store.stats()["loaded"] > before
+    for k in range(first.num_shards):
+        assert_trees_equal(first.restore_block(k), second.restore_block(k))
+    ids = pick(second, 1, 2)
+    sj.forget(sj.open_run(tmp_path / "second"), ids)
+    program_store.disable()
+    scratch, _ = sj.train(cfg, without(ds, ids), tmp_path / "scratch")
+    forgot = sj.open_run(tmp_path / "second")
+    for k in range(scratch.num_shards):
+        assert_trees_equal(forgot.restore_block(k), scratch.restore_block(k))
+
+
+def test_damaged_or_failing_entries_are_compiled_instead(store, tmp_path):
+    """A damaged entry is ignored (the program is compiled and training goes on, bit for bit);
+    a loaded program whose first run fails is deleted and compiled instead, and the call rerun."""
+    ds = tiny_digits()
+    cfg = tiny_config(chunk_steps=13, batch_size=7)
+    ref, _ = sj.train(cfg, ds, tmp_path / "ref")
+    entries = sorted(store.rglob("*.pkl"))
+    assert entries
+    for p in entries:
+        p.write_bytes(p.read_bytes()[:100])  # torn
+    failed = program_store.stats()["failed"]
+    again, _ = sj.train(cfg, ds, tmp_path / "again")
+    assert program_store.stats()["failed"] >= failed + len(entries)
+    for k in range(ref.num_shards):
+        assert_trees_equal(ref.restore_block(k), again.restore_block(k))
+
+    calls = []
+
+    class Broken:
+        def __call__(self, *args):
+            raise jax.errors.JaxRuntimeError("NOT_FOUND: Function fusion not found")
+
+    entry = store / "ab" / ("ab" + "0" * 62 + ".pkl")
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    entry.write_bytes(b"x")
+
+    def compile_fn():
+        calls.append(1)
+        return lambda x: x + 1
+
+    prog = program_store.CheckedProgram(Broken(), "ab" + "0" * 62, compile_fn)
+    assert int(prog(np.int32(1))) == 2 and calls == [1]
+    assert not entry.exists()
+    assert int(prog(np.int32(5))) == 6 and calls == [1]  # checked once, then called directly
+
+
+def test_program_from_jax_cache_is_not_stored(store):
+    """A program jax's persistent cache served is not stored (XLA:CPU serialises such an
+    executable incompletely); a freshly compiled one is."""
+
+    def fn(x):
+        return jax.numpy.sin(x) * 3.0 + 0.25
+
+    x = jax.ShapeDtypeStruct((17,), np.float32)
+    compiled, fresh = program_store.compile_counting_hits(lambda: jax.jit(fn).lower(x).compile())
+    assert fresh
+    jax.clear_caches()  # forget the in-memory executable; the persistent cache keeps it
+    compiled, fresh = program_store.compile_counting_hits(lambda: jax.jit(fn).lower(x).compile())
+    assert not fresh
+    assert float(compiled(np.zeros(17, np.float32))[0]) == 0.25
+
+
+def test_model_defined_in_main_is_never_stored(store, monkeypatch):
+    """A registered model whose code cannot be read (defined in ``__main__`` or a notebook) has
+    no key: its programs are always compiled."""
+    from sisajax import models
+
+    def factory(cfg, num_classes):
+        return models.build_model(sj.ModelConfig(hidden=(8,)), num_classes)
+
+    factory.__module__ = "__main__"
+    monkeypatch.setitem(models._REGISTRY, "main_mlp", factory)
+    monkeypatch.setitem(models._REGISTERED_PARAMS, "main_mlp", ())
+    cfg = sj.RunConfig(model=sj.ModelConfig(name="main_mlp"), sisa=tiny_config().sisa)
+    eng = _engine(cfg, tiny_digits())
+    assert eng.program_identity("train_chunk", width=1, capacity=8) is None
+    assert models.code_fingerprint("mlp", eng.model) == "builtin"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs CPU affinity and two cores",
+)
+def test_cli_forget_of_one_shard_runs_serial_and_stays_exact(tmp_path, trained_digits):
+    """``sisajax forget`` with the default layout: a request that retrains one shard of a map
+    run starts jax in the serial layout (one device), one that retrains two keeps one device per
+    core; both give the rows of training from scratch on the retained data. A layout chosen by
+    the user is kept."""
+    src, cfg, ds = trained_digits
+    run = copy_run(src, tmp_path / "run")
+    default = {"SISAJAX_CPU_DEVICES": "", "XLA_FLAGS": ""}
+    one, two, three = pick(run, 0, 1), pick(run, 1, 0) + pick(run, 2, 3), pick(run, 2, 2)
+    proc = cli_run(["forget", f"run_dir={run.run_dir}", f"ids={one}", "progress=false"], default)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(sorted((run.run_dir / "results").glob("forget-g*.json"))[-1].read_text())
+    assert res["restart"] == {"0": 1}
+    assert res["process"] == {"platform": "cpu", "devices": 1, "serial": True}
+    proc = cli_run(["forget", f"run_dir={run.run_dir}", f"ids={two}", "progress=false"], default)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(sorted((run.run_dir / "results").glob("forget-g*.json"))[-1].read_text())
+    assert sorted(res["restart"]) == ["1", "2"]
+    assert res["process"]["devices"] == min(len(os.sched_getaffinity(0)), 8)
+    assert res["process"]["serial"] is False
+    proc = cli_run(["forget", f"run_dir={run.run_dir}", f"ids={three}", "progress=false"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(sorted((run.run_dir / "results").glob("forget-g*.json"))[-1].read_text())
+    assert res["process"] == {"platform": "cpu", "devices": 1, "serial": False}  # user's choice
+    scratch, _ = sj.train(cfg, without(ds, one + two + three), tmp_path / "scratch")
+    done = sj.open_run(run.run_dir)
+    for k in range(scratch.num_shards):
+        assert_trees_equal(done.restore_block(k), scratch.restore_block(k))
+
+
+def test_entry_format_is_checked(store):
+    """An entry written for another key (a renamed or copied file) is not loaded."""
+    key = "cd" + "1" * 62
+    path = store / "cd" / f"{key}.pkl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(pickle.dumps({"format": program_store.FORMAT, "key": "other", "value": 1}))
+    assert program_store.load_or_compute(None, [], lambda: 2) == 2  # off for a None identity
+    failed = program_store.stats()["failed"]
+    assert program_store._read(key) is None
+    assert program_store.stats()["failed"] == failed + 1

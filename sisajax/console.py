@@ -89,8 +89,9 @@ def progress_factory(
 
 
 def setup_jax() -> None:
-    """Persistent compilation cache, one folder per :func:`sisajax.host.code_id` (``SISAJAX_CACHE_DIR`` overrides the
-    location; an empty value disables it)."""
+    """Persistent compilation cache and program store (:mod:`sisajax.program_store`), one folder
+    per :func:`sisajax.host.code_id` (``SISAJAX_CACHE_DIR`` overrides the location, an empty
+    value turns both off; ``SISAJAX_PROGRAM_STORE=0`` turns the program store off)."""
     import jax
 
     from sisajax import host, program_store
@@ -105,6 +106,7 @@ def setup_jax() -> None:
     if base:
         folder = Path(base) / host.code_id()
         jax.config.update("jax_compilation_cache_dir", str(folder))
-        program_store.enable(folder / "programs")
+        if os.environ.get(program_store.OFF_ENV) != "0":
+            program_store.enable(folder / "programs")
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

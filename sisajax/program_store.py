@@ -15,9 +15,9 @@ the program is a function of, computed without tracing:
   version, and :func:`sisajax.host.code_id` (the CPU's ISA features).
 
 Not covered: third-party code edited in place without a version change, and a plug-in model's
-helpers imported from outside its own package; turn the store off (:func:`disable`, or an empty
-``SISAJAX_CACHE_DIR`` for the command line) while editing such code. ``sisajax verify`` replays a
-run from scratch and compares the bits whatever the store holds.
+helpers imported from outside its own package; turn the store off (:func:`disable`, or
+``SISAJAX_PROGRAM_STORE=0`` for the command line) while editing such code. ``sisajax verify``
+replays a run from scratch and compares the bits whatever the store holds.
 
 The command line enables the store beside jax's cache; the Python API leaves it off unless
 :func:`enable` is called. Entries are written atomically; an entry that cannot be read or loaded
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = 1
+OFF_ENV = "SISAJAX_PROGRAM_STORE"  # "0": the command line does not use the store
 _directory: Path | None = None
 _stats = {"loaded": 0, "stored": 0, "missed": 0, "failed": 0}
 

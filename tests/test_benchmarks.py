@@ -8,6 +8,7 @@ in-process (the CLI and scaling benchmarks start their own subprocesses, as at f
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -64,12 +65,24 @@ def test_bench_forget(bench):
 
 
 def test_bench_cli(bench):
-    res = bench("bench_cli", "--warm-repeats", "2")["results"]
-    assert [c["cache"] for c in res["calls"]] == ["cold", "warm", "warm"]
-    assert [c["profiled"] for c in res["calls"]] == [True, True, False]
-    for c in res["calls"]:
+    from benchmarks.bench_cli import VARIANTS
+
+    res = bench("bench_cli", "--warm-repeats", "1")["results"]
+    calls = res["calls"]
+    assert [c["cache"] for c in calls] == ["cold"] + ["warm"] * (1 + len(VARIANTS))
+    assert [c["profiled"] for c in calls] == [True, True] + [False] * len(VARIANTS)
+    for c in calls:
         assert c["total_s"] > c["cost"]["wall_s"] > 0
         assert (c["imports_s"] or 0) > 0 if c["profiled"] else c["imports_s"] is None
+    plain = {c["variant"]: c for c in calls[2:]}
+    assert set(plain) == set(VARIANTS)  # one id, forgotten by every variant from equal copies
+    assert (
+        len({(c["examples"], json.dumps(c["cost"]["shard_slices"])) for c in plain.values()}) == 1
+    )
+    if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) > 1:
+        assert plain["shipped"]["process"] == {"platform": "cpu", "devices": 1, "serial": True}
+        before = plain["before (device per core, no store)"]["process"]
+        assert before["devices"] > 1 and not before["serial"]
     sv = res["serve"]  # one long-lived process served every request exactly once
     assert sv["requests"] == 3 and [r["request"] for r in sv["responses"]] == [1, 2, 3]
     assert all(r["ok"] and r["forgotten"] == 1 and r["overhead_s"] >= 0 for r in sv["responses"])

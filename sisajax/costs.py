@@ -70,6 +70,41 @@ def slice_schedule_cost(
     return examples, steps
 
 
+def chunk_fill(
+    sizes: np.ndarray,
+    epochs: float,
+    batch_size: int,
+    chunk_steps: int,
+    start: np.ndarray | None = None,
+    *,
+    together: bool = False,
+) -> tuple[int, int]:
+    """``(live, dispatched)`` gradient steps of training shards from their start slice when each
+    slice step runs in chunks of ``chunk_steps`` with a static trip count (``sisa.chunk_trip=
+    static``: the last chunk of a slice step is padded with masked no-op steps, which cost a live
+    step's device time).
+
+    Args: as :func:`slice_schedule_cost`, plus ``chunk_steps`` (C) and ``together``: False, each
+      shard in its own program; True, all ``S`` shards in one vmapped program, where every
+      position runs as many chunks as the longest shard of the slice step needs (positions not
+      training that slice step run masked steps too).
+    """
+    s, r = sizes.shape
+    start = np.zeros(s, int) if start is None else np.asarray(start)
+    per_step_epochs = 2.0 * epochs / (r + 1)
+    steps = np.zeros((s, r), np.int64)
+    for k in range(s):
+        prefix = np.cumsum(sizes[k])
+        for j in range(int(start[k]), r):
+            steps[k, j] = steps_for(int(prefix[j]), per_step_epochs, batch_size)
+    chunks = -(-steps // chunk_steps)
+    if together:
+        dispatched = int(chunks.max(axis=0).sum()) * s * chunk_steps
+    else:
+        dispatched = int(chunks.sum()) * chunk_steps
+    return int(steps.sum()), dispatched
+
+
 def full_retrain_cost(n: int, epochs: float, batch_size: int) -> tuple[int, int]:
     """(examples, gradient steps) of training one model on ``n`` examples for ``epochs``."""
     return slice_schedule_cost(np.array([[n]]), epochs, batch_size)

@@ -59,6 +59,7 @@ from sisajax.step import (
     init_state,
     make_optimizer,
     prepare,
+    resolve_chunk_steps,
     resolve_trip,
     train_chunk_shards,
 )
@@ -112,11 +113,11 @@ class Engine:
         self.x_dtype = np.dtype(x_dtype)
         self.num_classes = num_classes
         self.batch_size = config.sisa.batch_size
-        self.chunk_steps = config.sisa.chunk_steps
         self.unroll = config.sisa.unroll
         self.shard_exec = resolve_shard_exec(config.sisa.shard_exec)
         self.devices = select_devices(devices)
         self.trip = resolve_trip(config.sisa.chunk_trip, self.shard_exec, self.devices[0].platform)
+        self.chunk_steps = resolve_chunk_steps(config.sisa.chunk_steps, self.trip, self.unroll)
         if partitioning not in ("auto", "single", "per_device", "shard_map"):
             raise LayoutError(f"unknown partitioning {partitioning!r}")
         if len(self.devices) == 1:

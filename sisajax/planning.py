@@ -25,7 +25,7 @@ from sisajax.data.partition import (
 from sisajax.engine import Engine, ShardData
 from sisajax.layout import resolve_shard_exec
 from sisajax.plugins import source_hashes
-from sisajax.step import resolve_trip
+from sisajax.step import resolve_chunk_steps, resolve_trip
 from sisajax.store.interrupted import data_fingerprint
 from sisajax.store.manifest import (
     DatasetInfo,
@@ -106,7 +106,8 @@ def plan_training(
     """Everything a training needs, checked before anything is written.
 
     Args:
-      config: the run configuration (``shard_exec`` resolved here).
+      config: the run configuration (``shard_exec``, ``chunk_trip`` and ``chunk_steps``
+        resolved here).
       dataset: the data to train on (forgotten ids already excluded).
       partition: an explicit partition or None for the hash partition.
       devices: local devices to use (None: all).
@@ -145,8 +146,13 @@ def plan_training(
     partition = dataclasses.replace(partition, removed=np.union1d(partition.removed, removed))
     check_partition(partition, config, len(train_ids))
     shard_exec = resolve_shard_exec(sisa.shard_exec)
+    trip = resolve_trip(sisa.chunk_trip, shard_exec)
     resolved = config.replace(
-        sisa={"shard_exec": shard_exec, "chunk_trip": resolve_trip(sisa.chunk_trip, shard_exec)}
+        sisa={
+            "shard_exec": shard_exec,
+            "chunk_trip": trip,
+            "chunk_steps": resolve_chunk_steps(sisa.chunk_steps, trip, sisa.unroll),
+        }
     )
     engine = build_engine(resolved, dataset, devices)
     data = [shard_data_from(partition, dataset, k) for k in range(sisa.shards)]

@@ -445,6 +445,20 @@ def train_chunk_shards(
     return jax.lax.map(lambda a: chunk(a[0], flat, *a[1:]), (states, rows, mask, labels, meta))
 
 
+CHUNK_STEPS_AUTO = {"dynamic": 128, "static": 32}
+
+
+def resolve_chunk_steps(choice: int | str, trip: str, unroll: int = 1) -> int:
+    """``sisa.chunk_steps``: an int as it is; ``auto`` -> 128 under a ``dynamic`` chunk loop
+    (fewer program calls; no step is wasted) and 32 under a ``static`` one (a slice step's last
+    chunk is padded with no-op steps that cost a live step's time), rounded up to a multiple of
+    ``unroll``."""
+    if choice != "auto":
+        return int(choice)
+    c = CHUNK_STEPS_AUTO[trip]
+    return -(-c // unroll) * unroll
+
+
 def resolve_trip(choice: str, shard_exec: str, platform: str | None = None) -> str:
     """``auto`` -> ``dynamic`` under ``map`` on a CPU (no wasted steps), else ``static``: under
     ``vmap``, and under ``map`` on an accelerator, where a loop with a data-dependent trip count

@@ -163,3 +163,10 @@ def test_gpu_script_dry_run_on_this_backend(tmp_path):
     (md,) = tmp_path.glob("gpu_dry_run_*.md")
     text = md.read_text()
     assert "bit for bit" in text and "identical" in text and "batched K=" in text
+    # the second vmap training loaded every program the first one stored (no compile)
+    (js,) = tmp_path.glob("gpu_dry_run_*.json")
+    res = json.loads(js.read_text())
+    assert not res["errors"], res["errors"]
+    assert res["train_vmap_stored"]["programs_loaded"] >= 2
+    assert res["train_vmap_stored"]["compile_s"] < res["train_vmap"]["compile_s"]
+    assert "per live step" in text

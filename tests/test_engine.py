@@ -162,3 +162,38 @@ def test_vmap_width_may_change_last_bits_but_not_the_model():
     b = jax.tree.leaves(alone[0].params)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_allclose(x, y, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shard_exec", ["vmap", "map"])
+def test_chunk_steps_auto_and_the_steps_a_static_loop_wastes(shard_exec, tmp_path):
+    """``sisa.chunk_steps=auto`` is 32 under a static chunk loop (vmap) and 128 under a dynamic
+    one (map on a CPU), recorded in the run; :func:`sisajax.costs.chunk_fill` counts exactly the
+    steps a static loop dispatches (one shard: calls x C) and the live ones it trains."""
+    from sisajax.costs import chunk_fill
+
+    ds = tiny_digits()
+    cfg = tiny_config(shards=1, slices=4, chunk_steps="auto", shard_exec=shard_exec)
+    run, _ = sj.train(cfg, ds, tmp_path / "run")
+    want = {"vmap": 32, "map": 128}[shard_exec]
+    assert run.config.sisa.chunk_steps == want and run.engine.chunk_steps == want
+    assert run.manifest.layout["chunk_trip"] == {"vmap": "static", "map": "dynamic"}[shard_exec]
+    for chunk in (8, 32):
+        static = tiny_config(shards=1, slices=4, chunk_steps=chunk, chunk_trip="static")
+        eng = _engine(static, ds)
+        data = _shards(ds, static)
+        _, stats = _train(eng, [0], data)
+        sizes = np.array([[int((data[0].slices == j).sum()) for j in range(4)]])
+        live, dispatched = chunk_fill(sizes, static.sisa.epochs, static.sisa.batch_size, chunk)
+        assert stats.grad_steps == live
+        assert stats.program_calls * chunk == dispatched
+        assert dispatched >= live
+    # four shards in one vmapped program: every position runs the longest shard's chunks
+    cfg4 = tiny_config(shards=4, slices=3, chunk_steps=8, shard_exec="vmap", chunk_trip="static")
+    eng = _engine(cfg4, ds)
+    data = _shards(ds, cfg4)
+    _, stats = _train(eng, range(4), data)
+    sizes = np.array([[int((d.slices == j).sum()) for j in range(3)] for d in data])
+    live, dispatched = chunk_fill(sizes, cfg4.sisa.epochs, 8, 8, together=True)
+    assert stats.grad_steps == live and stats.program_calls * 8 * 4 == dispatched
+    with pytest.raises(sj.ConfigError, match="integer or .auto."):
+        tiny_config(chunk_steps="some")

@@ -21,9 +21,11 @@ replays a run from scratch and compares the bits whatever the store holds.
 
 The command line enables the store beside jax's cache; the Python API leaves it off unless
 :func:`enable` is called. Entries are written atomically; an entry that cannot be read or loaded
-is ignored (the program is compiled as usual and the entry rewritten); a full or read-only disk
+is ignored (the program is compiled as usual, and stored again when compiled afresh); a full or read-only disk
 only means nothing is stored. Loading an entry runs code from the cache folder, like jax's own
-cache: keep it private to its user.
+cache, so only regular files of the current user that no one else may write are loaded (a link,
+or a file another user could have written, is compiled instead). The folder can be deleted at any
+time.
 """
 
 from __future__ import annotations
@@ -128,12 +130,32 @@ def _path(key: str) -> Path:
     return _directory / key[:2] / f"{key}.pkl"
 
 
+def _trusted(st: os.stat_result) -> bool:
+    """Whether a file may be loaded (loading runs its code): a regular file (not a link) of this
+    user that no one else may write."""
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    others_could_write = bool(st.st_mode & 0o022)
+    return not (hasattr(os, "getuid") and (st.st_uid != os.getuid() or others_could_write))
+
+
 def _read(key: str | None) -> dict[str, Any] | None:
     """The entry stored under ``key``, or None (off, not stored, or damaged)."""
     if key is None or _directory is None:
         return None
+    path = _path(key)
     try:
-        blob = _path(key).read_bytes()
+        st = os.lstat(path)
+    except OSError:
+        _stats["missed"] += 1
+        return None
+    if not _trusted(st):
+        _stats["failed"] += 1
+        return None
+    try:
+        blob = path.read_bytes()
     except OSError:
         _stats["missed"] += 1
         return None

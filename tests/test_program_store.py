@@ -200,3 +200,22 @@ def test_entry_format_is_checked(store):
     failed = program_store.stats()["failed"]
     assert program_store._read(key) is None
     assert program_store.stats()["failed"] == failed + 1
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="POSIX file ownership")
+def test_only_private_regular_files_are_loaded(store):
+    """Loading an entry runs its code: a link, or a file others may write, is not loaded."""
+    key = "ef" + "2" * 62
+    path = store / "ef" / f"{key}.pkl"
+    path.parent.mkdir(parents=True)
+    entry = {"format": program_store.FORMAT, "key": key, "value": 7}
+    path.write_bytes(pickle.dumps(entry))
+    path.chmod(0o600)
+    assert program_store._read(key)["value"] == 7
+    path.chmod(0o666)
+    assert program_store._read(key) is None
+    path.chmod(0o600)
+    real = store / "elsewhere.pkl"
+    path.rename(real)
+    path.symlink_to(real)
+    assert program_store._read(key) is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ class SisaRun:
         self.files = RunDir(run_dir)
         self.run_dir = self.files.root
         self._engine: Engine | None = None
+        self._engine_built_for = ""
         self._layout_error: LayoutError | None = None
         self._ledger: tuple[Any, Ledger] | None = None
         self._files_cache: dict[str, Any] = {}  # sha256 -> parsed small file (test ids, ...)
@@ -114,6 +116,25 @@ class SisaRun:
         self._partition = None
         self._final = None
         self._final_manifest = None
+        self._drop_stale_engine()
+
+    def _engine_basis(self) -> str:
+        """What this handle's engine is built from: the run's configuration, data set shape and
+        device layout, as the manifest records them."""
+        m = self.manifest
+        return json.dumps(
+            [m.config, dataclasses.asdict(m.dataset), m.layout, len(m.shards)],
+            sort_keys=True,
+            default=str,
+        )
+
+    def _drop_stale_engine(self) -> None:
+        """Forget the engine when the run it was built for changed under this handle (another
+        writer retrained it in place with another recipe): programs of the old recipe must never
+        retrain the new one."""
+        if self._engine is not None and self._engine_built_for != self._engine_basis():
+            self._engine = None
+            self._layout_error = None
 
     def reload(self) -> None:
         """Re-read the manifest (another process may have switched generations).
@@ -134,6 +155,7 @@ class SisaRun:
         self._partition: Partition | None = None
         self._final: PyTree | None = None
         self._final_manifest: Manifest | None = None
+        self._drop_stale_engine()
 
     # -- locks and ledger ---------------------------------------------------------------------
     def writer_lock(self, timeout_s: float | None = None, *, replays: bool = True):
@@ -230,6 +252,7 @@ class SisaRun:
     @property
     def engine(self) -> Engine:
         if self._engine is None:
+            self._engine_built_for = self._engine_basis()
             self.check_plugins(writing=False)  # where a run's plug-in code is first used
             ds = self.manifest.dataset
             cfg = self.config

@@ -132,3 +132,22 @@ def test_train_cli_overwrite_from_source_keeps_tombstones(base_run, tmp_path, ca
     out = capsys.readouterr().out
     run = sj.open_run(run.run_dir)
     assert _forgotten_everywhere(run, ids) == [] and sj.audit(run).ok, out
+
+
+def test_an_open_handle_follows_a_retrain_in_place_by_another_writer(base_run, tmp_path):
+    """A handle opened before another writer retrained the run in place with a new recipe (here
+    a new learning rate) forgets with the new recipe: after it, the run is exactly a from-scratch
+    training of the new recipe on the retained data (a handle that kept its old engine would
+    retrain the shard with the old learning rate)."""
+    run = copy_run(base_run, tmp_path / "run")
+    held = sj.open_run(run.run_dir)
+    _ = held.engine  # built for the old recipe
+    cfg = tiny_config(optim={"learning_rate": 0.2})
+    sj.train(cfg, tiny_digits(), run.run_dir, overwrite=True)
+    ids = pick(sj.open_run(run.run_dir), 1, 2)
+    sj.forget(held, ids)
+    assert held.config.optim.learning_rate == 0.2
+    scratch, _ = sj.train(cfg, without(tiny_digits(), ids), tmp_path / "scratch")
+    done = sj.open_run(run.run_dir)
+    for k in range(scratch.num_shards):
+        assert_trees_equal(done.restore_block(k), scratch.restore_block(k))

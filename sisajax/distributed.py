@@ -40,6 +40,7 @@ from sisajax.errors import RunError, UserInputError
 from sisajax.generation import Generation, id_hashing_record
 from sisajax.generation_writer import Progress
 from sisajax.planning import make_manifest, plan_training
+from sisajax.plugins import load_plugins
 from sisajax.retraining import train_generation
 from sisajax.run import SisaRun
 from sisajax.store.files import read_json, write_json
@@ -93,6 +94,7 @@ def train_multiprocess(
     num_processes: int | None = None,
     devices: int | None = None,
     progress: Progress = None,
+    plugins: tuple[str, ...] | list[str] = (),
 ) -> tuple[SisaRun, CostReport]:
     """Train a SISA run with every process of the JAX job; call it on all of them.
 
@@ -105,6 +107,8 @@ def train_multiprocess(
       devices: how many of this process's devices to use (default: all).
       progress: optional ``progress(description, total_steps) -> advance(n)`` factory, for this
         process's shards.
+      plugins: modules the run needs imported (plug-in models or data sets), imported here and
+        recorded with their source hashes, as :func:`sisajax.train` records them.
 
     Returns:
       (the opened run, on every process; this process's :class:`CostReport`). Process 0's
@@ -116,6 +120,7 @@ def train_multiprocess(
         retrain an existing run in one process, which keeps its deletion history).
     """
     t_start = time.perf_counter()
+    plugin_names = load_plugins(list(plugins))
     pid, nproc = jax.process_index(), jax.process_count()
     if (process_id is not None and process_id != pid) or (
         num_processes is not None and num_processes != nproc
@@ -171,14 +176,14 @@ def train_multiprocess(
     cost = out.cost
     if pid == 0:
         t_save = time.perf_counter()
-        _write_run(g, plan, out, nproc)
+        _write_run(g, plan, out, nproc, plugin_names)
         cost.save_s += time.perf_counter() - t_save
     cost.wall_s = time.perf_counter() - t_start
     barrier("sisajax_train_manifest_written")
     return SisaRun(root), cost
 
 
-def _write_run(g: Generation, plan, out, num_processes: int) -> None:
+def _write_run(g: Generation, plan, out, num_processes: int, plugins: tuple[str, ...] = ()) -> None:
     """Process 0: gather every process's shard entries and write the manifest (run live)."""
     files = g.files
     parts = [
@@ -207,6 +212,7 @@ def _write_run(g: Generation, plan, out, num_processes: int) -> None:
         hosts,
         origin={"op": "train", "processes": num_processes},
         id_hashing=id_hashing,
+        plugins=plugins,
         layout=layout,
         val_data=out.val_data,
     )

@@ -74,10 +74,14 @@ def test_round_robin_assignment():
 
 
 def test_two_processes_equal_one_process(two_process_run, reference):
+    from sisajax.plugins import source_hash
+
     run_dir, outs = two_process_run
     ref, ref_cost = reference
     assert [o["shards"] for o in outs] == [[0, 2, 4], [1, 3]]
     run = sj.open_run(run_dir)
+    assert run.manifest.plugins == ("conftest",)  # recorded like a one-process training's
+    assert run.manifest.plugin_sources == {"conftest": source_hash("conftest")}
     layout = run.manifest.layout
     assert (layout["num_processes"], layout["num_devices"]) == (2, 1)
     for k in range(ref.num_shards):

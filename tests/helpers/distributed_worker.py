@@ -23,7 +23,8 @@ def main(argv: list[str]) -> int:
     from conftest import tiny_config, tiny_digits
 
     cfg = tiny_config(**json.loads(cfg_json))
-    run, cost = distributed.train_multiprocess(cfg, tiny_digits(), run_dir)
+    # a plug-in module named as a user would (here the tests' own helpers): recorded
+    run, cost = distributed.train_multiprocess(cfg, tiny_digits(), run_dir, plugins=["conftest"])
     shards = distributed.process_shards(cfg.sisa.shards, int(pid), int(nproc))
     print(
         json.dumps(

@@ -101,8 +101,8 @@ def test_version_is_printed_without_importing_jax():
 def test_help_imports_no_command_module_and_no_jax():
     code = (
         "import sys; from sisajax.cli import main; rc = main(['--help']); "
-        "loaded = [m for m in ('jax', 'sisajax.cli.commands', 'sisajax.cli.experiment_commands', "
-        "'sisajax.cli.sweep') if m in sys.modules]; "
+        "loaded = [m for m in ('jax', 'sisajax.cli.commands', 'sisajax.cli.forget_commands', "
+        "'sisajax.cli.experiment_commands', 'sisajax.cli.sweep') if m in sys.modules]; "
         "assert not loaded, loaded; sys.exit(rc)"
     )
     r = subprocess.run(

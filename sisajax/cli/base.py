@@ -1,9 +1,9 @@
 """Plumbing shared by the command line's modules: composing a command's config, the one error
-handler, running a command.
+handler, running a command, writing a command's result file and metrics record.
 
-The command modules (:mod:`sisajax.cli.commands`, :mod:`sisajax.cli.experiment_commands`), the
-sweeps (:mod:`sisajax.cli.sweep`), the command table (:mod:`sisajax.cli.table`) and the entry
-point (:mod:`sisajax.cli.app`) import from here; this module imports none of them, so the command
+The command modules (:mod:`sisajax.cli.commands`, :mod:`sisajax.cli.forget_commands`,
+:mod:`sisajax.cli.experiment_commands`, ...), the sweeps (:mod:`sisajax.cli.sweep`), the command
+table (:mod:`sisajax.cli.table`) and the entry point (:mod:`sisajax.cli.app`) import from here; this module imports none of them, so the command
 line has no import cycle. Heavy libraries (Hydra, jax, the run store) are imported inside the
 functions that need them.
 """
@@ -269,3 +269,30 @@ def report_error(e: BaseException) -> int:
     if type(e).__module__.startswith(("hydra", "omegaconf")):
         return fail(_hydra_message(e), 2)
     raise e
+
+
+def write_result(run, name: str, obj: dict[str, Any]) -> None:
+    """Write the command's result file. The command's work is done (and its verdict printed)
+    by now, so a result that cannot be written (a full disk) is reported, not a failure."""
+    from sisajax.console import say
+    from sisajax.errors import StorageError
+
+    try:
+        path = run.write_result(name, obj)
+    except StorageError as e:
+        say(f"result not written: {e}")
+        return
+    say(f"result: {path}" if path else "result not written: the run directory is read-only")
+
+
+def log_metrics(run, record: dict[str, Any]) -> None:
+    """Append a read-only command's metrics record (skipped on a read-only run directory; a
+    record that cannot be written is reported, not a failure: the command's work is done)."""
+    from sisajax.console import say
+    from sisajax.metrics import log_record
+    from sisajax.store.files import UnsafeRunError
+
+    try:
+        log_record(run.run_dir, record)
+    except (OSError, UnsafeRunError) as e:
+        say(f"metrics not written: {e}")

@@ -29,12 +29,12 @@ TABLE: tuple[Command, ...] = (
     Command(
         "forget",
         "forget training ids exactly (one batched request, or a request stream)",
-        "sisajax.cli.commands:cmd_forget",
+        "sisajax.cli.forget_commands:cmd_forget",
     ),
     Command(
         "resume",
         "finish a request an interrupted command left pending",
-        "sisajax.cli.commands:cmd_resume",
+        "sisajax.cli.forget_commands:cmd_resume",
     ),
     Command(
         "status",
@@ -74,7 +74,7 @@ TABLE: tuple[Command, ...] = (
     Command(
         "serve",
         "serve a stream of forget requests from one long-lived process",
-        "sisajax.cli.commands:cmd_serve",
+        "sisajax.cli.forget_commands:cmd_serve",
     ),
     Command(
         "export",

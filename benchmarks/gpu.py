@@ -60,6 +60,7 @@ def step_time_us(engine: Any, width: int, capacity: int, calls: int) -> float:
     import numpy as np
 
     from sisajax.engine import stack_states
+    from sisajax.jobs import row_offsets
     from sisajax.step import StepMeta
 
     program = engine.compiled(width, capacity)
@@ -67,7 +68,7 @@ def step_time_us(engine: Any, width: int, capacity: int, calls: int) -> float:
     rng = np.random.default_rng(0)
     states = engine.put(stack_states([engine.init_state(k) for k in range(width)]))
     x = engine.put(np.zeros((width, capacity, *engine.feature_shape), engine.x_dtype))
-    offsets = engine.row_offsets(width, capacity)[:, None, None]
+    offsets = row_offsets(engine.shard_exec, width, capacity, engine.num_devices)[:, None, None]
     rows = (rng.integers(0, capacity, (width, c, b)) + offsets).astype(np.int32)
     inputs = engine.put(
         (

@@ -37,7 +37,9 @@ from sisajax.jobs import (
     ShardJob,
     SliceOutput,
     TrainStats,
+    chunk_inputs,
     pad_rows,
+    row_offsets,
     stack_states,
     unstack_state,
 )
@@ -435,7 +437,7 @@ class Engine:
         stats.compile_s += time.perf_counter() - t_init  # initial states: mostly their compile
         t0 = time.perf_counter()
         c = self.chunk_steps
-        offsets = self.row_offsets(width, cap)
+        offsets = row_offsets(self.shard_exec, width, cap, self.num_devices)
         for j in range(int(starts.min()), sisa.slices):
             batches: dict[int, Any] = {}
             labels_of: dict[int, np.ndarray] = {}
@@ -461,7 +463,9 @@ class Engine:
                 steps[p] = sb.num_steps
                 examples[p] = sb.num_examples
             n_chunks = math.ceil(steps.max(initial=0) / c)
-            rows, mask, labels = self.chunk_inputs(batches, labels_of, width, n_chunks, offsets)
+            rows, mask, labels = chunk_inputs(
+                batches, labels_of, width, n_chunks, offsets, c, self.batch_size
+            )
             losses = []
             for chunk in range(n_chunks):
                 lo = chunk * c
@@ -482,46 +486,6 @@ class Engine:
         stats.train_s += time.perf_counter() - t0
         finals = [jax.tree.map(lambda a, p=p: np.asarray(a[p]), host) for p in pos]
         return finals, stats
-
-    def row_offsets(self, width: int, capacity: int) -> np.ndarray:
-        """``[W]`` what each position adds to its row indices: under ``map`` the program reads
-        its device's block of shards as one flat ``[W_local * Ncap]`` array, so position ``p``
-        adds ``(p mod W_local) * Ncap``; under ``vmap`` each shard reads its own rows (0)."""
-        if self.shard_exec == "vmap":
-            return np.zeros(width, np.int64)
-        local = width // self.num_devices
-        return (np.arange(width) % local) * capacity
-
-    def chunk_inputs(
-        self,
-        batches: dict[int, Any],
-        labels_of: dict[int, np.ndarray],
-        width: int,
-        n_chunks: int,
-        offsets: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows, masks and labels of every chunk of a slice step, each ``[n_chunks, W, C, B]``.
-
-        Args:
-          batches: ``{position: StepBatches}`` of the shards this slice step trains.
-          labels_of: ``{position: [n] labels of the shard's data rows}``.
-          offsets: :meth:`row_offsets`. Steps past a shard's budget stay masked (no-ops).
-        """
-        c, b = self.chunk_steps, self.batch_size
-        total = n_chunks * c
-        rows = np.zeros((width, total, b), np.int32)
-        mask = np.zeros((width, total, b), bool)
-        labels = np.zeros((width, total, b), np.int32)
-        for p, sb in batches.items():
-            t = sb.num_steps
-            rows[p, :t] = sb.rows + offsets[p]
-            mask[p, :t] = sb.mask
-            labels[p, :t] = np.where(sb.mask, labels_of[p][sb.rows], 0)
-
-        def chunks(a: np.ndarray) -> np.ndarray:
-            return a.reshape(width, n_chunks, c, b).swapaxes(0, 1)
-
-        return chunks(rows), chunks(mask), chunks(labels)
 
     # -- inference ----------------------------------------------------------------------------
     def _predict_stack(self, variables, x):

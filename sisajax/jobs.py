@@ -1,5 +1,6 @@
 """What the engine trains and hands back: shard data, jobs, per-slice outputs, cost counters,
-and helpers to stack one-shard states into ``[W, ...]`` pytrees (numpy, no compiled code)."""
+helpers to stack one-shard states into ``[W, ...]`` pytrees, and the host-side inputs of every
+chunk of a slice step (numpy, no compiled code)."""
 
 from __future__ import annotations
 
@@ -151,3 +152,47 @@ __all__ = [
     "stack_states",
     "unstack_state",
 ]
+
+
+def row_offsets(shard_exec: str, width: int, capacity: int, num_devices: int) -> np.ndarray:
+    """``[W]`` what each position adds to its row indices: under ``map`` a device's program reads
+    its block of shards as one flat ``[W_local * Ncap]`` array, so position ``p`` adds
+    ``(p mod W_local) * Ncap``; under ``vmap`` each shard reads its own rows (0)."""
+    if shard_exec == "vmap":
+        return np.zeros(width, np.int64)
+    local = width // num_devices
+    return (np.arange(width) % local) * capacity
+
+
+def chunk_inputs(
+    batches: dict[int, Any],
+    labels_of: dict[int, np.ndarray],
+    width: int,
+    n_chunks: int,
+    offsets: np.ndarray,
+    chunk_steps: int,
+    batch_size: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows, masks and labels of every chunk of a slice step, each ``[n_chunks, W, C, B]``.
+
+    Args:
+      batches: ``{position: StepBatches}`` of the shards this slice step trains.
+      labels_of: ``{position: [n] labels of the shard's data rows}``.
+      offsets: :func:`row_offsets`. Steps past a shard's budget stay masked (no-ops).
+      chunk_steps, batch_size: C and B.
+    """
+    c, b = chunk_steps, batch_size
+    total = n_chunks * c
+    rows = np.zeros((width, total, b), np.int32)
+    mask = np.zeros((width, total, b), bool)
+    labels = np.zeros((width, total, b), np.int32)
+    for p, sb in batches.items():
+        t = sb.num_steps
+        rows[p, :t] = sb.rows + offsets[p]
+        mask[p, :t] = sb.mask
+        labels[p, :t] = np.where(sb.mask, labels_of[p][sb.rows], 0)
+
+    def chunks(a: np.ndarray) -> np.ndarray:
+        return a.reshape(width, n_chunks, c, b).swapaxes(0, 1)
+
+    return chunks(rows), chunks(mask), chunks(labels)

@@ -219,3 +219,22 @@ def test_only_private_regular_files_are_loaded(store):
     path.rename(real)
     path.symlink_to(real)
     assert program_store._read(key) is None
+
+
+def test_a_store_that_cannot_be_written_only_stores_nothing(tmp_path):
+    """A store folder that cannot be created (here a file is in the way; a read-only or full disk
+    fails the same way) costs nothing but the storing: training runs and is exact."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    program_store.enable(blocker / "programs")
+    try:
+        stored = program_store.stats()["stored"]
+        ds = tiny_digits()
+        cfg = tiny_config(chunk_steps=9, batch_size=7)
+        run, _ = sj.train(cfg, ds, tmp_path / "run")
+        assert program_store.stats()["stored"] == stored
+    finally:
+        program_store.disable()
+    ref, _ = sj.train(cfg, ds, tmp_path / "ref")
+    for k in range(ref.num_shards):
+        assert_trees_equal(run.restore_block(k), ref.restore_block(k))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import sisajax.data.loaders as loaders
+import sisajax.data.published as published
 from sisajax.data.datasets import DataError, available_datasets, load_dataset
 
 # ---------------------------------------------------------------------------------------------
@@ -77,12 +77,12 @@ def test_idx_first_rows_keep_ids(tmp_path):
 def test_read_idx_non_uint8_big_endian(tmp_path):
     arr = np.array([[1, -2, 70000], [3, 4, -5]], dtype=np.int32)
     (tmp_path / "a").write_bytes(_idx_bytes(arr, 0x0C))
-    out, total = loaders.read_idx(tmp_path / "a")
+    out, total = published.read_idx(tmp_path / "a")
     np.testing.assert_array_equal(out, arr)
     assert total == 2 and out.dtype == np.int32
     f = np.array([0.5, -1.25], dtype=np.float32)
     (tmp_path / "b").write_bytes(_idx_bytes(f, 0x0D))
-    np.testing.assert_array_equal(loaders.read_idx(tmp_path / "b")[0], f)
+    np.testing.assert_array_equal(published.read_idx(tmp_path / "b")[0], f)
 
 
 def test_idx_bad_magic(tmp_path):
@@ -127,7 +127,7 @@ def test_idx_missing_file_and_dir(tmp_path):
 
 
 @pytest.mark.skipif(
-    not Path(loaders.FASHION_MNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed"
+    not Path(published.FASHION_MNIST_DIR).is_dir(), reason="dataset-fashion-mnist not installed"
 )
 def test_fashion_mnist_installed():
     ds = load_dataset("fashion_mnist", n_train=100, n_test=10)
@@ -191,7 +191,7 @@ def test_purchase_wrong_columns(tmp_path):
         load_dataset("purchase", path=str(p), num_features=3)
     p.write_text("1,0,1\n2,1,0\n3,1,1,1\n")  # column count changes in a later chunk
     with pytest.raises(DataError, match=r"p\.txt: 4 columns in lines 3\.\.3, 3 before"):
-        loaders._read_label_rows(p, "test", chunk_rows=2)
+        published.read_label_rows(p, "test", chunk_rows=2)
     p.write_text("1,0,300\n")
     with pytest.raises(DataError, match=r"p\.txt: features outside \[0, 255\]"):
         load_dataset("purchase", path=str(p), num_features=2)
@@ -259,7 +259,7 @@ def test_svhn_errors(tmp_path):
 def _cifar_dir(root: Path, per_batch: int = 2) -> Path:
     d = root / "cifar-10-batches-py"
     d.mkdir()
-    for i, name in enumerate([*loaders.CIFAR10_TRAIN_BATCHES, "test_batch"]):
+    for i, name in enumerate([*published.CIFAR10_TRAIN_BATCHES, "test_batch"]):
         n = per_batch
         # Channel planes: R = 10*i + row, G = 100 + row, B = 200 + pixel index mod 50.
         data = np.empty((n, 3, 1024), dtype=np.uint8)

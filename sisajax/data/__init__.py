@@ -26,3 +26,4 @@ __all__ = [
     "steps_for",
 ]
 from sisajax.data import loaders as _loaders  # noqa: E402, F401  (registers file-format data sets)
+from sisajax.data import published as _published  # noqa: E402, F401  (registers releases)

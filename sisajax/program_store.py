@@ -73,8 +73,10 @@ def stats() -> dict[str, int]:
 
 
 @functools.cache
-def code_digest() -> str:
-    """sha256 over sisajax's source files and the versions of the libraries its programs use."""
+def code_digest() -> str | None:
+    """sha256 over sisajax's source files and the versions of the libraries its programs use;
+    None when sisajax's source cannot be read (e.g. imported from a zip): then nothing is
+    stored."""
     import flax
     import jax
     import jaxlib
@@ -84,8 +86,11 @@ def code_digest() -> str:
 
     from sisajax.plugins import source_hash
 
+    source = source_hash("sisajax")
+    if source is None:
+        return None
     parts = {
-        "sisajax": source_hash("sisajax"),
+        "sisajax": source,
         "python": sys.version,
         "versions": [m.__version__ for m in (jax, jaxlib, flax, optax, numpy, ml_dtypes)],
     }
@@ -115,7 +120,7 @@ def environment(devices: Sequence[Any]) -> dict[str, Any]:
 def program_key(identity: dict[str, Any] | None, devices: Sequence[Any]) -> str | None:
     """The key of the program ``identity`` describes on ``devices``; None when the store is off
     or ``identity`` is None (a program that must not be stored)."""
-    if _directory is None or identity is None:
+    if _directory is None or identity is None or code_digest() is None:
         return None
     blob = json.dumps(
         {"format": FORMAT, "identity": identity, "environment": environment(devices)},

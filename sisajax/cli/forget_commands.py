@@ -66,7 +66,9 @@ def read_ids(cfg: dict[str, Any]) -> list[Any]:
 def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
     """Forget `ids=[...]`, `ids_file=PATH`, or a seeded stream `requests.k=K` (`requests.mode=
     batched|sequential`, `requests.distribution=uniform|exponential|pareto`; `tensorboard=true`
-    also writes the retraining's scalars as TensorBoard events)."""
+    also writes the retraining's scalars as TensorBoard events). A request that retrains one
+    shard of a CPU `map` run runs in the serial layout (one device, XLA's pools sized for one
+    core: faster for one shard, same bits) unless SISAJAX_CPU_DEVICES chooses the layout."""
     from sisajax.metrics import MetricsLog
     from sisajax.requests import sample_requests
 

@@ -86,7 +86,7 @@ def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
         raise UsageError(f"requests.mode must be batched or sequential; got {req['mode']!r}")
     run.writer_lock(cfg["lock_timeout_s"])  # checks the timeout value; takes no lock
     pending_before = _refuse_if_all_forgotten(run, ids)
-    _choose_layout(run, ids, req["mode"])
+    _choose_layout(run, ids, req["mode"], cfg["evaluate"])
     factory, bar = progress_factory(cfg["progress"])
     log = MetricsLog(run.run_dir, tensorboard=cfg["tensorboard"])
     try:
@@ -197,9 +197,11 @@ def _some(ids: list[Any], limit: int = 20) -> str:
     return str(ids[:limit]) if len(ids) <= limit else f"{ids[:limit]} and {len(ids) - limit} more"
 
 
-def _choose_layout(run, ids: list[Any], mode: str) -> None:
-    """Start jax in the serial layout when every retrain of this request is one shard's and that
-    layout suits the run (:func:`sisajax.layout.serial_suits`); else keep the default."""
+def _choose_layout(run, ids: list[Any], mode: str, evaluate: bool) -> None:
+    """Start jax in the serial layout when the request's only work is retraining one shard at a
+    time and that layout suits the run (:func:`sisajax.layout.serial_suits`); else keep the
+    default (a sequential stream that evaluates every model after each request also predicts
+    with all shards, which one device per core does faster)."""
     from sisajax.layout import serial_suits, start_serial_backend
     from sisajax.planning import ForgetError, normalise_ids
 
@@ -208,8 +210,10 @@ def _choose_layout(run, ids: list[Any], mode: str) -> None:
     except ForgetError:  # reported by the forget itself
         return
     pending = run.ledger.pending()
-    shards = 1 if mode == "sequential" and not pending else len(run.partition.shards_of(arr))
-    if not pending and serial_suits(run.manifest.layout, shards):
+    if pending or (mode == "sequential" and evaluate):
+        return
+    shards = 1 if mode == "sequential" else len(run.partition.shards_of(arr))
+    if serial_suits(run.manifest.layout, shards):
         start_serial_backend()
 
 

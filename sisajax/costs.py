@@ -42,6 +42,27 @@ class CostReport:
         return dataclasses.asdict(self)
 
 
+def slice_step_counts(
+    sizes: np.ndarray, epochs: float, batch_size: int, start: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(n, steps)``, each ``[S, R]``: the ids each slice step trains on (the slice prefix) and
+    its gradient steps, for shards trained from their start slice (0 before it).
+
+    Args: as :func:`slice_schedule_cost`.
+    """
+    s, r = sizes.shape
+    start = np.zeros(s, int) if start is None else np.asarray(start)
+    per_step_epochs = 2.0 * epochs / (r + 1)
+    n = np.zeros((s, r), np.int64)
+    steps = np.zeros((s, r), np.int64)
+    for k in range(s):
+        prefix = np.cumsum(sizes[k])
+        for j in range(int(start[k]), r):
+            n[k, j] = int(prefix[j])
+            steps[k, j] = steps_for(int(prefix[j]), per_step_epochs, batch_size)
+    return n, steps
+
+
 def slice_schedule_cost(
     sizes: np.ndarray, epochs: float, batch_size: int, start: np.ndarray | None = None
 ) -> tuple[int, int]:
@@ -53,21 +74,14 @@ def slice_schedule_cost(
       batch_size: B.
       start: ``[S]`` first slice to train per shard (default 0); ``R`` means "not trained".
     """
-    s, r = sizes.shape
-    start = np.zeros(s, int) if start is None else np.asarray(start)
-    per_step_epochs = 2.0 * epochs / (r + 1)
-    examples = steps = 0
-    for k in range(s):
-        prefix = np.cumsum(sizes[k])
-        for j in range(int(start[k]), r):
-            n = int(prefix[j])
-            t = steps_for(n, per_step_epochs, batch_size)
-            steps += t
-            # full batches except the last of each epoch
-            per_epoch = -(-n // batch_size) if n else 0
-            full_epochs, rem = divmod(t, per_epoch) if per_epoch else (0, 0)
-            examples += full_epochs * n + min(rem * batch_size, n)
-    return examples, steps
+    ns, steps = slice_step_counts(sizes, epochs, batch_size, start)
+    examples = 0
+    for n, t in zip(ns.ravel().tolist(), steps.ravel().tolist(), strict=True):
+        # full batches except the last of each epoch
+        per_epoch = -(-n // batch_size) if n else 0
+        full_epochs, rem = divmod(t, per_epoch) if per_epoch else (0, 0)
+        examples += full_epochs * n + min(rem * batch_size, n)
+    return examples, int(steps.sum())
 
 
 def chunk_fill(
@@ -89,17 +103,10 @@ def chunk_fill(
       position runs as many chunks as the longest shard of the slice step needs (positions not
       training that slice step run masked steps too).
     """
-    s, r = sizes.shape
-    start = np.zeros(s, int) if start is None else np.asarray(start)
-    per_step_epochs = 2.0 * epochs / (r + 1)
-    steps = np.zeros((s, r), np.int64)
-    for k in range(s):
-        prefix = np.cumsum(sizes[k])
-        for j in range(int(start[k]), r):
-            steps[k, j] = steps_for(int(prefix[j]), per_step_epochs, batch_size)
+    _, steps = slice_step_counts(sizes, epochs, batch_size, start)
     chunks = -(-steps // chunk_steps)
     if together:
-        dispatched = int(chunks.max(axis=0).sum()) * s * chunk_steps
+        dispatched = int(chunks.max(axis=0).sum()) * sizes.shape[0] * chunk_steps
     else:
         dispatched = int(chunks.sum()) * chunk_steps
     return int(steps.sum()), dispatched

@@ -114,14 +114,15 @@ def code_id() -> str:
     import jaxlib
 
     _, isa = cpu_description()
-    ident = {
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "machine": platform.machine(),
-        "isa": list(isa),
-        "xla_flags": code_flags(),
-    }
-    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return host_id(
+        {
+            "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__,
+            "machine": platform.machine(),
+            "isa": list(isa),
+            "xla_flags": code_flags(),
+        }
+    )  # backend and device kind unknown here
 
 
 def host_id(info: dict[str, Any]) -> str:

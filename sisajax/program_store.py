@@ -37,11 +37,12 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from sisajax.store.files import UnsafeRunError, open_read, write_file
 
 FORMAT = 1
 OFF_ENV = "SISAJAX_PROGRAM_STORE"  # "0": the command line does not use the store
@@ -136,33 +137,27 @@ def _path(key: str) -> Path:
 
 
 def _trusted(st: os.stat_result) -> bool:
-    """Whether a file may be loaded (loading runs its code): a regular file (not a link) of this
-    user that no one else may write."""
-    import stat
-
-    if not stat.S_ISREG(st.st_mode):
-        return False
+    """Whether an open regular file may be loaded (loading runs its code): this user's, and no
+    one else may write it."""
     others_could_write = bool(st.st_mode & 0o022)
     return not (hasattr(os, "getuid") and (st.st_uid != os.getuid() or others_could_write))
 
 
 def _read(key: str | None) -> dict[str, Any] | None:
-    """The entry stored under ``key``, or None (off, not stored, or damaged)."""
+    """The entry stored under ``key``, or None (off, not stored, or damaged). A link, or a file
+    another user could have written, counts as damaged."""
     if key is None or _directory is None:
         return None
-    path = _path(key)
     try:
-        st = os.lstat(path)
-    except OSError:
+        with open_read(_path(key)) as f:  # no link followed, regular files only
+            if not _trusted(os.fstat(f.fileno())):
+                raise ValueError("not a private file")
+            blob = f.read()
+    except FileNotFoundError:
         _stats["missed"] += 1
         return None
-    if not _trusted(st):
+    except (OSError, ValueError, UnsafeRunError):
         _stats["failed"] += 1
-        return None
-    try:
-        blob = path.read_bytes()
-    except OSError:
-        _stats["missed"] += 1
         return None
     try:
         entry = pickle.loads(blob)
@@ -175,7 +170,8 @@ def _read(key: str | None) -> dict[str, Any] | None:
 
 
 def _write(key: str | None, payload: dict[str, Any]) -> bool:
-    """Write an entry atomically; False when off or the disk refuses it."""
+    """Write an entry atomically (private to this user); False when off, when something in it
+    does not pickle, or when the disk refuses it."""
     if key is None or _directory is None:
         return False
     path = _path(key)
@@ -185,15 +181,8 @@ def _write(key: str | None, payload: dict[str, Any]) -> bool:
         return False
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-    except OSError:
+        write_file(path, blob, durable=False, mode=0o600)
+    except OSError:  # StorageError included: a full or read-only disk
         return False
     _stats["stored"] += 1
     return True

@@ -86,7 +86,7 @@ def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
         raise UsageError(f"requests.mode must be batched or sequential; got {req['mode']!r}")
     run.writer_lock(cfg["lock_timeout_s"])  # checks the timeout value; takes no lock
     pending_before = _refuse_if_all_forgotten(run, ids)
-    _choose_layout(run, ids, req["mode"], cfg["evaluate"])
+    _choose_layout(run, ids, req["mode"], cfg["evaluate"], pending_before)
     factory, bar = progress_factory(cfg["progress"])
     log = MetricsLog(run.run_dir, tensorboard=cfg["tensorboard"])
     try:
@@ -197,11 +197,12 @@ def _some(ids: list[Any], limit: int = 20) -> str:
     return str(ids[:limit]) if len(ids) <= limit else f"{ids[:limit]} and {len(ids) - limit} more"
 
 
-def _choose_layout(run, ids: list[Any], mode: str, evaluate: bool) -> None:
+def _choose_layout(run, ids: list[Any], mode: str, evaluate: bool, pending: bool) -> None:
     """Start jax in the serial layout when the request's only work is retraining one shard at a
     time and that layout suits the run (:func:`sisajax.layout.serial_suits`); else keep the
     default (a sequential stream that evaluates every model after each request also predicts
-    with all shards, which one device per core does faster)."""
+    with all shards, which one device per core does faster; ``pending``: requests left pending
+    are finished first, whatever they retrain)."""
     from sisajax.layout import serial_suits, start_serial_backend
     from sisajax.planning import ForgetError, normalise_ids
 
@@ -209,7 +210,6 @@ def _choose_layout(run, ids: list[Any], mode: str, evaluate: bool) -> None:
         arr = normalise_ids(ids)
     except ForgetError:  # reported by the forget itself
         return
-    pending = run.ledger.pending()
     if pending or (mode == "sequential" and evaluate):
         return
     shards = 1 if mode == "sequential" else len(run.partition.shards_of(arr))

@@ -3,7 +3,7 @@
 A model is used functionally: ``init(key, x) -> variables`` and ``apply(variables, x) -> logits``.
 Built in: ``mlp``, ``cnn`` (small networks for tabular data and small images) and the standard
 image networks ``resnet18`` (the CIFAR ResNet-18) and ``wrn`` (a wide ResNet, WRN-16-4 by
-default). Register more with :func:`register_model`; configs pick models by name (no import
+default), defined in :mod:`sisajax.resnets`. Register more with :func:`register_model`; configs pick models by name (no import
 paths in YAML).
 
 Every model returns float32 logits ``[B, num_classes]``. With ``model.compute_dtype: bfloat16``
@@ -22,15 +22,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sisajax.config import ConfigError, ModelConfig
+from sisajax.resnets import CONV_IMPLS, ResNet, WideResNet
 
 _ACTIVATIONS: dict[str, Callable] = {"tanh": jnp.tanh, "relu": nn.relu, "gelu": nn.gelu}
 _DTYPES: dict[str, Any] = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# He initialisation (fan-out, untruncated normal) for the convolutions of the residual networks:
-# the usual choice for ReLU networks with BatchNorm.
-_CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
-# BatchNorm running statistics: new = 0.9 * old + 0.1 * batch.
-_BN_MOMENTUM = 0.9
 
 
 class MLP(nn.Module):
@@ -87,157 +82,6 @@ class CNN(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Residual networks for 32x32 images
-
-
-def _images(x: jnp.ndarray) -> jnp.ndarray:
-    """``[B, H, W]`` or ``[B, H, W, C]`` -> ``[B, H, W, C]`` float32."""
-    x = x.astype(jnp.float32)
-    return x[..., None] if x.ndim == 3 else x
-
-
-def _batch_norm(x: jnp.ndarray, train: bool, mask: jnp.ndarray | None, dtype: Any) -> jnp.ndarray:
-    """BatchNorm over every axis but the last; in training the batch statistics use only the rows
-    where ``mask`` (``[B]`` bool) is True, so padding rows never reach the running statistics.
-
-    Creates a submodule: call it only inside a compact ``__call__``.
-    """
-    m = None if mask is None or not train else mask.reshape((-1,) + (1,) * (x.ndim - 1))
-    bn = nn.BatchNorm(use_running_average=not train, momentum=_BN_MOMENTUM, dtype=dtype)
-    return bn(x, mask=m)
-
-
-def _conv(features: int, kernel: int, strides: int, dtype: Any) -> nn.Conv:
-    """A bias-free ``kernel x kernel`` convolution with symmetric padding ``kernel // 2``."""
-    pad = kernel // 2
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(strides, strides),
-        padding=((pad, pad), (pad, pad)),
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=_CONV_INIT,
-    )
-
-
-def _head(x: jnp.ndarray, num_classes: int, dtype: Any) -> jnp.ndarray:
-    """Global average pool ``[B, H, W, C] -> [B, C]``, then a dense layer; float32 logits."""
-    x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(num_classes, dtype=dtype, param_dtype=jnp.float32)(x).astype(jnp.float32)
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block: ``[B, H, W, C] -> [B, H/s, W/s, features]``.
-
-    conv3x3(stride s) - BN - ReLU - conv3x3 - BN, plus the input (through a 1x1 conv and BN when
-    the shape changes), then ReLU.
-    """
-
-    features: int
-    strides: int = 1
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self, x: jnp.ndarray, train: bool = False, mask: jnp.ndarray | None = None
-    ) -> jnp.ndarray:
-        y = _conv(self.features, 3, self.strides, self.dtype)(x)
-        y = nn.relu(_batch_norm(y, train, mask, self.dtype))
-        y = _conv(self.features, 3, 1, self.dtype)(y)
-        y = _batch_norm(y, train, mask, self.dtype)
-        if self.strides != 1 or x.shape[-1] != self.features:
-            x = _conv(self.features, 1, self.strides, self.dtype)(x)
-            x = _batch_norm(x, train, mask, self.dtype)
-        return nn.relu(y + x)
-
-
-class ResNet(nn.Module):
-    """The CIFAR ResNet: images ``[B, H, W(, C)]`` -> ``[B, num_classes]`` float32 logits.
-
-    3x3 stem convolution with ``width`` channels (no max-pool), then stage i of ``stages[i]``
-    :class:`BasicBlock` s with ``width * 2**i`` channels (stride 1 in the first stage, 2 at the
-    start of every later one), global average pool and a dense head. ``width=64`` and
-    ``stages=(2, 2, 2, 2)`` is ResNet-18.
-    """
-
-    num_classes: int
-    width: int = 64
-    stages: Sequence[int] = (2, 2, 2, 2)
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self, x: jnp.ndarray, train: bool = False, mask: jnp.ndarray | None = None
-    ) -> jnp.ndarray:
-        x = _conv(self.width, 3, 1, self.dtype)(_images(x))
-        x = nn.relu(_batch_norm(x, train, mask, self.dtype))
-        for i, blocks in enumerate(self.stages):
-            for j in range(blocks):
-                strides = 2 if i > 0 and j == 0 else 1
-                x = BasicBlock(self.width * 2**i, strides, self.dtype)(x, train, mask)
-        return _head(x, self.num_classes, self.dtype)
-
-
-class WideBlock(nn.Module):
-    """Pre-activation wide-ResNet block: ``[B, H, W, C] -> [B, H/s, W/s, features]``.
-
-    BN - ReLU - conv3x3(stride s) - BN - ReLU - Dropout - conv3x3, plus the input (through a 1x1
-    conv of the pre-activated input when the shape changes).
-    """
-
-    features: int
-    strides: int = 1
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self, x: jnp.ndarray, train: bool = False, mask: jnp.ndarray | None = None
-    ) -> jnp.ndarray:
-        o = nn.relu(_batch_norm(x, train, mask, self.dtype))
-        if self.strides != 1 or x.shape[-1] != self.features:
-            x = _conv(self.features, 1, self.strides, self.dtype)(o)
-        y = _conv(self.features, 3, self.strides, self.dtype)(o)
-        y = nn.relu(_batch_norm(y, train, mask, self.dtype))
-        if self.dropout:
-            y = nn.Dropout(self.dropout, deterministic=not train)(y)
-        return x + _conv(self.features, 3, 1, self.dtype)(y)
-
-
-class WideResNet(nn.Module):
-    """WRN-d-k: images ``[B, H, W(, C)]`` -> ``[B, num_classes]`` float32 logits.
-
-    3x3 stem convolution with 16 channels, three groups of n = (d - 4) / 6 :class:`WideBlock` s
-    with 16k, 32k, 64k channels (strides 1, 2, 2), BN - ReLU, global average pool, dense head.
-    ``depth=16, widen=4`` is WRN-16-4. ``dropout`` (between a block's convolutions) needs the
-    ``dropout`` RNG stream in training.
-    """
-
-    num_classes: int
-    depth: int = 16
-    widen: int = 4
-    dropout: float = 0.0
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self, x: jnp.ndarray, train: bool = False, mask: jnp.ndarray | None = None
-    ) -> jnp.ndarray:
-        n = (self.depth - 4) // 6
-        x = _conv(16, 3, 1, self.dtype)(_images(x))
-        for i, strides in enumerate((1, 2, 2)):
-            for j in range(n):
-                block = WideBlock(
-                    16 * 2**i * self.widen, strides if j == 0 else 1, self.dropout, self.dtype
-                )
-                x = block(x, train, mask)
-        x = nn.relu(_batch_norm(x, train, mask, self.dtype))
-        return _head(x, self.num_classes, self.dtype)
-
-
-# ---------------------------------------------------------------------------------------------
 # Factories: ModelConfig -> module (each refuses model.params keys it does not know)
 
 
@@ -272,6 +116,13 @@ def _int_list_param(params: dict[str, Any], key: str, default: Sequence[int]) ->
     return tuple(_int_param({key: e}, key, 1) for e in v)
 
 
+def _choice_param(params: dict[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    v = params.get(key, choices[0])
+    if v not in choices:
+        raise ConfigError(f"model.params.{key} must be one of {', '.join(choices)}, got {v!r}")
+    return str(v)
+
+
 def _dtype(cfg: ModelConfig) -> Any:
     return _DTYPES[cfg.compute_dtype]
 
@@ -289,17 +140,18 @@ def _cnn(cfg: ModelConfig, num_classes: int) -> CNN:
 
 
 def _resnet18(cfg: ModelConfig, num_classes: int) -> ResNet:
-    p = _params(cfg, ("width", "stages"))
+    p = _params(cfg, ("width", "stages", "conv"))
     return ResNet(
         num_classes,
         width=_int_param(p, "width", 64),
         stages=_int_list_param(p, "stages", (2, 2, 2, 2)),
         dtype=_dtype(cfg),
+        conv=_choice_param(p, "conv", CONV_IMPLS),
     )
 
 
 def _wrn(cfg: ModelConfig, num_classes: int) -> WideResNet:
-    p = _params(cfg, ("depth", "widen", "dropout"))
+    p = _params(cfg, ("depth", "widen", "dropout", "conv"))
     depth = _int_param(p, "depth", 16, lo=10)
     if (depth - 4) % 6:
         raise ConfigError(
@@ -311,6 +163,7 @@ def _wrn(cfg: ModelConfig, num_classes: int) -> WideResNet:
         widen=_int_param(p, "widen", 4),
         dropout=_rate_param(p, "dropout"),
         dtype=_dtype(cfg),
+        conv=_choice_param(p, "conv", CONV_IMPLS),
     )
 
 

@@ -170,3 +170,6 @@ def test_gpu_script_dry_run_on_this_backend(tmp_path):
     assert res["train_vmap_stored"]["programs_loaded"] >= 2
     assert res["train_vmap_stored"]["compile_s"] < res["train_vmap"]["compile_s"]
     assert "per live step" in text
+    # every ResNet variant ran, the batched-matmul convolutions among them
+    assert {"single", "sisa_vmap_patches", "sisa_map", "sisa_vmap"} <= set(res["resnet18"])
+    assert "vmap, conv as patches / one model" in text

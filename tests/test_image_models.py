@@ -23,6 +23,7 @@ from sisajax.augment import augment_batch, augment_kinds, crop_flip, crop_flip_p
 from sisajax.config import ConfigError, DataConfig, ModelConfig, OptimConfig, run_config_from
 from sisajax.data.datasets import DataError, make_cifar_synthetic
 from sisajax.models import build_model
+from sisajax.resnets import PatchConv, conv2d
 
 CONF = REPO / "conf"
 TINY = {"resnet18": {"width": 4}, "wrn": {"depth": 10, "widen": 1}}
@@ -117,8 +118,8 @@ def test_full_size_architectures_have_the_standard_parameter_counts():
     [
         ("mlp", "dropout, input_dropout"),
         ("cnn", "features"),
-        ("resnet18", "width, stages"),
-        ("wrn", "depth, widen, dropout"),
+        ("resnet18", "width, stages, conv"),
+        ("wrn", "depth, widen, dropout, conv"),
     ],
 )
 def test_unknown_model_params_are_refused_naming_the_allowed_keys(name, allowed):
@@ -136,6 +137,8 @@ def test_unknown_model_params_are_refused_naming_the_allowed_keys(name, allowed)
         ("resnet18", {"stages": []}, "stages must be a non-empty list"),
         ("resnet18", {"stages": [2, 0]}, "stages must be an integer >= 1"),
         ("cnn", {"features": "16"}, "features must be a non-empty list"),
+        ("resnet18", {"conv": "im2col"}, "conv must be one of xla, patches"),
+        ("wrn", {"conv": None}, "conv must be one of xla, patches"),
     ],
 )
 def test_bad_model_param_values_are_refused(name, params, match):
@@ -201,6 +204,81 @@ def test_model_gradients_have_no_scatter_or_gather(name):
 
     text = jax.jit(jax.grad(loss)).lower(v["params"]).as_text()  # StableHLO
     assert not re.search(r"stablehlo\.\w*(scatter|gather)", text)
+
+
+# -- convolutions as patches x kernel ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kernel", "strides", "hw"), [(3, 1, (8, 8)), (3, 2, (8, 8)), (3, 2, (7, 9)), (1, 2, (7, 7))]
+)
+def test_patch_convolution_computes_the_same_function_as_lax_conv(kernel, strides, hw):
+    """Same kernel parameter, same output up to float32 summation order (odd sizes and strides
+    included, where the padding arithmetic could slip by a row)."""
+    x = _images(3, shape=(*hw, 5))
+    ref = conv2d(6, kernel, strides, jnp.float32)
+    v = ref.init(jax.random.PRNGKey(0), x)
+    want = ref.apply(v, x)
+    got = PatchConv(6, kernel, strides).apply(v, x)  # the same {"params": {"kernel": ...}}
+    assert got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "wrn"])
+def test_patch_conv_networks_have_the_same_parameters_and_outputs(name):
+    """``conv: patches`` changes how convolutions are computed, not the network: the parameter
+    shapes are the same, and given the same values the logits agree up to rounding."""
+    x = _images(4)
+    xla, patches = _model(name), _model(name, conv="patches")
+    v = _variables(xla, x)
+    shapes = [a.shape for a in jax.tree.leaves(v)]
+    vp = jax.eval_shape(lambda: patches.init(jax.random.PRNGKey(0), x[:1]))
+    assert sorted(a.shape for a in jax.tree.leaves(vp)) == sorted(shapes)
+    # the same values, matched by (module kind order, shape): rename Conv_i -> PatchConv_i
+    renamed = _rename(v, "Conv_", "PatchConv_")
+    assert jax.tree.structure(renamed) == jax.tree.structure(vp)
+    want = jax.jit(xla.apply)(v, x)
+    got = jax.jit(patches.apply)(renamed, x)
+    scale = float(jnp.max(jnp.abs(want))) + 1e-3
+    assert float(jnp.max(jnp.abs(got - want))) < 1e-4 * scale
+
+
+def _rename(tree, old: str, new: str):
+    if not isinstance(tree, dict):
+        return tree
+    return {
+        (new + k[len(old) :] if k.startswith(old) else k): _rename(t, old, new)
+        for k, t in tree.items()
+    }
+
+
+def test_vmapped_patch_conv_network_has_no_grouped_convolution():
+    """Vmapped across shards (one kernel per shard), lax.conv becomes a grouped convolution
+    (``feature_group_count`` = shards), a slow path on GPUs; with ``conv: patches`` the compiled
+    forward and backward pass has no convolution at all, only (batched) matrix products. Read
+    from the lowered program (before any backend's rewrites), so it holds on every machine."""
+    x = _images(4)
+    shards = 3
+
+    def grad_program(model):
+        v = _variables(model, x)
+        vs = jax.tree.map(lambda a: jnp.stack([a] * shards), v)
+        xs = jnp.stack([x] * shards)
+
+        def loss(params, variables, xb):
+            logits, _ = model.apply(
+                {**variables, "params": params}, xb, train=True, mutable=["batch_stats"]
+            )
+            return jnp.sum(logits)
+
+        g = jax.vmap(jax.grad(loss))
+        return jax.jit(g).lower(vs["params"], vs, xs).as_text()  # StableHLO
+
+    xla = grad_program(_model("resnet18", stages=[1, 1]))
+    patches = grad_program(_model("resnet18", stages=[1, 1], conv="patches"))
+    assert re.search(r"stablehlo\.convolution.*feature_group_count = 3", xla)  # what is avoided
+    assert "stablehlo.convolution" not in patches
+    assert re.search(r"stablehlo\.dot_general.*batching_dims = \[0\] x \[0\]", patches)
 
 
 # -- augmentation ----------------------------------------------------------------------------
@@ -344,8 +422,8 @@ def _yaml(rel: str) -> dict:
 @pytest.mark.parametrize(
     "rel,name,params",
     [
-        ("model/resnet18.yaml", "resnet18", {"width": 64, "stages": [2, 2, 2, 2]}),
-        ("model/wrn16_4.yaml", "wrn", {"depth": 16, "widen": 4, "dropout": 0.0}),
+        ("model/resnet18.yaml", "resnet18", {"width": 64, "stages": [2, 2, 2, 2], "conv": "xla"}),
+        ("model/wrn16_4.yaml", "wrn", {"depth": 16, "widen": 4, "dropout": 0.0, "conv": "xla"}),
     ],
 )
 def test_model_yaml_lists_every_model_key_and_builds(rel, name, params):

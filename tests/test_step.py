@@ -217,13 +217,14 @@ def test_importing_sisajax_first_turns_on_the_gpu_determinism_flags():
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("model", "params", "dtype"),
+    ("model", "params", "dtype", "shard_exec"),
     [
-        ("resnet18", {"width": 4, "stages": [1, 1, 1, 1]}, "bfloat16"),
-        ("wrn", {"depth": 10, "widen": 1, "dropout": 0.1}, "float32"),
+        ("resnet18", {"width": 4, "stages": [1, 1, 1, 1]}, "bfloat16", "auto"),
+        ("wrn", {"depth": 10, "widen": 1, "dropout": 0.1}, "float32", "auto"),
+        ("resnet18", {"width": 4, "stages": [1, 1], "conv": "patches"}, "bfloat16", "vmap"),
     ],
 )
-def test_image_workloads_forget_exactly(tmp_path, model, params, dtype):
+def test_image_workloads_forget_exactly(tmp_path, model, params, dtype, shard_exec):
     """The field's image recipes (BatchNorm, augmentation keyed by seed/shard/slice/step, bf16
     compute, dropout) forget bit for bit: every retrained row equals training from scratch."""
     ds = sj.load_dataset("cifar_synthetic", n_train=96, n_test=16)
@@ -232,7 +233,9 @@ def test_image_workloads_forget_exactly(tmp_path, model, params, dtype):
         optim=sj.OptimConfig(
             name="sgd", learning_rate=0.05, momentum=0.9, augment="crop_flip", augment_pad=2
         ),
-        sisa=sj.SisaConfig(shards=2, slices=2, epochs=1, batch_size=8, chunk_steps=4),
+        sisa=sj.SisaConfig(
+            shards=2, slices=2, epochs=1, batch_size=8, chunk_steps=4, shard_exec=shard_exec
+        ),
     )
     run, _ = sj.train(cfg, ds, tmp_path / "a")
     assert run.final_states().model_state  # BatchNorm statistics are part of the state

@@ -213,16 +213,16 @@ class Generation:
         """Make ``manifest`` live; returns the superseded files removed.
 
         Args:
-          config: a new ``config.json`` to write first (a training; the run is reloaded after
-            :meth:`done`).
+          config: the new ``config.json`` (a training; written once the manifest is live, and the
+            run is reloaded after :meth:`done`).
           partition: the new partition, handed to the run (not read back), with the manifest.
           lock_timeout_s: the reader-lock wait (default the run's).
         """
-        if config is not None:
-            self.files.write_config(config)
         if self.run is None:  # a new run: its first manifest, nothing to supersede
             self.files.write_manifest(manifest)
             self.committed = True
+            if config is not None:
+                self.files.write_config(config)
             return []
         k = self._policy
         if k.before_commit:
@@ -235,6 +235,9 @@ class Generation:
         if k.after_commit:
             fault(k.after_commit)
         if config is not None:
+            # after the commit: a training that fails before it leaves the run's config.json
+            # describing the run (``resume`` rewrites it when a crash came in between)
+            self.files.write_config(config)
             self._reload = True
         else:
             if partition is not None:

@@ -27,6 +27,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ class MetricsLog:
         self._tb_dir = str(Path(run_dir) / "tensorboard")
         self._tb_class: Any = None
         self._step = 0
+        self._write_failed = False
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -65,17 +67,34 @@ class MetricsLog:
         rec = {"time": round(time.time(), 3), **record}
         line = (json.dumps(rec, sort_keys=True, default=_plain) + "\n").encode()
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
-                os.write(fd, line)
-            finally:
-                os.close(fd)
+                self._append(line)
+            except OSError as e:
+                # A log, not part of any transaction: a record that cannot be written (full
+                # disk, a path that became a link) never fails the work it describes, which may
+                # already be committed. Said once; later records are tried again.
+                if not self._write_failed:
+                    self._write_failed = True
+                    warnings.warn(
+                        f"{METRICS} could not be written ({e.strerror or e}); metrics records "
+                        "are dropped until it can",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                return
             if self._tb_class is not None:
                 if self._tb is None:
                     self._tb = self._tb_class(self._tb_dir)
                 self._tensorboard(rec)
                 if rec.get("event") != "train_chunk":  # its slice step's record follows
                     self._tb.flush()
+
+    def _append(self, line: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def _tensorboard(self, rec: dict[str, Any]) -> None:
         event = rec.get("event")

@@ -9,6 +9,7 @@ at which slice.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
@@ -283,6 +284,8 @@ def normalise_ids(ids: Any) -> np.ndarray:
     if isinstance(ids, np.ndarray):
         if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
             raise ForgetError(f"ids must be a flat array of integers, got {ids.dtype} {ids.shape}")
+        if ids.dtype.kind == "u" and ids.size and int(ids.max()) > np.iinfo(np.int64).max:
+            raise ForgetError("ids must fit in 64-bit integers")  # not wrapped to negatives
         out = ids.astype(np.int64)
     elif isinstance(ids, list | tuple | range):
         bad = [v for v in ids if isinstance(v, bool) or not isinstance(v, int | np.integer)]
@@ -303,6 +306,19 @@ def normalise_ids(ids: Any) -> np.ndarray:
     if (counts > 1).any():
         raise ForgetError(f"{int((counts > 1).sum())} id(s) appear more than once in one request")
     return out
+
+
+_INT_TOKEN = re.compile(r"-?[0-9]{1,19}")
+
+
+def parse_id_token(token: str) -> int | None:
+    """The integer an id token of a text request or ids file spells (ASCII digits, optional
+    minus sign, within 64 bits), or None: other digits (``'²'``, ``'٣'``), signs and words are
+    not ids."""
+    if not _INT_TOKEN.fullmatch(token):
+        return None
+    v = int(token)
+    return v if -(2**63) <= v < 2**63 else None
 
 
 def plan_forget(
@@ -364,6 +380,7 @@ __all__ = [
     "library_versions",
     "make_manifest",
     "normalise_ids",
+    "parse_id_token",
     "plan_fingerprint",
     "plan_forget",
     "plan_training",

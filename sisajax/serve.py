@@ -26,6 +26,7 @@ from typing import Any
 
 from sisajax.errors import SisajaxError, UserInputError
 from sisajax.generation import prepare_ledger, writer_session
+from sisajax.planning import parse_id_token
 from sisajax.run import SisaRun
 from sisajax.unlearning import finish_pending, forget_in
 
@@ -49,10 +50,10 @@ def parse_request(text: str) -> tuple[list[Any], str | None]:
             raise UserInputError('a JSON request needs "ids": [...]')
         tag = obj.get("tag")
         return obj["ids"], None if tag is None else str(tag)[:100]
-    tokens = text.replace(",", " ").split()
-    if not tokens or not all(t.lstrip("-").isdigit() for t in tokens):
+    ids = [parse_id_token(t) for t in text.replace(",", " ").split()]
+    if not ids or None in ids:
         raise UserInputError("a request is a list of integer ids")
-    return [int(t) for t in tokens], None
+    return ids, None
 
 
 class ForgetServer:

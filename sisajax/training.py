@@ -32,7 +32,7 @@ from sisajax.config import ConfigError, RunConfig
 from sisajax.costs import CostReport
 from sisajax.data.datasets import Dataset
 from sisajax.data.partition import Partition
-from sisajax.errors import RunError, UserInputError
+from sisajax.errors import RunError, UserInputError, storage_error
 from sisajax.generation import Generation, id_hashing_record
 from sisajax.generation_writer import (
     GenerationWriter,
@@ -62,6 +62,7 @@ from sisajax.store.interrupted import (
     write_record,
 )
 from sisajax.store.ledger import Ledger
+from sisajax.store.locks import READER_LOCK, WRITER_LOCK, RunBusyError
 from sisajax.store.manifest import MANIFEST, row_file
 from sisajax.store.rows import leaf_spec, read_row
 from sisajax.store.run_dir import RunDir
@@ -148,10 +149,12 @@ def train(
         )
     ledger = Ledger(root, hash_ids=config.ledger.hash_ids, salt_file=config.ledger.salt_file)
     plan = plan_training(config, dataset, partition, devices, np.zeros(0, np.int64))
-    created = not root.exists()
+    created = _make_run_dir(root)
+    owned = False  # True once this process holds the lock over a folder that is still empty
     try:
-        root.mkdir(parents=True, exist_ok=True)
         with Generation.new_run(files, config.ledger.lock_timeout_s) as g:
+            _check_still_empty(root, run_dir)
+            owned = True
             id_hashing = id_hashing_record(ledger) if config.ledger.hash_ids else None
             sink = metrics_sink(root, metrics, tensorboard)
             out = train_generation(
@@ -177,13 +180,37 @@ def train(
             g.commit(manifest, config=plan.config.to_dict())
             log_train(sink, 0, out.cost)
     except KeyboardInterrupt:
-        if not (root / INTERRUPTED).is_file():  # no slice step completed: nothing to keep
+        if owned and not (root / INTERRUPTED).is_file():  # no slice step done: nothing to keep
             _remove_new_run(root, created)
         raise
     except BaseException:
-        _remove_new_run(root, created)
+        if owned:  # never another process's files (it won the lock, or filled the folder)
+            _remove_new_run(root, created)
         raise
     return SisaRun(root), out.cost
+
+
+def _make_run_dir(root: Path) -> bool:
+    """Create ``root`` for a new run; whether this process created it (an existing empty folder,
+    or one another process created meanwhile, is not ours to delete)."""
+    try:
+        root.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise storage_error(e, f"creating {root}") from None
+
+
+def _check_still_empty(root: Path, given: Any) -> None:
+    """Under the writer lock: the folder checked empty before is still empty but for the lock
+    files. Another process that started a run in it first is refused, before anything of ours
+    is written (its files are never touched)."""
+    if any(p.name not in (WRITER_LOCK, READER_LOCK) for p in root.iterdir()):
+        raise RunBusyError(
+            f"another process started a run in {given} meanwhile; nothing was changed "
+            "(pass overwrite=True after it finished to retrain it)"
+        )
 
 
 def _keep_progress(

@@ -35,6 +35,7 @@ from sisajax.generation_writer import MetricsSink, Progress, metrics_sink
 from sisajax.planning import ForgetError, ForgetPlan, normalise_ids, plan_forget
 from sisajax.run import SisaRun
 from sisajax.store.faults import fault
+from sisajax.store.ledger import LedgerError, id_key
 
 
 @dataclasses.dataclass
@@ -337,15 +338,21 @@ def finish_pending(run: SisaRun, *, progress: Progress = None) -> list[ForgetRep
     ``retrain`` that never committed is recorded as ``aborted`` (the run kept its generation).
     """
     ledger = run.ledger
+    timeout = run.config.ledger.lock_timeout_s
     reports = []
     for rec in ledger.pending():
         run.reload()
         rid = rec["request_id"]
         committed = run.manifest.origin.get("request_id") == rid
         if rec.get("kind") == "retrain":
+            if committed:  # its config.json may not have been written before the crash
+                run.files.write_config(run.manifest.config)
             state = "done" if committed else "aborted"
             ledger.append(rid, state, kind="retrain", resumed=True, generation=run.generation)
             continue
+        # Superseded files (the old data copies and checkpoints that still hold the ids) go
+        # before any "done" is written: the ledger never says done while they exist.
+        run.files.remove_superseded(run.manifest, timeout)
         if committed:
             fault("before_done")
             ledger.append(
@@ -357,20 +364,49 @@ def finish_pending(run: SisaRun, *, progress: Progress = None) -> list[ForgetRep
                 model_fingerprints=model_fingerprints(run, rec.get("restart", {})),
             )
             continue
-        run.files.collect_garbage(run.manifest)
-        shards = sorted({int(loc[0]) for loc in rec.get("locations", {}).values()} - {-1})
-        candidates = [run.shard_data(k).ids for k in shards]
-        if run.has_validation:
-            candidates.append(run.val_data()[0])
-        candidates = np.concatenate(candidates or [np.zeros(0, np.int64)])
-        ids = ledger.resolve(rec.get("ids", []), candidates)
-        if len(ids) == 0:  # nothing of it is left to forget
+        ids = pending_ids(run, rec)
+        if len(ids) == 0:  # every id of it was forgotten already
             ledger.append(rid, "done", kind="forget", resumed=True, generation=run.generation)
             continue
         reports.append(forget_in(run, ids, progress=progress, metrics=False, pending=rec))
     run.reload()
-    run.files.collect_garbage(run.manifest)
+    run.files.remove_superseded(run.manifest, timeout)
     return reports
+
+
+def pending_ids(run: SisaRun, rec: dict[str, Any]) -> np.ndarray:
+    """``[K]`` int64 raw ids of an uncommitted pending forget ``rec`` that are still in the run.
+
+    Every id the record stores (raw, or salted hashes with ``hash_ids``) must be found in the
+    run or among its forgotten ids: a record that names ids this run cannot place (a wrong id
+    salt, a ledger from another run) raises :class:`LedgerError` before anything is written,
+    rather than being closed as "done" with its ids still trained on.
+    """
+    ledger = run.ledger
+    stored = list(rec.get("ids", []))
+    if run.config.ledger.hash_ids:
+        ledger.check_salt((run.manifest.id_hashing or {}).get("salt_fingerprint"))
+    shards = sorted({int(loc[0]) for loc in rec.get("locations", {}).values()} - {-1})
+    candidates = [run.shard_data(k).ids for k in shards]
+    if run.has_validation:
+        candidates.append(run.val_data()[0])
+    candidates = np.concatenate(candidates or [np.zeros(0, np.int64)])
+    ids = ledger.resolve(stored, candidates)
+    if len(ids) < len(stored):
+        found = set(ledger.redact(ids))
+        missing = [v for v in stored if v not in found]
+        if ledger.hash_ids:
+            keys = np.array([id_key(str(v)) for v in missing], np.int64)
+        else:
+            keys = np.asarray(missing, np.int64)
+        unplaced = int(np.sum(~np.isin(keys, run.partition.removed)))
+        if unplaced:
+            raise LedgerError(
+                f"pending request {rec['request_id']} names {unplaced} id(s) that are neither in "
+                "this run's data nor forgotten (another run's ledger, or the wrong id salt); "
+                "nothing was changed"
+            )
+    return ids
 
 
 def model_fingerprints(run: SisaRun, restart: dict) -> dict[str, str]:
@@ -390,6 +426,7 @@ __all__ = [
     "forget",
     "forget_in",
     "normalise_ids",
+    "pending_ids",
     "plan_forget",
     "prepare_ledger",
     "remove_uncommitted_files",

@@ -249,6 +249,8 @@ def _bad_inputs(tmp_path, run_dir):
     passwd.write_text("root:x:0:0:root:/root:/bin/bash\n")
     floats = tmp_path / "floats.json"
     floats.write_text("[1.5, 2]")
+    superscript = tmp_path / "ids.txt"  # str.isdigit() says yes, int() says no
+    superscript.write_text("3\n4 \u00b2\n", encoding="utf-8")
     r = f"run_dir={run_dir}"
     gone = int(sj.open_run(run_dir).partition.removed[0])
     return {
@@ -258,6 +260,7 @@ def _bad_inputs(tmp_path, run_dir):
         "garbage npy": (["forget", r, f"ids_file={text_npy}"], 2, "ids_file"),
         "passwd ids_file": (["forget", r, f"ids_file={passwd}"], 2, "line 1"),
         "float json ids": (["forget", r, f"ids_file={floats}"], 2, "integers"),
+        "unicode digit ids_file": (["forget", r, f"ids_file={superscript}"], 2, "line 2"),
         "float id": (["forget", r, "ids=[45.0]"], 2, "integers"),
         "unknown id": (["forget", r, "ids=[99999]"], 2, "not training ids"),
         "already forgotten id": (["forget", r, f"ids=[{gone}]"], 2, "already forgotten"),

@@ -163,3 +163,28 @@ def test_accuracy_plot_of_one_configuration_has_whole_number_ticks(tmp_path):
         assert _integer_ticks(ax), ax.get_xticks()
     finally:
         pyplot.close(fig)
+
+
+def test_a_metrics_record_that_cannot_be_written_never_fails_the_forget(tmp_path, monkeypatch):
+    """metrics.jsonl is a log: when the disk is full for it, the forget (whose records come
+    after its commit) still completes and is recorded done; the loss is said once."""
+    import errno
+    import warnings
+
+    from sisajax.metrics import MetricsLog
+
+    run, _ = sj.train(tiny_config(), tiny_digits(), tmp_path / "run")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().count("\n")
+
+    def full(self, line):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(MetricsLog, "_append", full)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = sj.forget(run, pick(run, 1, 1))
+    said = [w for w in caught if "metrics.jsonl could not be written" in str(w.message)]
+    assert len(said) == 1 and "No space left" in str(said[0].message)
+    assert rep.ids and [r["state"] for r in run.ledger.records()] == ["pending", "done"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == lines
+    assert sj.audit(run).ok

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import assert_trees_equal, cli_run, copy_run, pick, tiny_config, tiny_digits, without
@@ -105,6 +107,9 @@ def test_crash_mid_retrain_keeps_the_old_run_and_resume_records_it(base_run, tmp
     assert r.returncode == -9
     run = sj.open_run(run.run_dir)
     assert [r.sha256 for e in run.manifest.shards for r in e.rows] == before
+    # config.json (for people) still describes the live run, not the uncommitted retrain
+    config_json = json.loads((run.run_dir / "config.json").read_text())
+    assert config_json == run.manifest.config and config_json["sisa"]["shards"] != 2
     assert cli(["resume", f"run_dir={run.run_dir}", "progress=false"]) == 0
     states = [(r.get("kind"), r["state"]) for r in sj.open_run(run.run_dir).ledger.records()]
     assert states[-2:] == [("retrain", "pending"), ("retrain", "aborted")]
@@ -119,6 +124,7 @@ def test_crash_mid_retrain_keeps_the_old_run_and_resume_records_it(base_run, tmp
     run = sj.open_run(run.run_dir)
     assert run.num_shards == 2 and _forgotten_everywhere(run, ids) == []
     assert [r["state"] for r in run.ledger.records()][-1] == "done"
+    assert json.loads((run.run_dir / "config.json").read_text()) == run.manifest.config
     assert sj.audit(run).ok
 
 

@@ -32,7 +32,8 @@ def base_run(tmp_path_factory):
 def test_parse_request():
     assert parse_request("3 17,256") == ([3, 17, 256], None)
     assert parse_request('{"ids": [4], "tag": "user-4"}') == ([4], "user-4")
-    for bad in ("", "a b", '{"id": 3}', "{bad json"):
+    # other scripts' digits pass str.isdigit() but are not ids (nor does int() read them all)
+    for bad in ("", "a b", '{"id": 3}', "{bad json", "3 \u00b2", "\u0663", "--3", "9" * 20):
         with pytest.raises(sj.UserInputError):
             parse_request(bad)
 

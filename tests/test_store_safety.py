@@ -206,3 +206,26 @@ def test_readers_work_on_a_read_only_run(base_run, tmp_path):
     finally:
         for p in [d, *d.rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
+
+
+def test_without_syncfs_the_new_files_and_their_folders_are_synced(tmp_path, monkeypatch):
+    """Where ``syncfs`` is missing, making written files durable fsyncs each file and each
+    folder holding one (a new file's name is in its folder: without that, a power cut could
+    lose the names a committed manifest points to)."""
+    from sisajax.store import files
+
+    synced: list[tuple[str, Path]] = []
+    monkeypatch.setattr(files, "_syncfs", lambda root: False)
+    monkeypatch.setattr(files, "fsync_file", lambda p: synced.append(("file", Path(p))))
+    monkeypatch.setattr(files, "fsync_dir", lambda p: synced.append(("dir", Path(p))))
+    paths = []
+    for rel in ("data/a.npz", "data/b.npz", "checkpoints/c.row"):
+        p = tmp_path / rel
+        p.parent.mkdir(exist_ok=True)
+        p.write_bytes(b"x")
+        paths.append(p)
+    files.sync_files(tmp_path, paths)
+    assert sorted(p for kind, p in synced if kind == "file") == sorted(paths)
+    assert sorted(p for kind, p in synced if kind == "dir") == sorted(
+        [tmp_path / "checkpoints", tmp_path / "data"]
+    )

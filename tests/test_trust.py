@@ -218,7 +218,137 @@ def test_forget_finishes_a_pending_request_first(base_run, tmp_path):
         assert_trees_equal(run.restore_block(k), scratch.restore_block(k))
 
 
+@pytest.mark.slow
+def test_a_resume_killed_after_its_done_record_left_no_superseded_file(base_run, tmp_path):
+    """A forget killed after its commit leaves the old data copy and checkpoints (they still
+    hold the id) for ``resume`` to delete. Resume deletes them before it writes ``done``: killed
+    right after that record, nothing with the id is left, and the run audits clean."""
+    run, _, _ = _copy(base_run, tmp_path)
+    a = pick(run, 1, 2)
+    argv = ["forget", f"run_dir={run.run_dir}", f"ids=[{a[0]}]", "progress=false"]
+    assert cli_run(argv, {"SISAJAX_FAULT": "after_commit"}).returncode == -9
+    code = f"import sisajax as sj; sj.resume(sj.open_run({str(run.run_dir)!r}))"
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        env=cli_env({"SISAJAX_FAULT": "ledger_after_head:1"}),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == -9, r.stderr[-2000:]
+    run = sj.open_run(run.run_dir)
+    assert [x["state"] for x in run.ledger.records()] == ["pending", "done"]
+    superseded, _ = run.files.scan(run.manifest.files())
+    assert superseded == []
+    for f in (run.run_dir / "data").glob("*.npz"):
+        assert a[0] not in np.load(f)["ids"]
+    rep = sj.audit(run)
+    assert rep.ok, rep.problems
+
+
+@pytest.mark.slow
+def test_resume_with_the_wrong_id_salt_refuses_and_closes_nothing(tmp_path, monkeypatch):
+    """With ``hash_ids`` a pending request stores salted hashes. Resumed under another salt none
+    of them matches: that is refused (nothing written), never recorded as "done" with the id
+    still trained on; the right salt then finishes it."""
+    monkeypatch.setenv("SISAJAX_LEDGER_SALT", "the-run-salt-0123456789abcdef")
+    cfg = tiny_config().replace(ledger={"hash_ids": True})
+    run, _ = sj.train(cfg, tiny_digits(), tmp_path / "h")
+    a = pick(run, 1, 1)
+    argv = ["forget", f"run_dir={run.run_dir}", f"ids=[{a[0]}]", "progress=false"]
+    env = {"SISAJAX_LEDGER_SALT": "the-run-salt-0123456789abcdef"}
+    assert cli_run(argv, {**env, "SISAJAX_FAULT": "after_pending"}).returncode == -9
+    monkeypatch.setenv("SISAJAX_LEDGER_SALT", "another-salt-0123456789abcdef")
+    with pytest.raises(sj.LedgerError, match="salt"):
+        sj.resume(sj.open_run(run.run_dir))
+    b = pick(run, 2, 0)
+    with pytest.raises(sj.LedgerError, match="salt"):  # a new forget finishes pending ones first
+        sj.forget(sj.open_run(run.run_dir), b)
+    run = sj.open_run(run.run_dir)
+    assert [x["state"] for x in run.ledger.records()] == ["pending"]
+    assert a[0] in run.shard_data(1).ids
+    monkeypatch.setenv("SISAJAX_LEDGER_SALT", "the-run-salt-0123456789abcdef")
+    run = sj.open_run(run.run_dir)
+    (report,) = sj.resume(run)
+    assert [x["state"] for x in run.ledger.records()] == ["pending", "done"]
+    assert a[0] not in run.shard_data(1).ids
+    assert sj.audit(run).ok
+
+
+def test_a_pending_record_naming_ids_the_run_cannot_place_is_refused(base_run, tmp_path):
+    """A pending forget whose ids are neither in the run nor forgotten (a ledger copied from
+    another run) is not closed as "done": resume refuses and writes nothing."""
+    from sisajax.unlearning import pending_ids
+
+    run, _, _ = _copy(base_run, tmp_path)
+    a = pick(run, 1, 1)
+    rec = {"request_id": "r-test", "ids": [a[0], 10**9], "locations": {str(a[0]): [1, 1]}}
+    with pytest.raises(sj.LedgerError, match="1 id\\(s\\) that are neither in this run"):
+        pending_ids(run, rec)
+    assert pending_ids(run, {**rec, "ids": [a[0]]}).tolist() == a
+    sj.forget(run, a)  # forgotten ids are accounted for, not refused
+    assert pending_ids(run, {**rec, "ids": [a[0]]}).tolist() == []
+
+
 # -- concurrency ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("other_holds_lock", [True, False])
+def test_a_new_run_that_loses_the_race_for_its_folder_touches_nothing(
+    tmp_path, monkeypatch, other_holds_lock
+):
+    """Two ``train`` calls into the same new folder: both see it empty, the other one takes the
+    writer lock first. The loser is refused with RunBusyError and deletes nothing of the
+    winner's, whether the winner still holds the lock (it is training) or already committed."""
+    import contextlib
+
+    from sisajax import training
+    from sisajax.store.locks import writer_lock
+
+    root = tmp_path / "new"
+    held = contextlib.ExitStack()
+    real_plan = training.plan_training
+
+    def plan_then_lose_the_race(*a, **kw):
+        plan = real_plan(*a, **kw)  # our emptiness check is behind us: now the other wins
+        root.mkdir()
+        held.enter_context(writer_lock(root, 1.0))
+        (root / "MANIFEST.json").write_text("{}")
+        (root / "data").mkdir()
+        if not other_holds_lock:
+            held.close()
+        return plan
+
+    monkeypatch.setattr(training, "plan_training", plan_then_lose_the_race)
+    cfg = tiny_config().replace(ledger={"lock_timeout_s": 0.2})
+    with pytest.raises(sj.RunBusyError, match="held by|meanwhile; nothing was changed"):
+        sj.train(cfg, tiny_digits(), root)
+    held.close()
+    assert (root / "MANIFEST.json").read_text() == "{}" and (root / "data").is_dir()
+    assert (root / ".writer.lock").exists()
+
+
+@pytest.mark.parametrize("request_", ["ids", "requests.k=2"])
+def test_forget_command_checks_one_generation_while_another_writer_commits(
+    base_run, tmp_path, monkeypatch, request_
+):
+    """``sisajax forget`` checks the request (already forgotten? which layout? sampled ids)
+    before it waits for the writer lock. Another forget committing in between deletes the
+    generation the command opened; the checks re-read the live one under the reader lock
+    instead of failing on a missing partition file."""
+    from sisajax.cli import forget_commands
+
+    run, _, _ = _copy(base_run, tmp_path)
+    a, b = pick(run, 0, 1), pick(run, 2, 1)
+    opened = sj.open_run(run.run_dir)  # generation 0, as the command read it
+    sj.forget(sj.open_run(run.run_dir), a)  # meanwhile: generation 1, generation 0 deleted
+    assert not (run.run_dir / opened.manifest.partition.path).exists()
+    monkeypatch.setattr(forget_commands, "_open", lambda cfg: opened)
+    arg = f"ids=[{b[0]}]" if request_ == "ids" else request_
+    assert cli(["forget", f"run_dir={run.run_dir}", arg, "progress=false"]) == 0
+    run = sj.open_run(run.run_dir)
+    assert run.generation == 2 and a[0] in run.partition.removed
+    assert sj.audit(run).ok
 
 
 def test_second_writer_waits_or_fails_clearly(base_run, tmp_path):

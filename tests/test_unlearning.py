@@ -114,6 +114,8 @@ def test_bad_requests_change_nothing(trained):
         ([True], "integers"),
         ("12", "list of integers"),
         ([2**70], "64-bit"),
+        (np.array([2**64 - 1], np.uint64), "64-bit"),  # would wrap to the id -1
+        (np.array([[ok]]), "flat array"),
     ]
     for ids, msg in cases:
         with pytest.raises(sj.ForgetError, match=msg):

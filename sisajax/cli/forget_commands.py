@@ -54,12 +54,15 @@ def read_ids(cfg: dict[str, Any]) -> list[Any]:
         if not isinstance(data, list):
             raise UsageError(f"ids_file {path} must hold a JSON list of integers")
         return data
+    from sisajax.planning import parse_id_token
+
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         for token in line.replace(",", " ").split():
-            if not token.lstrip("-").isdigit():
+            v = parse_id_token(token)
+            if v is None:
                 raise UsageError(f"ids_file {path}: line {n} is not a list of integers")
-            out.append(int(token))
+            out.append(v)
     return out
 
 
@@ -74,19 +77,23 @@ def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
 
     run = _open(cfg)
     req = cfg["requests"]
-    if req["k"] is not None:
-        if cfg.get("ids") is not None or cfg.get("ids_file") is not None:
-            raise UsageError("give either requests.k=... or ids/ids_file, not both")
-        ids = sample_requests(
-            run.partition.ids, req["k"], req["distribution"], req["seed"]
-        ).tolist()
-    else:
-        ids = read_ids(cfg)
+    sampled = req["k"] is not None
+    if sampled and (cfg.get("ids") is not None or cfg.get("ids_file") is not None):
+        raise UsageError("give either requests.k=... or ids/ids_file, not both")
+    ids = None if sampled else read_ids(cfg)
     if req["mode"] not in ("batched", "sequential"):
         raise UsageError(f"requests.mode must be batched or sequential; got {req['mode']!r}")
     run.writer_lock(cfg["lock_timeout_s"])  # checks the timeout value; takes no lock
-    pending_before = _refuse_if_all_forgotten(run, ids)
-    _choose_layout(run, ids, req["mode"], cfg["evaluate"], pending_before)
+    # The checks below read the partition and the ledger: under the reader lock, so that they
+    # read one generation (a writer switching generations deletes the old one's files).
+    with run.reader_lock():
+        run.reload()
+        if sampled:
+            ids = sample_requests(
+                run.partition.ids, req["k"], req["distribution"], req["seed"]
+            ).tolist()
+        pending_before = _refuse_if_all_forgotten(run, ids)
+        _choose_layout(run, ids, req["mode"], cfg["evaluate"], pending_before)
     factory, bar = progress_factory(cfg["progress"])
     log = MetricsLog(run.run_dir, tensorboard=cfg["tensorboard"])
     try:

@@ -282,6 +282,13 @@ def sync_files(root: Path, paths: Sequence[Path]) -> None:
             fsync_file(p)
         except OSError as e:
             raise storage_error(e, f"syncing {p.name}") from None
+    # new files' names live in their folders: those must be durable too before a manifest
+    # names the files
+    for d in sorted({Path(p).parent for p in paths}):
+        try:
+            fsync_dir(d)
+        except OSError as e:
+            raise storage_error(e, f"syncing {d.name}/") from None
 
 
 def ensure_dir(root: Path, rel: str) -> Path:

@@ -155,6 +155,12 @@ class RunDir:
             fault("after_commit")
             return self.collect_garbage(manifest)
 
+    def remove_superseded(self, manifest: Manifest, timeout_s: float) -> list[str]:
+        """:meth:`collect_garbage` holding the reader lock exclusively (no reader is mid-load of
+        an older generation's files while they go away); returns the files removed."""
+        with reader_lock(self.root, timeout_s, exclusive=True):
+            return self.collect_garbage(manifest)[0]
+
     def make_dirs(self) -> None:
         for d in ("data", "checkpoints"):
             ensure_dir(self.root, d)

@@ -59,10 +59,17 @@ def deletion_probabilities(
 
 def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict[str, Any]:
     from sisajax.costs import expected_cost_partition
-    from sisajax.data.partition import distribution_aware_partition, hash_partition
+    from sisajax.data.partition import (
+        distribution_aware_partition,
+        hash_partition,
+        validation_mask,
+    )
     from sisajax.requests import sample_requests
 
+    # the ids the runs train on: a request for a validation id costs nothing (no shard holds
+    # it), so the partitions, request shares and request streams leave the split out
     ids = np.sort(ds.train_ids)
+    ids = ids[~validation_mask(ids, rc.data.val_fraction, rc.sisa.seed)]
     req_seed = request_seed(opts, rc.sisa.seed)
     probs, groups = deletion_probabilities(ids, opts, rc.sisa.seed)
     total = float(probs.sum())

@@ -217,7 +217,9 @@ def run_mia_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     m = options(cfg)
-    rc = run_config_from(cfg)
+    # Membership is the question: every training point of the target is a member, so none may
+    # be held out as validation (nothing is tuned here); the shadows train on all of theirs too.
+    rc = run_config_from(cfg).replace(data={"val_fraction": 0.0})
     out = Path(m["out_dir"]).absolute()
     out.mkdir(parents=True, exist_ok=True)
     for name in ("sisa", "full_retrain"):  # the experiment's own runs: start from scratch
@@ -234,6 +236,8 @@ def run_mia_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         return r
 
     run, _ = timed("train", sj.train, rc, ds, out / "sisa")
+    if not np.isin(ds.train_ids, run.partition.ids).all():  # members that were never trained
+        raise RuntimeError("the target run did not train on every member of the population")
     acc = {"original": run.evaluate().to_dict()}
     views = {"original": target_views(run.logits(pop.x), run.active_shards(), setup, run.config)}
     rep = timed("forget", sj.forget, run, setup.forget_ids)

@@ -224,6 +224,45 @@ def _drop_seeds(rows: list[dict[str, Any]], seeds: set[int]) -> list[dict[str, A
     return [r for r in rows if r.get("seed") not in seeds]
 
 
+# Values that must be the same in every merged job (the selection made on validation data, the
+# test set's size): a merge of jobs that disagree would pair one job's choice with another's
+# test results.
+_SHARED_KEYS = ("chosen", "trials", "select_seeds", "n_test")
+
+
+def _merge_per_example(merged: dict[str, Any], kept: list[tuple[dict[str, Any], set[int]]]):
+    """Per-example results of every merged job (so intervals and verdicts use all seeds, not the
+    first job's): ``correct`` (keyed by configuration and seed) is the union, ``test_seeds`` the
+    seeds in order; the values of :data:`_SHARED_KEYS` must agree.
+
+    Raises:
+      ConfigError: the jobs selected different recipes or used different test sets.
+    """
+    runs = [run for run, _ in kept]
+    for key in _SHARED_KEYS:
+        values = [run[key] for run in runs if key in run]
+        if values and any(v != values[0] for v in values[1:]):
+            raise ConfigError(
+                f"the jobs to merge differ in {key!r} (another selection or test set): they are "
+                "not seeds of one experiment; rerun them as one job with experiment.seeds"
+            )
+        if values:
+            merged[key] = values[0]
+    stores = [(run.get("correct"), dup) for run, dup in kept if run.get("correct")]
+    if stores:
+        correct: dict[str, Any] = {}
+        for store, dup in stores:
+            for k, v in store.items():
+                if k not in correct and not any(k.endswith(f"|seed{d}") for d in dup):
+                    correct[k] = v
+        merged["correct"] = correct
+    if any("test_seeds" in run for run in runs):
+        seeds: list[int] = []
+        for run, dup in kept:
+            seeds += [sd for sd in run.get("test_seeds", []) if sd not in seeds and sd not in dup]
+        merged["test_seeds"] = seeds
+
+
 def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Merge results of one configuration with different seeds into one result dict.
 
@@ -285,6 +324,7 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 per_name[name].append(p)
         merged["partitions"] = {name: mean_row(ps) for name, ps in per_name.items()}
         merged["partition_rows"] = dict(per_name)
+    _merge_per_example(merged, kept)
     handled = set(merged) | {"seeding", "merge_notes", "per_seed", "total_s"}
     for k, v in first.items():
         if k not in handled:

@@ -29,12 +29,21 @@ def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def ci_label(rows: list[dict[str, Any]]) -> str:
+    """How the F brackets read: a 95% interval over the forget examples for one seed; over
+    several seeds the mean of the per-seed intervals, which is not an interval for the mean."""
+    return "95% CI" if all(r["seeds"] == 1 for r in rows) else "per-seed 95% CIs, averaged"
+
+
 def _num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def report(res: dict[str, Any], png: Path) -> str:
     rows = summary(res)
+    ci = ci_label(rows)
+    rows = summary(res)
+    ci = ci_label(rows)
     body = [
         [
             r["forget_set"], r["method"],
@@ -65,8 +74,8 @@ def report(res: dict[str, Any], png: Path) -> str:
                 [
                     "forget set",
                     "method",
-                    "F [95% CI]",
-                    "floor F [95% CI]",
+                    f"F [{ci}]",
+                    f"floor F [{ci}]",
                     "at floor",
                     "KLOM / floor",
                     "U-LiRA acc / floor",
@@ -164,6 +173,8 @@ def headline(res: dict[str, Any]) -> str:
     """The study's summary as one markdown table (computed from its stored rows): per forget
     set and method, F with its interval beside the floor's, whether it is at the floor, test
     accuracy against the oracle's and examples per model."""
+    rows = summary(res)
+    ci = ci_label(rows)
     body = [
         [
             r["forget_set"], r["method"],
@@ -173,10 +184,10 @@ def headline(res: dict[str, Any]) -> str:
             f"{fmt(r['test_acc'])} / {fmt(r['oracle_test_acc'])}",
             f"{r['examples']:,.0f}",
         ]
-        for r in summary(res)
+        for r in rows
     ]  # fmt: skip
     return table(
-        ["forget set", "method", "forget quality F [95% CI]", "oracle floor F [95% CI]",
+        ["forget set", "method", f"forget quality F [{ci}]", f"oracle floor F [{ci}]",
          "at floor", "test acc / oracle", "examples per model"],
         body,
     )  # fmt: skip

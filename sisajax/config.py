@@ -32,7 +32,7 @@ class ConfigError(UserInputError, ValueError):
     """A configuration value is invalid or conflicts with a stored run."""
 
 
-def _int(v: Any, key: str, lo: int | None = None) -> int:
+def _int(v: Any, key: str, lo: int | None = None, hi: int | None = None) -> int:
     if (
         isinstance(v, bool)
         or not isinstance(v, int | float)
@@ -42,7 +42,12 @@ def _int(v: Any, key: str, lo: int | None = None) -> int:
     v = int(v)
     if lo is not None and v < lo:
         raise ConfigError(f"{key} must be >= {lo}, got {v}")
+    if hi is not None and v > hi:
+        raise ConfigError(f"{key} must be <= {hi}, got {v}")
     return v
+
+
+SEED_MAX = 2**32 - 1  # a run's seed: every key derives from PRNGKey(seed), which keeps 32 bits
 
 
 def _float(v: Any, key: str) -> float:
@@ -247,7 +252,8 @@ class SisaConfig:
       epochs: e, the epoch budget of an equivalent unsliced run. The R slice steps together run
         e' = 2R/(R+1) * e epochs, each step ``2e/(R+1)`` epochs over its prefix (counted in steps).
       batch_size: examples per gradient step per constituent model.
-      seed: the root of every key (partition hash, init, batch order, dropout).
+      seed: the root of every key (partition hash, init, batch order, dropout), in
+        ``[0, 2**32)``.
       aggregation: ``vote`` (majority of labels) or ``mean_prob`` (mean of probabilities).
       shard_exec: how shards run inside one compiled program: ``vmap``, ``map`` (``lax.map``,
         faster on CPU) or ``auto`` (``map`` on CPU, ``vmap`` on accelerators).
@@ -288,7 +294,8 @@ class SisaConfig:
         if not self.epochs > 0:
             raise ConfigError(f"sisa.epochs must be > 0, got {self.epochs}")
         _set(self, "batch_size", _int(self.batch_size, "sisa.batch_size", 1))
-        _set(self, "seed", _int(self.seed, "sisa.seed", 0))
+        # jax's keys hold 32 bits: a larger seed would share its model keys with another seed
+        _set(self, "seed", _int(self.seed, "sisa.seed", 0, SEED_MAX))
         _set(
             self,
             "aggregation",

@@ -9,6 +9,7 @@ at which slice.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any
 
@@ -234,12 +235,20 @@ def make_manifest(
 
 def plan_fingerprint(plan: TrainingPlan) -> str:
     """sha256 of exactly what the shards of ``plan`` train on (ids, (shard, slice) of each, the
-    rows' features and labels) and of the validation and test ids."""
+    rows' features and labels, the input map the model applies to them, the number of classes)
+    and of the validation and test ids."""
     part = plan.partition
     arrays = [part.ids, part.shard, part.slice]
     for d in plan.data:
         arrays += [d.x, d.y]
-    return data_fingerprint(*arrays, plan.validation[0], plan.dataset.test_ids)
+    ds = plan.dataset
+    recipe = json.dumps(
+        {"preprocessing": ds.preprocessing, "num_classes": int(ds.num_classes)},
+        sort_keys=True,
+        default=str,
+    )
+    arrays.append(np.frombuffer(recipe.encode(), np.uint8))
+    return data_fingerprint(*arrays, plan.validation[0], ds.test_ids)
 
 
 class ForgetError(PartitionError):

@@ -197,3 +197,13 @@ def test_chunk_steps_auto_and_the_steps_a_static_loop_wastes(shard_exec, tmp_pat
     assert stats.grad_steps == live and stats.program_calls * 8 * 4 == dispatched
     with pytest.raises(sj.ConfigError, match="integer or .auto."):
         tiny_config(chunk_steps="some")
+
+
+def test_a_seed_jax_keys_cannot_hold_is_refused():
+    """Every model key derives from ``PRNGKey(seed)``, which keeps 32 bits: seeds 0 and 2**32
+    would train the same initial models on different partitions. Such seeds are refused
+    with one line, not truncated (and 2**64 no longer fails deep inside training)."""
+    assert tiny_config(seed=2**32 - 1).sisa.seed == 2**32 - 1
+    for seed in (2**32, 2**64, -1):
+        with pytest.raises(sj.ConfigError, match="sisa.seed must be"):
+            tiny_config(seed=seed)

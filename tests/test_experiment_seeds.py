@@ -12,6 +12,7 @@ import pytest
 
 from sisajax.cli import main as cli
 from sisajax.cli.app import compose, conf_dir
+from sisajax.config import ConfigError
 from sisajax.experiments import common, paper, seeds
 from sisajax.experiments.report import make_report
 
@@ -235,3 +236,48 @@ def test_cli_sweep_over_seeds_reports_mean_and_sd(tmp_path, capsys):
     assert report.count("## shards (shards)") == 1 and "jobs 0, 1" in report
     mean, sd = np.mean(votes), np.std(votes, ddof=1)
     assert "| 2 | 1 | 2 |" in report and f"{mean:.4f} ± {sd:.4f}" in report
+
+
+def _tune_job(seed: int, full_acc: float, sisa_acc: float, chosen_lr: float = 0.1) -> dict:
+    """One separately run tune job (one test seed) with its stored per-example correctness."""
+    from sisajax.stats import pack_correct
+
+    rng = np.random.default_rng(seed)
+    n = 400
+    c_full, c_sisa = rng.random(n) < full_acc, rng.random(n) < sisa_acc
+    row = {"train_examples": 1, "train_steps": 1, "train_wall_s": 1.0, "seed": seed}
+    chosen = {s: {"params": {"lr": chosen_lr}, "val_vote": 0.9} for s in ("1", "5")}
+    return {
+        "kind": "tune",
+        "name": "tune",
+        "experiment": {"shards": [1, 5], "goal_points": 2.0, "space": {}},
+        "rows": [
+            {**row, "shards": 1, "vote": c_full.mean()},
+            {**row, "shards": 5, "vote": c_sisa.mean()},
+        ],
+        "trials": [{"lr": chosen_lr}],
+        "chosen": chosen,
+        "correct": {f"S1|seed{seed}": pack_correct(c_full), f"S5|seed{seed}": pack_correct(c_sisa)},
+        "n_test": n,
+        "test_seeds": [seed],
+        "select_seeds": [1000],
+        "seeding": {"seeds": [seed]},
+    }
+
+
+def test_merging_separate_seed_jobs_keeps_every_seeds_per_example_results():
+    """Jobs of one tuned experiment run separately (``seed=0,1`` sweep) merge into one result
+    whose interval and verdict use both seeds' test examples, not the first job's only."""
+    from sisajax.experiments import tune
+
+    a, b = _tune_job(0, 0.95, 0.94), _tune_job(1, 0.95, 0.80)
+    merged = seeds.merge_runs([a, b])
+    assert merged["test_seeds"] == [0, 1]
+    assert set(merged["correct"]) == {"S1|seed0", "S5|seed0", "S1|seed1", "S5|seed1"}
+    gap = tune.gap(merged, 5)
+    assert gap["seeds"] == 2
+    one = tune.gap(a, 5)
+    assert gap["gap"] > one["gap"] + 3  # the second seed's 15-point loss is counted
+    # jobs that selected different recipes are not seeds of one experiment
+    with pytest.raises(ConfigError, match="differ in 'chosen'"):
+        seeds.merge_runs([a, _tune_job(1, 0.95, 0.8, chosen_lr=0.5)])

@@ -147,6 +147,8 @@ def test_preset_runs_end_to_end_at_tiny_size_on_digits(preset, tmp_path):
         assert np.std(aware["request_share"]) < 0.1
         assert max(aware["sizes"]) > 2 * min(aware["sizes"])
         assert {r["partition"] for r in rows} == {"uniform", "dist_aware"}
+        # requests are drawn from the trained ids only (a validation id would cost nothing)
+        assert all(r["shards_hit"] >= 1 for r in rows)
 
 
 def test_distribution_aware_partition_from_the_preset_scenario():

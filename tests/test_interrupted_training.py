@@ -2,6 +2,7 @@
 configuration on the same data again (or `sisajax resume`) finishes it, bit-identical to an
 uninterrupted training."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -53,6 +54,9 @@ def test_an_interrupted_training_continues_bit_identically(tmp_path, monkeypatch
         sj.train(cfg.replace(optim={"learning_rate": 0.2}), ds, tmp_path / "run", metrics=False)
     with pytest.raises(UserInputError, match="other data"):
         sj.continue_training(tmp_path / "run")  # the whole digits set, not the tiny one
+    rescaled = dataclasses.replace(ds, preprocessing={"scale": 2.0})  # same rows, other input map
+    with pytest.raises(UserInputError, match="other data"):
+        sj.train(cfg, rescaled, tmp_path / "run", metrics=False)
     run, cost = sj.train(cfg, ds, tmp_path / "run", metrics=False)
     assert not (tmp_path / "run" / INTERRUPTED).exists()
     assert run.manifest.origin == {"op": "train", "continued_after_slice_steps": 2}

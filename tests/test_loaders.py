@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import sisajax as sj
 import sisajax.data.published as published
 from sisajax.data.datasets import DataError, available_datasets, load_dataset
 
@@ -100,6 +101,24 @@ def test_idx_truncated(tmp_path, gz):
     _write(d / name, _idx_bytes(a["x_test"])[:-10], gz)
     with pytest.raises(DataError, match=rf"{name}.*truncated"):
         load_dataset("idx", path=str(d))
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize(
+    "dims",
+    [(0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF), (1 << 20, 1 << 12, 1 << 12)],  # overflows / 16 TiB
+)
+def test_idx_header_claiming_more_than_the_file_holds(tmp_path, gz, dims):
+    """A header whose shape overflows int64 or claims terabytes is a truncated file (a
+    DataError naming it), not an overflow, a negative read size or an attempt to allocate."""
+    import struct
+
+    d, _ = _mnist_dir(tmp_path, gz)
+    head = bytes([0, 0, 0x08, len(dims)]) + b"".join(struct.pack(">I", v) for v in dims)
+    _write(d / "train-images-idx3-ubyte", head + bytes(16), gz)
+    for n_train in (None, 5):
+        with pytest.raises(DataError, match="train-images-idx3-ubyte.*truncated"):
+            load_dataset("idx", path=str(d), n_train=n_train)
 
 
 def test_idx_truncated_gzip_stream(tmp_path):
@@ -455,3 +474,45 @@ def test_parse_errors_do_not_echo_file_content(tmp_path):
     with pytest.raises(DataError) as e:
         load_dataset("purchase", path=str(purchase))
     assert "secret-token" not in str(e.value)
+
+
+def test_no_id_or_label_is_wrapped_or_truncated_on_the_way_in(tmp_path):
+    """Values that a cast would silently change are refused: a uint64 id beyond int64 (it
+    would become negative), a label beyond int32, float ids and labels with a fraction, float
+    labels handed to a Dataset directly."""
+    x = np.random.default_rng(0).random((40, 4)).astype(np.float32)
+    p = tmp_path / "wrap.npz"
+    np.savez(p, x_train=x[:4], y_train=np.array([0, 2**32 + 1, 0, 1]), x_test=x[4:6],
+             y_test=np.array([0, 1]))  # fmt: skip
+    with pytest.raises(DataError, match="labels span"):
+        load_dataset("npz", path=str(p))
+    np.savez(p, x_train=x[:4], y_train=np.array([0, 1, 0, 1]), x_test=x[4:6],
+             y_test=np.array([0, 1]), train_ids=np.array([2**64 - 1, 2, 0, 1], np.uint64))  # fmt: skip
+    with pytest.raises(DataError, match="ids span"):
+        load_dataset("npz", path=str(p))
+    y = np.arange(30) % 3
+    with pytest.raises(DataError, match="y_train labels must be integers"):
+        sj.from_arrays(x[:30], y + 0.9, x[30:], y[:10])
+    with pytest.raises(DataError, match="train_ids must be integers"):
+        sj.from_arrays(x[:30], y, x[30:], y[:10], train_ids=np.arange(30) + 0.5)
+    ok = sj.from_arrays(x[:30], y.astype(np.float64), x[30:], y[:10])  # whole floats are fine
+    assert ok.y_train.dtype == np.int32 and ok.num_classes == 3
+    with pytest.raises(DataError, match="labels must have an integer dtype"):
+        sj.Dataset("d", np.arange(30, dtype=np.int64), x[:30], y + 0.5,
+                   np.arange(30, 40, dtype=np.int64), x[30:], y[:10], 4)  # fmt: skip
+
+
+def test_csv_hash_signs_are_data_and_a_byte_order_mark_is_not(tmp_path):
+    """No comment character: a class named ``C#`` stays distinct from ``C`` and a row starting
+    with ``#`` is refused (not dropped); a UTF-8 byte-order mark before the header (a
+    spreadsheet's "CSV UTF-8") is not part of the first column's name."""
+    p = tmp_path / "keys.csv"
+    p.write_text("a,b,label\n1,2,C#\n3,4,C\n5,6,F#\n7,8,F\n")
+    ds = load_dataset("csv", path=str(p), test_fraction=0.0)
+    assert ds.class_names == ("C", "C#", "F", "F#") and ds.y_train.tolist() == [1, 0, 3, 2]
+    p.write_text("a,b,label\n1,2,1\n#3,4,0\n5,6,0\n")
+    with pytest.raises(DataError, match="cannot parse"):
+        load_dataset("csv", path=str(p), test_fraction=0.0)
+    p.write_bytes("\ufefflabel,a,b\n0,1,2\n1,3,4\n".encode())
+    ds = load_dataset("csv", path=str(p), test_fraction=0.0)
+    assert ds.y_train.tolist() == [0, 1] and ds.x_train.tolist() == [[1, 2], [3, 4]]

@@ -180,4 +180,7 @@ def test_tiny_experiment_end_to_end(tmp_path):
     # the forgotten ids are gone from the SISA run and from the full retrain
     run = sj.open_run(out / "sisa")
     assert not np.isin(saved["forget"]["ids"], run.partition.ids).any()
+    # every other member was trained on (the data preset's validation split is not held out)
+    assert run.config.data.val_fraction == 0.0 and not run.has_validation
+    assert len(run.partition.ids) + len(saved["forget"]["ids"]) == (240 + 100) // 2
     assert "(b) after forget" in summary["markdown"]

@@ -98,6 +98,31 @@ class Dataset:
         return out
 
 
+LABEL_MAX = 2**31 - 1  # labels are class indices, stored as int32
+
+
+def integer_values(a: np.ndarray, what: str, lo: int, hi: int) -> np.ndarray:
+    """``[N]`` int64 of an integer-valued array of any numeric dtype, every value in
+    ``[lo, hi]``: floats must hold whole numbers, and nothing is wrapped or truncated on the
+    way (a uint64 beyond int64, a float id 0.5, a label 2**32 + 1 are refused).
+
+    Raises:
+      DataError: naming ``what``.
+    """
+    a = np.asarray(a).reshape(-1)
+    if a.dtype.kind == "f":
+        if not np.all(np.isfinite(a)) or not np.array_equal(a, np.round(a)):
+            raise DataError(f"{what} must be integers")
+    elif a.dtype.kind not in "iub":
+        raise DataError(f"{what} must be integers, got dtype {a.dtype}")
+    if a.size:
+        # compare as Python ints: no dtype (uint64, float64) can wrap here
+        small, large = int(a.min()), int(a.max())
+        if small < lo or large > hi:
+            raise DataError(f"{what} span [{small}, {large}], outside [{lo}, {hi}]")
+    return a.astype(np.int64)
+
+
 def validate_split(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_classes: int, what: str):
     """Raise :class:`DataError` unless ids/x/y form a consistent labelled split."""
     if ids.ndim != 1 or y.ndim != 1 or len(ids) != len(x) or len(ids) != len(y):
@@ -106,6 +131,8 @@ def validate_split(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_classes: i
         )
     if ids.dtype != np.int64:
         raise DataError(f"{what}: ids must be int64, got {ids.dtype}")
+    if y.dtype.kind not in "iu":  # a float label 0.5 would train as class 0
+        raise DataError(f"{what}: labels must have an integer dtype, got {y.dtype}")
     if len(np.unique(ids)) != len(ids):
         raise DataError(f"{what}: ids are not unique")
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
@@ -127,18 +154,27 @@ def from_arrays(
 ) -> Dataset:
     """Wrap arrays a researcher already has. Ids default to ``0..N-1`` and ``N..N+M-1``."""
     n, m = len(x_train), len(x_test)
-    train_ids = np.arange(n, dtype=np.int64) if train_ids is None else np.asarray(train_ids)
-    test_ids = np.arange(n, n + m, dtype=np.int64) if test_ids is None else np.asarray(test_ids)
-    y_train = np.asarray(y_train).astype(np.int32)
-    y_test = np.asarray(y_test).astype(np.int32)
+    i64 = np.iinfo(np.int64)
+    train_ids = (
+        np.arange(n, dtype=np.int64)
+        if train_ids is None
+        else integer_values(train_ids, "train_ids", int(i64.min), int(i64.max))
+    )
+    test_ids = (
+        np.arange(n, n + m, dtype=np.int64)
+        if test_ids is None
+        else integer_values(test_ids, "test_ids", int(i64.min), int(i64.max))
+    )
+    y_train = integer_values(y_train, "y_train labels", 0, LABEL_MAX).astype(np.int32)
+    y_test = integer_values(y_test, "y_test labels", 0, LABEL_MAX).astype(np.int32)
     if num_classes is None:
         num_classes = int(max(y_train.max(initial=0), y_test.max(initial=0))) + 1
     return Dataset(
         name,
-        train_ids.astype(np.int64),
+        train_ids,
         np.asarray(x_train),
         y_train,
-        test_ids.astype(np.int64),
+        test_ids,
         np.asarray(x_test),
         y_test,
         int(num_classes),

@@ -12,7 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sisajax.data.datasets import DataError, Dataset, split_by_hash
+from sisajax.data.datasets import (
+    LABEL_MAX,
+    DataError,
+    Dataset,
+    integer_values,
+    split_by_hash,
+)
 
 
 def why(e: BaseException) -> str:
@@ -46,14 +52,16 @@ def check_count(n: int | None, what: str) -> None:
 
 
 def int_labels(y: np.ndarray, source: str) -> np.ndarray:
-    """``[N]`` labels of any numeric dtype -> int64, rejecting non-integer values."""
-    y = np.asarray(y).reshape(-1)
-    if y.dtype.kind == "f":
-        if not np.all(np.isfinite(y)) or not np.array_equal(y, np.round(y)):
-            raise DataError(f"{source}: labels must be integers")
-    elif y.dtype.kind not in "iub":
-        raise DataError(f"{source}: labels must be integers, got dtype {y.dtype}")
-    return y.astype(np.int64)
+    """``[N]`` labels of any numeric dtype -> int64, rejecting non-integer values and values no
+    class index can have (beyond int32: they would wrap when stored)."""
+    return integer_values(y, f"{source}: labels", -LABEL_MAX, LABEL_MAX)
+
+
+def int_ids(ids: np.ndarray, source: str) -> np.ndarray:
+    """``[N]`` ids of any numeric dtype -> int64, rejecting non-integers and values beyond
+    int64 (a uint64 id is never wrapped to a negative one)."""
+    i64 = np.iinfo(np.int64)
+    return integer_values(ids, f"{source}: ids", int(i64.min), int(i64.max))
 
 
 def check_labels(y: np.ndarray, num_classes: int, source: str) -> None:

@@ -32,14 +32,24 @@ from typing import Any
 import numpy as np
 
 from sisajax.data.datasets import DataError, Dataset, from_arrays, register_dataset
-from sisajax.data.file_checks import check_labels, hash_split, int_labels, require_file, why
+from sisajax.data.file_checks import (
+    check_labels,
+    hash_split,
+    int_ids,
+    int_labels,
+    require_file,
+    why,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Plain .npz and CSV
 
 
 def _loadtxt(path: Path, what: str, **kw: Any) -> np.ndarray:
-    """``np.loadtxt`` (at least 2-d); a parse failure raises ``DataError`` naming ``what``."""
+    """``np.loadtxt`` (at least 2-d); a parse failure raises ``DataError`` naming ``what``.
+    No comment character: ``#`` is data (a class named ``C#``, a row starting with ``#``), never
+    a reason to drop or cut a row."""
+    kw.setdefault("comments", None)
     try:
         return np.loadtxt(path, ndmin=2, **kw)
     except (ValueError, OSError, EOFError) as e:
@@ -89,7 +99,7 @@ def load_npz(path: str | None = None, num_classes: int | None = None) -> Dataset
     ids = {}
     for k in ("train_ids", "test_ids"):
         if k in arrays:
-            ids[k] = int_labels(arrays[k], f"{p} {k}")  # integer check, then int64
+            ids[k] = int_ids(arrays[k], f"{p} {k}")  # integer check, then int64
     if num_classes is not None:
         check_labels(y_tr, num_classes, f"{p} y_train")
         check_labels(y_te, num_classes, f"{p} y_test")
@@ -103,7 +113,8 @@ def load_npz(path: str | None = None, num_classes: int | None = None) -> Dataset
 
 def _csv_header(p: Path, delimiter: str) -> list[str]:
     try:
-        with open(p, newline="", encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (spreadsheets' "CSV UTF-8") is not part of a name
+        with open(p, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(io.StringIO(f.readline()), delimiter=delimiter), [])
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{p}: cannot read CSV header ({why(e)})") from None

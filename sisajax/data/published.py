@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import itertools
+import math
 import pickle
 from pathlib import Path
 from typing import IO, Any
@@ -84,14 +85,25 @@ def _open_maybe_gz(path: Path) -> IO[bytes]:
 
 
 def _read_exact(f: IO[bytes], n: int, path: Path, what: str) -> bytes:
-    """Exactly ``n`` bytes from ``f``; ``DataError`` naming ``path`` and ``what`` if truncated."""
+    """Exactly ``n`` bytes from ``f``; ``DataError`` naming ``path`` and ``what`` if truncated.
+
+    Read in blocks, so memory grows with the bytes the file really holds: a header claiming
+    terabytes ends in "truncated", not in an attempt to allocate them."""
+    buf = bytearray()
     try:
-        buf = f.read(n)
+        while len(buf) < n:
+            block = f.read(min(n - len(buf), _READ_BLOCK))
+            if not block:
+                break
+            buf += block
     except (OSError, EOFError) as e:  # gzip: bad CRC, truncated stream, not gzip
         raise DataError(f"{path}: cannot read {what} ({why(e)})") from None
     if len(buf) != n:
         raise DataError(f"{path}: truncated {what}: expected {n} bytes, got {len(buf)}")
-    return buf
+    return bytes(buf)
+
+
+_READ_BLOCK = 64 << 20
 
 
 def read_idx_header(f: IO[bytes], path: Path) -> tuple[np.dtype, tuple[int, ...]]:
@@ -124,7 +136,7 @@ def read_idx(path: str | Path, max_rows: int | None = None) -> tuple[np.ndarray,
         dtype, shape = read_idx_header(f, path)
         total = shape[0]
         rows = total if max_rows is None else min(max_rows, total)
-        row_items = int(np.prod(shape[1:], dtype=np.int64))
+        row_items = math.prod(shape[1:])  # Python ints: a huge header cannot overflow
         nbytes = rows * row_items * dtype.itemsize
         buf = _read_exact(f, nbytes, path, f"IDX data for shape {shape}")
         if rows == total:
@@ -242,7 +254,7 @@ def read_label_rows(
             while lines := list(itertools.islice(f, chunk_rows)):
                 where = f"lines {start + 1}..{start + len(lines)}"
                 try:
-                    block = np.loadtxt(lines, delimiter=",", dtype=np.int32, ndmin=2)
+                    block = np.loadtxt(lines, delimiter=",", dtype=np.int32, ndmin=2, comments=None)
                 except ValueError as e:
                     raise DataError(
                         f"{path}: cannot parse {what} in {where} "

@@ -215,6 +215,10 @@ class Engine:
         (:data:`INIT_COMPILER_OPTIONS`): random initialisers expand to thousands of tiny ops
         (a ResNet-18's took 10 s to compile, 1.5 s this way), and an init runs once per shard.
         """
+        key = jax.random.fold_in(jax.random.PRNGKey(self.config.sisa.seed), shard)
+        return jax.device_get(self._init_program()(key))
+
+    def _init_program(self):
         if self._init_fn is None:
             device = self.devices[0]
             opts = INIT_COMPILER_OPTIONS if device.platform == "cpu" else None
@@ -226,8 +230,22 @@ class Engine:
             self._init_fn = program_store.load_or_compile(
                 self.program_identity("init"), [device], compile_init
             )
-        key = jax.random.fold_in(jax.random.PRNGKey(self.config.sisa.seed), shard)
-        return jax.device_get(self._init_fn(key))
+        return self._init_fn
+
+    def prepare_one_shard(self, capacity: int) -> Engine:
+        """Compile (or load) what retraining one shard runs, and return the engine that runs it:
+        the init program (a restart at slice 0) and the one-shard training program (``map``
+        runs: on one device, :meth:`narrowed`; ``vmap`` runs: the run's own width). A
+        long-lived server does this once when it starts instead of inside its first requests.
+        """
+        init = self._init_program()
+        if self.shard_exec == "vmap":  # every program of a vmap run has the run's width
+            self.compiled(self.vmap_width, capacity)
+            return self
+        eng = self.narrowed(1)  # what :meth:`run` uses for one map job
+        eng._init_fn = eng._init_fn or init
+        eng.compiled(1, capacity)
+        return eng
 
     def state_template(self) -> PyTree:
         """Abstract (shape/dtype) pytree of one shard's state (computed once)."""

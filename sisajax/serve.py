@@ -77,7 +77,10 @@ class ForgetServer:
         self._session.__enter__()
         try:
             finish_pending(self.run)  # finish what a crashed server left
-            _ = self.run.engine.compiled(*self._program_shape())  # compile (or load) once
+            # compile (or load) once, not inside the first requests: the program of a request
+            # that retrains every shard, and what a single-id request runs (one shard, init)
+            _ = self.run.engine.compiled(*self._program_shape())
+            self.run.engine.prepare_one_shard(self.run.capacity)
         except BaseException:
             self._session.__exit__(None, None, None)
             raise

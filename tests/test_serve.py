@@ -104,3 +104,25 @@ def test_spool_server_killed_mid_request_then_restarted(base_run, tmp_path):
         assert_trees_equal(run.restore_block(k), scratch.restore_block(k))
     rep = sj.audit(run)
     assert rep.ok and rep.forgotten_ids == 3
+
+
+def test_a_server_compiles_what_single_id_requests_run_before_the_first(base_run, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    """The one-shard training program and the init program (a request restarting at slice 0)
+    are compiled (or loaded) when the server starts, so no request pays for compiling."""
+    from sisajax import program_store
+
+    run = copy_run(base_run, tmp_path / "run")
+    with ForgetServer(run) as srv:
+        compiles = []
+        real = program_store.load_or_compile
+
+        def counting(*a, **kw):
+            compiles.append(a[0])
+            return real(*a, **kw)
+
+        monkeypatch.setattr(program_store, "load_or_compile", counting)
+        for shard in (1, 2):
+            r = srv.forget(pick(run, shard, 0))  # slice 0: the shard restarts from its init
+            assert r["ok"] and r["shards"] == 1
+        assert compiles == []

@@ -117,12 +117,15 @@ def train(
     root = files.root
     if root.exists() and not root.is_dir():
         raise UserInputError(f"{run_dir} exists and is not a directory")
-    if (
-        root.is_dir()
-        and (root / INTERRUPTED).is_file()
-        and not (root / MANIFEST).exists()
-        and not discard_deletion_history
-    ):
+    interrupted = (
+        root.is_dir() and (root / INTERRUPTED).is_file() and not (root / MANIFEST).exists()
+    )
+    if interrupted and discard_deletion_history:
+        raise UserInputError(
+            f"{run_dir} holds an interrupted training, not a run: it has no deletion history to "
+            "discard; continue it (the same train, or `sisajax resume`) or remove the directory"
+        )
+    if interrupted:
         return _continue_training(
             files, config, dataset, partition, devices, progress, metrics, plugins, tensorboard
         )

@@ -57,6 +57,8 @@ def test_an_interrupted_training_continues_bit_identically(tmp_path, monkeypatch
     rescaled = dataclasses.replace(ds, preprocessing={"scale": 2.0})  # same rows, other input map
     with pytest.raises(UserInputError, match="other data"):
         sj.train(cfg, rescaled, tmp_path / "run", metrics=False)
+    with pytest.raises(UserInputError, match="interrupted training, not a run"):
+        sj.train(cfg, ds, tmp_path / "run", overwrite=True, discard_deletion_history=True)
     run, cost = sj.train(cfg, ds, tmp_path / "run", metrics=False)
     assert not (tmp_path / "run" / INTERRUPTED).exists()
     assert run.manifest.origin == {"op": "train", "continued_after_slice_steps": 2}

@@ -322,6 +322,15 @@ def test_cifar10_errors(tmp_path):
     (d / "data_batch_4").write_bytes(b"\x80\x04garbage")
     with pytest.raises(DataError, match=r"data_batch_4: not a CIFAR-10 python batch"):
         load_dataset("cifar10", path=str(d))
+    # pixels in a wider dtype: kept when they are 0..255, refused (never wrapped) otherwise
+    for data, ok in ((np.full((1, 3072), 255, np.int64), True), (np.full((1, 3072), 256), False)):
+        with open(d / "data_batch_4", "wb") as f:
+            pickle.dump({b"data": data, b"labels": [1]}, f)
+        if ok:
+            assert (published.read_cifar_batch(d / "data_batch_4")[0] == 255).all()
+        else:
+            with pytest.raises(DataError, match="pixels span"):
+                published.read_cifar_batch(d / "data_batch_4")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,3 +525,14 @@ def test_csv_hash_signs_are_data_and_a_byte_order_mark_is_not(tmp_path):
     p.write_bytes("\ufefflabel,a,b\n0,1,2\n1,3,4\n".encode())
     ds = load_dataset("csv", path=str(p), test_fraction=0.0)
     assert ds.y_train.tolist() == [0, 1] and ds.x_train.tolist() == [[1, 2], [3, 4]]
+
+
+def test_bfloat16_features_with_nan_are_refused():
+    """ml_dtypes floats (bfloat16: numpy kind "V") get the same NaN / inf check as float32."""
+    import ml_dtypes
+
+    x = np.ones((4, 2), ml_dtypes.bfloat16)
+    x[1, 1] = np.nan
+    with pytest.raises(DataError, match="NaN or inf"):
+        sj.Dataset("d", np.arange(4, dtype=np.int64), x, np.zeros(4, np.int32),
+                   np.arange(4, 6, dtype=np.int64), x[:2] * 0, np.zeros(2, np.int32), 2)  # fmt: skip

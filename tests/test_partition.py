@@ -82,3 +82,15 @@ def test_epochs_reshuffle_with_epoch_key():
     )
     first, second = s.rows[:5][s.mask[:5]], s.rows[5:][s.mask[5:]]
     assert sorted(first.tolist()) == sorted(second.tolist()) and first.tolist() != second.tolist()
+
+
+def test_distribution_aware_partition_refuses_what_it_cannot_sort():
+    """NaN probabilities would sort anywhere (and fill no shard); no ids is no partition."""
+    from sisajax.data.partition import distribution_aware_partition
+
+    ids = np.arange(6, dtype=np.int64)
+    for probs in ([0.1, np.nan, 0.2, 0.1, 0.1, 0.1], [0.1, np.inf, 0.2, 0.1, 0.1, 0.1]):
+        with pytest.raises(PartitionError, match="finite, non-negative"):
+            distribution_aware_partition(ids, np.array(probs), 0.2, 1, seed=0)
+    with pytest.raises(PartitionError, match="no ids"):
+        distribution_aware_partition(ids[:0], np.zeros(0), 0.2, 1, seed=0)

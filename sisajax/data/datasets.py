@@ -137,7 +137,9 @@ def validate_split(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_classes: i
         raise DataError(f"{what}: ids are not unique")
     if len(y) and (y.min() < 0 or y.max() >= num_classes):
         raise DataError(f"{what}: labels outside [0, {num_classes})")
-    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+    # kind "f", or a float from ml_dtypes (bfloat16 and friends have kind "V")
+    floating = x.dtype.kind == "f" or (x.dtype.kind == "V" and "float" in x.dtype.name)
+    if floating and not np.all(np.isfinite(x)):
         raise DataError(f"{what}: features contain NaN or inf")
 
 

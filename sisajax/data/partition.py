@@ -272,8 +272,10 @@ def distribution_aware_partition(
     """
     ids = np.asarray(ids, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
-    if len(ids) != len(probs) or (probs < 0).any():
-        raise PartitionError("probs must be one non-negative probability per id")
+    if len(ids) != len(probs) or not np.all(np.isfinite(probs)) or (probs < 0).any():
+        raise PartitionError("probs must be one finite, non-negative probability per id")
+    if len(ids) == 0:
+        raise PartitionError("no ids to partition")
     if not bound > 0:
         raise PartitionError(f"bound must be > 0, got {bound}")
     tie = hash64(ids, seed, 3).astype(np.float64)

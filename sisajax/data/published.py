@@ -30,7 +30,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from sisajax.data.datasets import DataError, Dataset, register_dataset
+from sisajax.data.datasets import DataError, Dataset, integer_values, register_dataset
 from sisajax.data.file_checks import (
     check_count,
     check_labels,
@@ -451,7 +451,10 @@ def read_cifar_batch(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     y = int_labels(np.asarray(batch["labels"]), str(path))
     if len(y) != len(data):
         raise DataError(f"{path}: {len(data)} images but {len(y)} labels")
-    x = data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    if data.dtype != np.uint8:  # pixels 0..255: any other value would wrap in the cast
+        pixels = integer_values(data, f"{path}: 'data' pixels", 0, 255)
+        data = pixels.reshape(data.shape).astype(np.uint8)
+    x = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(x), y
 
 

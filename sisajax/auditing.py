@@ -161,6 +161,14 @@ def audit(run: SisaRun) -> AuditReport:
     # live files
     for ref in (m.partition, m.test_data):
         _check_file(run, ref.path, ref.sha256, problems)
+    if m.val_data is not None and _check_file(run, m.val_data.path, m.val_data.sha256, problems):
+        try:
+            val_ids = run.val_data()[0]
+        except (RunError, OSError) as e:
+            problems.append(f"validation split: {e}")
+        else:
+            if np.isin(keys_of(val_ids), removed_arr).any():
+                problems.append("the stored validation split still holds forgotten ids")
     spec = run.row_spec()
     exposures: list[dict[str, Any]] = []
     checked = 0
@@ -228,7 +236,9 @@ def _first_record(records: list[dict[str, Any]], request_id: str) -> dict[str, A
     return next((r for r in records if str(r.get("request_id")) == request_id), {})
 
 
-def _check_file(run: SisaRun, rel: str, sha: str, problems: list[str]) -> None:
+def _check_file(run: SisaRun, rel: str, sha: str, problems: list[str]) -> bool:
+    """Whether ``rel`` is there with checksum ``sha``; else a problem is appended."""
+    n = len(problems)
     try:
         path = run.files.path(rel)
         if not path.is_file():
@@ -237,3 +247,4 @@ def _check_file(run: SisaRun, rel: str, sha: str, problems: list[str]) -> None:
             problems.append(f"{rel} is corrupt (checksum mismatch)")
     except OSError as e:
         problems.append(f"{rel}: {e.strerror}")
+    return len(problems) == n

@@ -173,6 +173,7 @@ _REGISTRY: dict[str, Callable[[ModelConfig, int], nn.Module]] = {
     "resnet18": _resnet18,
     "wrn": _wrn,
 }
+BUILTIN_MODELS: tuple[str, ...] = tuple(_REGISTRY)  # the rest come from plug-ins
 
 
 # Registered models (plug-ins): name -> the model.params keys declared at registration, or None

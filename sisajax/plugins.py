@@ -109,17 +109,42 @@ def source_hashes(names: Iterable[str]) -> dict[str, str]:
 
 
 def check_sources(
-    recorded: Mapping[str, str], *, writing: bool, warned: set[str] | None = None
+    recorded: Mapping[str, str],
+    *,
+    writing: bool,
+    warned: set[str] | None = None,
+    require_imported: bool = False,
 ) -> None:
     """Compare the imported plug-ins' sources with the hashes ``recorded`` when the run was
     trained. A plug-in not imported here, or not recorded (a run from an older sisajax), is not
     checked. A changed one is refused when ``writing`` (unless ``SISAJAX_ALLOW_PLUGIN_CHANGE=1``),
     else warned about, once per name in ``warned``.
 
+    Both the source this process imported (its hash at import) and the file now on disk must
+    match: a long-lived process whose file was edited since still runs the old code, and a
+    module reloaded after an edit runs the new one.
+
+    Args:
+      require_imported: a recorded plug-in that is not imported is refused too (``writing`` a
+        run whose model comes from a plug-in: another module registering the same model name
+        would otherwise pass unchecked).
+
     Raises:
-      PluginChangedError: ``writing`` and a plug-in's source hash differs (one line).
+      PluginChangedError: ``writing`` and a plug-in's source hash differs, or
+        ``require_imported`` and one is not imported (one line).
     """
-    changed = [n for n, h in recorded.items() if (now := source_hash(n)) is not None and now != h]
+    if require_imported and writing:
+        missing = sorted(n for n in recorded if n not in sys.modules)
+        if missing:
+            raise PluginChangedError(
+                f"this run was trained with plug-in(s) {', '.join(missing)}, not imported here: "
+                "forget must replay that code; name them with plugins=[...]"
+            )
+    changed = [
+        n
+        for n, h in recorded.items()
+        if any(now is not None and now != h for now in (_IMPORTED.get(n), source_hash(n)))
+    ]
     if not changed:
         return
     what = (

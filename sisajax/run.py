@@ -27,6 +27,7 @@ from sisajax.data.partition import Partition, fingerprint_ids
 from sisajax.engine import Engine, LayoutError, ShardData, TrainState, stack_states
 from sisajax.errors import RunError, UserInputError
 from sisajax.layout import layout_options
+from sisajax.models import BUILTIN_MODELS
 from sisajax.plugins import check_sources
 from sisajax.store.files import read_bytes, sha256_file
 from sisajax.store.ledger import Ledger
@@ -186,7 +187,12 @@ class SisaRun:
         Raises:
           PluginChangedError: ``writing`` and a plug-in's source hash differs.
         """
-        check_sources(self.manifest.plugin_sources, writing=writing, warned=self._plugins_warned)
+        check_sources(
+            self.manifest.plugin_sources,
+            writing=writing,
+            warned=self._plugins_warned,
+            require_imported=self.config.model.name not in BUILTIN_MODELS,
+        )
 
     def reader_lock(self, exclusive: bool = False):
         return reader_lock(self.run_dir, self.config.ledger.lock_timeout_s, exclusive=exclusive)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from sisajax.errors import UserInputError
+from sisajax.errors import SisajaxError, UserInputError
 from sisajax.run import SisaRun
 
 
@@ -37,13 +37,19 @@ def run_status(run: SisaRun) -> dict[str, Any]:
         "ledger_records": chain.records,
         "ledger_ok": chain.ok,
         "interrupted_append": chain.interrupted,
-        "pending_requests": [r["request_id"] for r in ledger.pending()]
-        if not chain.problems
-        else [],
+        # from the records that can be read, also when the chain is broken (None: unreadable)
+        "pending_requests": _pending(ledger),
         "shards": shards,
         "layout": run.manifest.layout,
         "hosts": sorted(run.row_hosts()),
     }
+
+
+def _pending(ledger) -> list[str] | None:
+    try:
+        return [r["request_id"] for r in ledger.pending()]
+    except (SisajaxError, OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def locate_ids(run: SisaRun, ids: Any) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from sisajax.planning import (
     plan_training,
     shard_data_from,
 )
+from sisajax.plugins import source_hashes
 from sisajax.retraining import Resume, log_train, retrain_in_place, train_generation
 from sisajax.run import SisaRun
 from sisajax.store.interrupted import (
@@ -236,6 +238,7 @@ def _keep_progress(
             {k: [gen.rows[(k, j)] for j in range(done)] for k in shards},
             {**hosts, **gen.hosts},
             plugins,
+            source_hashes(plugins),
         )
         try:
             write_record(root, record)
@@ -281,6 +284,14 @@ def _continue_training(
             raise UserInputError(
                 f"{root} holds an interrupted training on other data; continue it with the same "
                 "data (`sisajax resume` reloads it) or remove the directory"
+            )
+        now = source_hashes(rec.plugins)
+        changed = sorted(n for n, h in rec.plugin_sources.items() if now.get(n) != h)
+        if changed:
+            raise UserInputError(
+                f"{root} holds an interrupted training whose plug-in(s) {', '.join(changed)} "
+                "are not imported or changed since: its stored slice steps came from the code "
+                "it recorded; import that code (plugins=[...]) or remove the directory"
             )
         engine = plan.engine
         template = engine.state_template()
@@ -344,7 +355,8 @@ def continue_training(
 ):
     """Finish a new run that Ctrl-C interrupted, from its last completed slice step, with the
     configuration it was trained with (``dataset``: default, the configuration's registered
-    data set loaded again; its plug-ins are imported first). Returns ``(run, cost)`` as
+    data set loaded again). Its plug-ins must be imported by the caller (a run directory never
+    imports code by itself); they must be the code it recorded. Returns ``(run, cost)`` as
     :func:`train`.
 
     Raises:
@@ -362,10 +374,12 @@ def continue_training(
     if rec is None or (root / MANIFEST).exists():
         raise RunError(f"{root} holds no interrupted training")
     config = RunConfig.from_dict(rec.config)
-    if rec.plugins:
-        from sisajax.plugins import load_plugins
-
-        load_plugins(list(rec.plugins))
+    missing = [n for n in rec.plugins if n not in sys.modules]
+    if missing:  # a run directory never imports code by itself: the caller names it
+        raise UserInputError(
+            f"{root}: its interrupted training used plug-in(s) {', '.join(missing)}; import them "
+            "first (plugins=[...] on the command line, sisajax.load_plugins in Python)"
+        )
     if dataset is None:
         from sisajax.data.datasets import load_dataset
 

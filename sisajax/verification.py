@@ -263,8 +263,13 @@ def _reference_partition(run: SisaRun, ds: Dataset) -> tuple[Partition, str, boo
     same_ids = np.array_equal(stored.ids, hashed.ids)
     kind = run.manifest.partition_kind
     ref = stored if kind == "explicit" else hashed
-    keys = run.ledger.removed_keys(ref.ids) if run.config.ledger.hash_ids else ref.ids
-    consistent = bool(same_ids and not np.isin(keys, stored.removed).any())
+
+    def keys(ids: np.ndarray) -> np.ndarray:
+        return run.ledger.removed_keys(ids) if run.config.ledger.hash_ids else ids
+
+    consistent = bool(same_ids and not np.isin(keys(ref.ids), stored.removed).any())
+    if run.has_validation:  # a forgotten validation id leaves the stored split too
+        consistent = consistent and not np.isin(keys(run.val_data()[0]), stored.removed).any()
     for k in range(sisa.shards):
         d = run.shard_data(k)
         sel = ref.shard == k
@@ -379,6 +384,13 @@ def verify(
     """
     t0 = time.perf_counter()
     chosen = choose_shards(run.num_shards, shards, sample, seed)
+    if workdir is not None:
+        wd = Path(workdir).expanduser()
+        if wd.is_symlink() or (wd.exists() and (not wd.is_dir() or any(wd.iterdir()))):
+            raise VerifyError(
+                f"workdir {workdir} must be a new or empty folder: verify compares, it never "
+                "trains over a run (this one or another)"
+            )
     snap = _snapshot(run, chosen)
     r = run.num_slices
 
@@ -395,7 +407,14 @@ def verify(
         ref_part = Partition(
             ids[order], shard_of[order], slice_of[order], run.num_shards, run.num_slices
         )
-        ref, _ = train(run.config, snap.dataset, workdir, overwrite=True, partition=ref_part)
+        ref, _ = train(
+            run.config,
+            snap.dataset,
+            workdir,
+            partition=ref_part,
+            plugins=list(run.manifest.plugins),
+            metrics=False,
+        )
         fresh = {k: ref.restore_block(k) for k in chosen}
         mode = "full_train"
     retrain_s = time.perf_counter() - t_train

@@ -4,6 +4,7 @@ was trained with (its source hash is recorded at training)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -246,3 +247,80 @@ def test_a_package_plugin_hashes_every_source_file(tmp_path, monkeypatch):
     (pkg / "sub" / "model.py").write_text("WIDTH = 16\n")
     assert source_hash("pi_pkg") != first
     assert source_hash("pi_not_imported") is None
+
+
+def test_the_code_this_process_imported_is_checked_not_only_the_file(trained, tmp_path):
+    """A long-lived process imported the plug-in; the run was then retrained in place by a
+    process with an edited file. The file on disk now matches the run, but this process still
+    runs the old code: forget is refused (it would replay the new run with the old model)."""
+    from sisajax import plugins
+
+    run = copy_run(trained, tmp_path / "run")
+    doc = json.loads((run.run_dir / "MANIFEST.json").read_text())
+    doc["plugin_sources"] = {MODULE: "0" * 64}  # what another process's code hashed to
+    (run.run_dir / "MANIFEST.json").write_text(json.dumps(doc))
+    real = plugins.source_hash
+    try:  # the file on disk is that code; this process imported something else
+        plugins.source_hash = lambda n: "0" * 64 if n == MODULE else real(n)
+        plugins._IMPORTED[MODULE] = real(MODULE)
+        with pytest.raises(PluginChangedError, match=f"plug-in {MODULE} changed"):
+            sj.forget(sj.open_run(run.run_dir), pick(run, 0, 1))
+    finally:
+        plugins.source_hash = real
+
+
+def test_a_model_plugin_must_be_imported_to_forget(trained, tmp_path, monkeypatch):
+    """Another module registering the same model name is not the recorded plug-in: a forget of
+    a run whose model comes from a plug-in needs that plug-in imported."""
+    run = copy_run(trained, tmp_path / "run")
+    monkeypatch.delitem(sys.modules, MODULE)  # the model stays registered, by "someone else"
+    with pytest.raises(PluginChangedError, match=f"trained with plug-in.s. {MODULE}, not imported"):
+        sj.forget(sj.open_run(run.run_dir), pick(run, 0, 1))
+    assert sj.open_run(run.run_dir).generation == 0
+
+
+def test_an_interrupted_plugin_training_imports_nothing_and_checks_its_code(
+    plugin_dir, tmp_path, monkeypatch
+):
+    """Continuing a Ctrl-C'd training never imports the modules its record names (a run
+    directory from elsewhere runs no code), and refuses when the plug-in's code changed since
+    the stored slice steps were trained."""
+    from sisajax.generation_writer import GenerationWriter
+    from sisajax.store.interrupted import INTERRUPTED, read_record, write_record
+
+    root = tmp_path / "run"
+    calls = {"n": 0}
+    real = GenerationWriter.on_slice
+
+    def interrupt_after_two(self, shards):
+        handle = real(self, shards)
+
+        def on_slice(out):
+            calls["n"] += 1
+            if calls["n"] == 3:  # slice steps 0 and 1 handed over; 0 at least is stored
+                raise KeyboardInterrupt
+            return handle(out)
+
+        return on_slice
+
+    cfg = _config("pi_tiny").replace(sisa={"slices": 4})
+    with monkeypatch.context() as m:
+        m.setattr(GenerationWriter, "on_slice", interrupt_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            sj.train(cfg, tiny_digits(120, 40), root, plugins=(MODULE,))
+    rec = read_record(root)
+    assert rec.plugin_sources == {MODULE: source_hash(MODULE)}
+    # a record naming a module that is not imported: refused, nothing imported
+    (tmp_path / "pi_payload.py").write_text("import pathlib; pathlib.Path('RAN').touch()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    write_record(root, dataclasses.replace(rec, plugins=(*rec.plugins, "pi_payload")))
+    with pytest.raises(sj.UserInputError, match="used plug-in.s. pi_payload; import them"):
+        sj.continue_training(root, tiny_digits(120, 40))
+    assert "pi_payload" not in sys.modules and not (tmp_path / "RAN").exists()
+    # the plug-in's code changed since the stored slice steps: refused
+    write_record(root, dataclasses.replace(rec, plugin_sources={MODULE: "0" * 64}))
+    with pytest.raises(sj.UserInputError, match=f"plug-in.s. {MODULE} are not imported or changed"):
+        sj.continue_training(root, tiny_digits(120, 40))
+    write_record(root, rec)
+    run, _ = sj.continue_training(root, tiny_digits(120, 40))
+    assert not (root / INTERRUPTED).exists() and run.manifest.plugin_sources == rec.plugin_sources

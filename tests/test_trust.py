@@ -520,6 +520,16 @@ def test_audit_names_a_pending_request_as_the_cause(base_run, tmp_path, capsys, 
     assert cli(["audit", f"run_dir={run.run_dir}"]) == 1
     problems = [x for x in capsys.readouterr().out.splitlines() if "problem:" in x]
     assert problems[0].strip().startswith("problem: pending request:") and len(problems) == 1
+    # status says so too, also when a ledger record was edited (the chain is broken)
+    led = run.run_dir / "ledger.jsonl"
+    good = led.read_bytes()
+    rec = json.loads(good.splitlines()[0])
+    led.write_bytes((json.dumps({**rec, "note": "edited"}, sort_keys=True) + "\n").encode())
+    assert cli(["status", f"run_dir={run.run_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "pending requests 1 -> run `sisajax resume`" in out
+    assert "ledger chain BROKEN" in out and "sisajax audit" in out
+    led.write_bytes(good)
     sj.resume(run)
     assert sj.audit(run).ok
 

@@ -89,6 +89,38 @@ def test_forgetting_validation_ids_drops_them_without_retraining(tmp_path):
     assert again.is_noop and again.already_forgotten == [int(val_ids[0])]
 
 
+def test_audit_and_verify_check_the_stored_validation_split(tmp_path):
+    """The validation copy is a stored copy like the others: audit checks its checksum and that
+    it holds no forgotten id, and verify counts a forgotten id in it as an inconsistency (here
+    the old copy, id included, is put back with a manifest that vouches for it)."""
+    import hashlib
+    import io
+    import json
+
+    run, _ = sj.train(_cfg(), tiny_digits(), tmp_path / "r", metrics=False)
+    old = run.val_data()
+    gone = int(old[0][0])
+    sj.forget(run, [gone], metrics=False)
+    assert sj.audit(run).ok and sj.verify(run, write=False).ok
+    path = run.files.path(run.manifest.val_data.path)
+    good = path.read_bytes()
+    path.write_bytes(good[:-8] + b"X" * 8)
+    assert any("val" in p and "corrupt" in p for p in sj.audit(sj.open_run(run.run_dir)).problems)
+    buf = io.BytesIO()
+    np.savez(buf, ids=old[0], x=old[1], y=old[2])
+    path.write_bytes(buf.getvalue())
+    manifest = json.loads((run.run_dir / "MANIFEST.json").read_text())
+    manifest["val_data"]["sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
+    manifest["val_data"]["size"] = len(buf.getvalue())
+    (run.run_dir / "MANIFEST.json").write_text(json.dumps(manifest))
+    tampered = sj.open_run(run.run_dir)
+    assert gone in tampered.val_data()[0].tolist()
+    rep = sj.audit(tampered)
+    assert "the stored validation split still holds forgotten ids" in rep.problems
+    v = sj.verify(tampered, write=False)
+    assert not v.ok and not v.partition_consistent
+
+
 def test_a_mixed_request_is_exact_and_the_split_survives_a_retrain(tmp_path):
     ds = tiny_digits()
     cfg = _cfg()

@@ -203,6 +203,13 @@ def test_full_train_mode_agrees(run, tmp_path):
     assert rep.ok and rep.mode == "full_train"
     ref = sj.open_run(tmp_path / "ref")
     assert jax.tree.all(jax.tree.map(np.array_equal, ref.restore_block(1), run.restore_block(1)))
+    # verify never trains over a run: not the verified one, not another (here: the reference)
+    before = run.generation
+    for target in (run.run_dir, tmp_path / "ref"):
+        with pytest.raises(sj.VerifyError, match="new or empty folder"):
+            verify(run, workdir=target)
+    assert sj.open_run(run.run_dir).generation == before
+    assert sj.open_run(tmp_path / "ref").generation == 0
 
 
 def test_cli_exit_codes(run, capsys):

@@ -143,12 +143,16 @@ def cmd_status(cfg: dict[str, Any], overrides: list[str]) -> int:
         rows,
         ("shard", "ids", "ids per slice", "newest checkpoint gen", "in ensemble"),
     )
+    pending = st["pending_requests"]
     say(
         f"retained {st['retained']:,} ids (+{st['validation']:,} held out as the validation split), "
         f"forgotten {st['forgotten']:,}, ledger records "
-        f"{st['ledger_records']}, pending requests {len(st['pending_requests'])}"
-        + (" -> run `sisajax resume`" if st["pending_requests"] or st["interrupted_append"] else "")
+        f"{st['ledger_records']}, pending requests "
+        f"{'unknown (ledger unreadable)' if pending is None else len(pending)}"
+        + (" -> run `sisajax resume`" if pending or st["interrupted_append"] else "")
     )
+    if not st["ledger_ok"] and not st["interrupted_append"]:
+        say("ledger chain BROKEN (records changed or removed) -> run `sisajax audit`")
     write_result(run, "status", st)
     return 0
 

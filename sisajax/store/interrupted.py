@@ -35,6 +35,8 @@ class InterruptedTraining:
       rows: ``{shard: [RowRef] * completed}``.
       hosts: ``{host id: description}`` of the hosts that wrote those rows.
       plugins: modules the run needs imported.
+      plugin_sources: ``{module: source sha256}`` of those plug-ins when the rows were trained
+        (empty in records from older versions).
     """
 
     config: dict[str, Any]
@@ -44,6 +46,7 @@ class InterruptedTraining:
     rows: dict[int, list[RowRef]]
     hosts: dict[str, dict[str, Any]]
     plugins: tuple[str, ...] = ()
+    plugin_sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +61,7 @@ class InterruptedTraining:
             },
             "hosts": self.hosts,
             "plugins": list(self.plugins),
+            "plugin_sources": dict(self.plugin_sources),
         }
 
     @classmethod
@@ -81,6 +85,7 @@ class InterruptedTraining:
                 rows,
                 dict(d.get("hosts") or {}),
                 tuple(d.get("plugins") or ()),
+                {str(k): str(v) for k, v in (d.get("plugin_sources") or {}).items()},
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"malformed record ({type(e).__name__}: {e})") from None

@@ -10,6 +10,7 @@ runs it once per seed with ``rc.sisa.seed`` set and merges the results).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -27,6 +28,8 @@ from sisajax.config import ConfigError, RunConfig
 from sisajax.costs import CostReport
 from sisajax.data.datasets import Dataset
 from sisajax.data.partition import Partition
+from sisajax.errors import UserInputError
+from sisajax.store.run_dir import remove_run_dir
 
 COMMON_DEFAULTS: dict[str, Any] = {
     "kind": "single",
@@ -160,9 +163,9 @@ class Workspace:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
+        """``runs/<name>``, emptied for a new run (only a sisajax run there is deleted)."""
         p = self.root / name
-        if p.exists():
-            shutil.rmtree(p)
+        remove_run_dir(p)
         return p
 
     def copy(self, src: Path, name: str) -> Path:
@@ -172,12 +175,18 @@ class Workspace:
         return dst
 
     def drop(self, p: Path) -> None:
-        if not self.keep and p.exists():
-            shutil.rmtree(p)
+        if not self.keep:
+            remove_run_dir(p)
 
     def close(self) -> None:
-        if not self.keep and self.root.exists():
-            shutil.rmtree(self.root)
+        """Remove the runs made here (unless kept), and the folder when nothing else is in it."""
+        if self.keep or not self.root.is_dir():
+            return
+        for p in self.root.iterdir():
+            with contextlib.suppress(UserInputError):  # not a run: the user's, left alone
+                remove_run_dir(p)
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
 
 
 def eval_row(ev: Any) -> dict[str, Any]:

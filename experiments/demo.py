@@ -8,7 +8,6 @@ baseline (one model, same recipe) on the retained data, and compares wall clock 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ def run_demo(cfg: dict[str, Any]) -> int:
     import sisajax as sj
     from sisajax.config import recipe_summary, run_config_from
     from sisajax.console import fmt_cost, print_table, progress_factory, say
+    from sisajax.store.run_dir import remove_run_dir
 
     rc = run_config_from(cfg)
     k = cfg["num_forget"]
@@ -28,8 +28,7 @@ def run_demo(cfg: dict[str, Any]) -> int:
         raise ConfigError(f"num_forget must be an integer >= 1, got {k!r}")
     root = Path(cfg["run_dir"]).expanduser().absolute()
     for name in ("sisa", "full_retrain"):  # the demo's own runs: start from scratch
-        if (root / name).is_dir():
-            shutil.rmtree(root / name)
+        remove_run_dir(root / name)  # a folder there that is not a run is refused, not deleted
     ds = sj.load_dataset(rc.data.name, **rc.data.params)
     s = rc.sisa
     say(f"data: {ds.summary()}")

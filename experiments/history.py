@@ -70,13 +70,16 @@ def history_report(run: Any) -> tuple[str, list[Path]]:
                 f"Accuracy along the stream: first {acc[0]:.4f}, last {acc[-1]:.4f}, "
                 f"min {min(acc):.4f}, max {max(acc):.4f}.",
             ]
-    if evals:
-        e = evals[-1]
-        lines += [
-            "",
-            f"Last evaluation (generation {e.get('generation')}): vote "
-            f"{fmt(e.get('vote_accuracy'))}, mean prob {fmt(e.get('mean_prob_accuracy'))}.",
-        ]
+    for split in ("test", "val"):  # records without a split are test evaluations
+        of_split = [e for e in evals if e.get("split", "test") == split]
+        if of_split:
+            e = of_split[-1]
+            lines += [
+                "",
+                f"Last {'test' if split == 'test' else 'validation'} evaluation (generation "
+                f"{e.get('generation')}): vote {fmt(e.get('vote_accuracy'))}, mean prob "
+                f"{fmt(e.get('mean_prob_accuracy'))}.",
+            ]
     if verifies:
         v = verifies[-1]
         lines += [

@@ -208,11 +208,10 @@ def run_mia_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
     Returns:
       the results dict also written to ``<out_dir>/results.json``.
     """
-    import shutil
-
     import sisajax as sj
     from sisajax.config import run_config_from
     from sisajax.mia import train_shadows
+    from sisajax.store.run_dir import remove_run_dir
     from sisajax.verification import verify
 
     t_start = time.perf_counter()
@@ -223,8 +222,7 @@ def run_mia_experiment(cfg: dict[str, Any]) -> dict[str, Any]:
     out = Path(m["out_dir"]).absolute()
     out.mkdir(parents=True, exist_ok=True)
     for name in ("sisa", "full_retrain"):  # the experiment's own runs: start from scratch
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+        remove_run_dir(out / name)  # a folder there that is not a run is refused, not deleted
     setup = make_setup(sj.load_dataset(rc.data.name, **rc.data.params), m)
     ds, pop = setup.dataset, setup.population
     timings: dict[str, float] = {}

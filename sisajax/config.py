@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
 from typing import Any, Literal
 
 from sisajax.errors import UserInputError
@@ -32,11 +33,11 @@ class ConfigError(UserInputError, ValueError):
     """A configuration value is invalid or conflicts with a stored run."""
 
 
-def _int(v: Any, key: str, lo: int | None = None, hi: int | None = None) -> int:
-    if (
-        isinstance(v, bool)
-        or not isinstance(v, int | float)
-        or (isinstance(v, float) and not v.is_integer())
+def int_value(v: Any, key: str, lo: int | None = None, hi: int | None = None) -> int:
+    """``v`` as an int in ``[lo, hi]`` (Python or numpy integers, or a float holding a whole
+    number); else :class:`ConfigError` naming ``key``. Booleans and strings are refused."""
+    if isinstance(v, bool) or not (
+        isinstance(v, numbers.Integral) or (isinstance(v, float) and v.is_integer())
     ):
         raise ConfigError(f"{key} must be an integer, got {v!r}")
     v = int(v)
@@ -50,8 +51,9 @@ def _int(v: Any, key: str, lo: int | None = None, hi: int | None = None) -> int:
 SEED_MAX = 2**32 - 1  # a run's seed: every key derives from PRNGKey(seed), which keeps 32 bits
 
 
-def _float(v: Any, key: str) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+def float_value(v: Any, key: str) -> float:
+    """``v`` as a finite float (any real number but a boolean); else :class:`ConfigError`."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
         raise ConfigError(f"{key} must be a finite number, got {v!r}")
     return float(v)
 
@@ -101,7 +103,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _set(self, "name", _str(self.name, "data.name"))
         _set(self, "params", _dict(self.params, "data.params"))
-        f = _float(self.val_fraction, "data.val_fraction")
+        f = float_value(self.val_fraction, "data.val_fraction")
         if not 0.0 <= f <= 0.5:
             raise ConfigError(f"data.val_fraction must be in [0, 0.5], got {f}")
         _set(self, "val_fraction", f)
@@ -135,7 +137,7 @@ class ModelConfig:
         )
         if not isinstance(self.hidden, list | tuple):
             raise ConfigError(f"model.hidden must be a list of layer sizes, got {self.hidden!r}")
-        _set(self, "hidden", tuple(_int(h, "model.hidden sizes", 1) for h in self.hidden))
+        _set(self, "hidden", tuple(int_value(h, "model.hidden sizes", 1) for h in self.hidden))
         _set(self, "activation", _str(self.activation, "model.activation"))
         _set(self, "params", _dict(self.params, "model.params"))
 
@@ -193,15 +195,15 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _set(self, "augment", _choice(self.augment, "optim.augment", ("none", "crop_flip")))
-        _set(self, "augment_pad", _int(self.augment_pad, "optim.augment_pad", 0))
+        _set(self, "augment_pad", int_value(self.augment_pad, "optim.augment_pad", 0))
         _set(self, "name", _choice(self.name, "optim.name", ("sgd", "adam")))
-        _set(self, "learning_rate", _float(self.learning_rate, "optim.learning_rate"))
+        _set(self, "learning_rate", float_value(self.learning_rate, "optim.learning_rate"))
         if not self.learning_rate > 0:
             raise ConfigError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
-        _set(self, "momentum", _float(self.momentum, "optim.momentum"))
+        _set(self, "momentum", float_value(self.momentum, "optim.momentum"))
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
-        _set(self, "weight_decay", _float(self.weight_decay, "optim.weight_decay"))
+        _set(self, "weight_decay", float_value(self.weight_decay, "optim.weight_decay"))
         if self.weight_decay < 0:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
         _set(
@@ -209,7 +211,7 @@ class OptimConfig:
             "averaging",
             _choice(self.averaging, "optim.averaging", ("none", "ema", "polyak", "tail")),
         )
-        _set(self, "ema_decay", _float(self.ema_decay, "optim.ema_decay"))
+        _set(self, "ema_decay", float_value(self.ema_decay, "optim.ema_decay"))
         if not 0 < self.ema_decay < 1:
             raise ConfigError(f"optim.ema_decay must be in (0, 1), got {self.ema_decay}")
         _set(self, "schedule", _choice(self.schedule, "optim.schedule", SCHEDULES))
@@ -224,13 +226,17 @@ class OptimConfig:
             ("final_lr_fraction", 0.0, 1.0),
             ("label_smoothing", 0.0, 1.0),
         ):
-            v = _float(getattr(self, name), f"optim.{name}")
+            v = float_value(getattr(self, name), f"optim.{name}")
             if not lo <= v <= hi or (name == "tail_fraction" and v == 0.0):
                 raise ConfigError(f"optim.{name} must be in [{lo}, {hi}], got {v}")
             _set(self, name, v)
         if self.label_smoothing >= 1.0:
             raise ConfigError("optim.label_smoothing must be < 1")
-        _set(self, "lr_shard_exponent", _float(self.lr_shard_exponent, "optim.lr_shard_exponent"))
+        _set(
+            self,
+            "lr_shard_exponent",
+            float_value(self.lr_shard_exponent, "optim.lr_shard_exponent"),
+        )
         if abs(self.lr_shard_exponent) > 2:
             raise ConfigError(
                 f"optim.lr_shard_exponent must be in [-2, 2], got {self.lr_shard_exponent}"
@@ -288,14 +294,14 @@ class SisaConfig:
     epochs_shard_exponent: float = 0.0
 
     def __post_init__(self) -> None:
-        _set(self, "shards", _int(self.shards, "sisa.shards", 1))
-        _set(self, "slices", _int(self.slices, "sisa.slices", 1))
-        _set(self, "epochs", _float(self.epochs, "sisa.epochs"))
+        _set(self, "shards", int_value(self.shards, "sisa.shards", 1))
+        _set(self, "slices", int_value(self.slices, "sisa.slices", 1))
+        _set(self, "epochs", float_value(self.epochs, "sisa.epochs"))
         if not self.epochs > 0:
             raise ConfigError(f"sisa.epochs must be > 0, got {self.epochs}")
-        _set(self, "batch_size", _int(self.batch_size, "sisa.batch_size", 1))
+        _set(self, "batch_size", int_value(self.batch_size, "sisa.batch_size", 1))
         # jax's keys hold 32 bits: a larger seed would share its model keys with another seed
-        _set(self, "seed", _int(self.seed, "sisa.seed", 0, SEED_MAX))
+        _set(self, "seed", int_value(self.seed, "sisa.seed", 0, SEED_MAX))
         _set(
             self,
             "aggregation",
@@ -309,8 +315,8 @@ class SisaConfig:
                 f"sisa.chunk_steps must be an integer or 'auto', got {self.chunk_steps!r}"
             )
         if self.chunk_steps != "auto":
-            _set(self, "chunk_steps", _int(self.chunk_steps, "sisa.chunk_steps", 1))
-        _set(self, "unroll", _int(self.unroll, "sisa.unroll", 1))
+            _set(self, "chunk_steps", int_value(self.chunk_steps, "sisa.chunk_steps", 1))
+        _set(self, "unroll", int_value(self.unroll, "sisa.unroll", 1))
         _set(
             self,
             "chunk_trip",
@@ -325,7 +331,7 @@ class SisaConfig:
         _set(
             self,
             "epochs_shard_exponent",
-            _float(self.epochs_shard_exponent, "sisa.epochs_shard_exponent"),
+            float_value(self.epochs_shard_exponent, "sisa.epochs_shard_exponent"),
         )
         if not 0 <= self.epochs_shard_exponent <= 1:
             raise ConfigError(
@@ -364,7 +370,7 @@ class LedgerConfig:
         _set(self, "hash_ids", _bool(self.hash_ids, "ledger.hash_ids"))
         if self.salt_file is not None:
             _set(self, "salt_file", _str(self.salt_file, "ledger.salt_file"))
-        _set(self, "lock_timeout_s", _float(self.lock_timeout_s, "ledger.lock_timeout_s"))
+        _set(self, "lock_timeout_s", float_value(self.lock_timeout_s, "ledger.lock_timeout_s"))
         if self.lock_timeout_s < 0:
             raise ConfigError(f"ledger.lock_timeout_s must be >= 0, got {self.lock_timeout_s}")
 

@@ -50,12 +50,12 @@ _ENV_ERRNOS = {
 }
 
 
-def storage_error(e: OSError, action: str) -> StorageError:
-    """One clear line for an ``OSError`` met while ``action`` (e.g. "writing data/x.npz")."""
+def storage_error(e: OSError, action: str, *, resumable: bool = True) -> StorageError:
+    """One clear line for an ``OSError`` met while ``action`` (e.g. "writing data/x.npz");
+    ``resumable``: it happened while changing a run (say how to finish)."""
     why = _ENV_ERRNOS.get(e.errno or -1) or (e.strerror or type(e).__name__)
-    err = StorageError(
-        f"{action}: {why}; the run is unchanged or resumable (fix the cause, then `sisajax resume`)"
-    )
+    hint = "; the run is unchanged or resumable (fix the cause, then `sisajax resume`)"
+    err = StorageError(f"{action}: {why}{hint if resumable else ''}")
     err.errno = e.errno
     return err
 

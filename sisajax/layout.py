@@ -279,10 +279,16 @@ def select_devices(devices: int | Sequence[Any] | None = None) -> tuple[Any, ...
                 f"{local[0].platform} device(s){_cpu_hint(local[0].platform, devices)}"
             )
         chosen = tuple(local[:devices])
+    elif isinstance(devices, str | bytes) or not isinstance(devices, Sequence):
+        raise LayoutError(
+            f"devices must be a number of devices or a list of devices, got {devices!r}"
+        )
     else:
         chosen = tuple(devices)
     if not chosen:
         raise LayoutError("no devices given")
+    if not all(hasattr(d, "platform") for d in chosen):
+        raise LayoutError(f"devices must be jax devices, got {list(chosen)!r}")
     if len({d.platform for d in chosen}) > 1:
         raise LayoutError(f"devices of mixed platforms: {sorted({d.platform for d in chosen})}")
     return chosen

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from sisajax.config import int_value
 from sisajax.costs import CostReport
 from sisajax.data.partition import hash64
 from sisajax.errors import UserInputError
@@ -92,6 +93,7 @@ def sample_requests(
         raise UserInputError(
             f"requests.k must be an integer in 1..{len(ids)} (the retained ids); got {k!r}"
         )
+    seed = int_value(seed, "requests.seed", 0)
     if weights is None:
         p = request_weights(ids, distribution, seed, **params)
     else:

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from sisajax.config import int_value
 from sisajax.errors import SisajaxError, UserInputError
 from sisajax.run import SisaRun
 
@@ -103,6 +104,8 @@ def list_ids(
             )
         return np.asarray(part.removed, np.int64)
     keep = np.ones(len(part.ids), bool)
+    shard = None if shard is None else int_value(shard, "shard")
+    slice = None if slice is None else int_value(slice, "slice")
     if shard is not None:
         if not 0 <= int(shard) < part.num_shards:
             raise UserInputError(f"shard must be in 0..{part.num_shards - 1}, not {shard}")

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from sisajax import host as host_mod
+from sisajax.config import ConfigError, float_value, int_value
 from sisajax.data.datasets import Dataset
 from sisajax.data.partition import Partition, fingerprint_ids, hash_partition, validation_mask
 from sisajax.engine import ShardData, ShardJob, SliceOutput, stack_states
@@ -218,7 +219,14 @@ def choose_shards(
 
     With both given, ``sample`` shards are drawn from ``shards``. The draw is seeded by ``seed``.
     """
-    pool = list(range(num_shards)) if shards is None else sorted({int(k) for k in shards})
+    try:
+        seed = int_value(seed, "seed", 0)
+        if sample is not None:
+            sample = int_value(sample, "sample", 1)
+        given = None if shards is None else [int_value(k, "shards", 0) for k in shards]
+    except ConfigError as e:
+        raise VerifyError(str(e)) from None
+    pool = list(range(num_shards)) if given is None else sorted(set(given))
     bad = [k for k in pool if not 0 <= k < num_shards]
     if bad:
         raise VerifyError(f"shards {bad} do not exist (the run has shards 0..{num_shards - 1})")
@@ -384,6 +392,13 @@ def verify(
     """
     t0 = time.perf_counter()
     chosen = choose_shards(run.num_shards, shards, sample, seed)
+    if atol is not None:
+        try:
+            atol = float_value(atol, "atol")
+        except ConfigError as e:
+            raise VerifyError(str(e)) from None
+        if atol < 0:
+            raise VerifyError(f"atol must be >= 0, got {atol}")
     if workdir is not None:
         wd = Path(workdir).expanduser()
         if wd.is_symlink() or (wd.exists() and (not wd.is_dir() or any(wd.iterdir()))):

@@ -292,6 +292,41 @@ def _bad_inputs(tmp_path, run_dir):
         "bad verify shards": (["verify", r, "shards=[9]"], 2, "do not exist"),
         "report without args": (["report"], 2, "run_dir"),
         "export without out": (["export", r], 2, "out="),
+        # a word where a flag belongs: Python reads any non-empty string as true
+        "overwrite=no": (["train", r, "overwrite=no", *TINY], 2, "overwrite must be true or"),
+        "progress=off": (["forget", r, "ids=[1]", "progress=off"], 2, "progress must be true"),
+        "all_slices=maybe": (["export", r, f"out={tmp_path}/x", "all_slices=maybe"], 2, "true"),
+        "~run_dir": (["status", "~run_dir"], 2, "cannot be removed"),
+        "verify sample=abc": (["verify", r, "sample=abc"], 2, "sample must be an integer"),
+        "verify shards=abc": (["verify", r, "shards=abc"], 2, "shards must be an integer"),
+        "verify seed=abc": (["verify", r, "seed=abc"], 2, "seed must be an integer"),
+        "verify atol=abc": (["verify", r, "atol=abc"], 2, "atol must be a finite number"),
+        "predict show=abc": (["predict", r, "input=test", "show=abc"], 2, "show must be"),
+        "ids shard=abc": (["ids", r, "shard=abc"], 2, "shard must be an integer"),
+        "ids slice=[1]": (["ids", r, "slice=[1]"], 2, "slice must be an integer"),
+        "ids out in a missing folder": (
+            ["ids", r, f"out={tmp_path}/no/x.txt"],
+            2,
+            "does not exist",
+        ),
+        "devices=abc": (["train", f"run_dir={tmp_path}/new5", "devices=abc"], 2, "devices must"),
+        "split_seed=abc": (
+            ["train", f"run_dir={tmp_path}/new6", "data.params.split_seed=abc"],
+            2,
+            "split_seed must be",
+        ),
+        "requests.seed=abc": (
+            ["forget", r, "requests.k=2", "requests.seed=abc"],
+            2,
+            "requests.seed",
+        ),
+        "sweep with --cfg": (["train", "-m", "--cfg", "job", "sisa.shards=2,3"], 2, "--cfg"),
+        "sweep with unknown key": (
+            ["train", "-m", "sisa.shard=1,2"],
+            2,
+            "did you mean sisa.shards",
+        ),
+        "--config-dir without folder": (["train", "--config-dir"], 2, "config folder"),
     }
 
 
@@ -315,7 +350,7 @@ def test_every_bad_input_is_one_line_and_changes_nothing(cli_base, tmp_path, cap
         assert tree_bytes(run_dir) == before, name
         assert sorted(p.name for p in tmp_path.iterdir()) == listing, name
         rejected += 1
-    assert rejected == len(cases) >= 28
+    assert rejected == len(cases) >= 47
 
 
 def test_errors_in_a_fresh_process_are_one_line(cli_base, tmp_path):
@@ -341,8 +376,17 @@ def test_train_forget_evaluate_roundtrip(tmp_path, capsys):
     assert "forget -> generation 1" in out and "aggregate (mean prob)" in out
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert {m["event"] for m in metrics} >= {"train_slice", "forget"}
+    capsys.readouterr()
     assert cli(["report", f"run_dir={run_dir}"]) == 0
     assert list((run_dir / "results").glob("history-*.png"))
+    # the last test evaluation is reported as such, the validation one beside it (train logs
+    # a validation evaluation after the test one: it must not pass for the test accuracy)
+    out = capsys.readouterr().out
+    last_test = [
+        m for m in metrics if m["event"] == "evaluate" and m.get("split", "test") == "test"
+    ]
+    assert f"Last test evaluation (generation {last_test[-1]['generation']})" in out
+    assert "Last validation evaluation" in out
 
 
 def test_validation_split_from_the_command_line(tmp_path, capsys):
@@ -388,6 +432,26 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert code == 0, out
     assert "bit-identical" in out and "speedup vs full retrain" in out
     assert (tmp_path / "demo" / "demo.png").is_file()
+
+
+def test_the_demo_deletes_only_its_own_runs(tmp_path, capsys):
+    """The demo starts its runs ``<run_dir>/sisa`` and ``full_retrain`` from scratch: a folder
+    there that is not a sisajax run (a user's files) is refused with one line, not deleted."""
+    from sisajax.store.run_dir import remove_run_dir
+
+    notes = tmp_path / "demo" / "sisa" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("precious")
+    assert cli(["demo", f"run_dir={tmp_path / 'demo'}", *TINY]) == 2
+    assert "is not a sisajax run: not deleted" in capsys.readouterr().err
+    assert notes.read_text() == "precious"
+    # a run (or an empty folder) is removed; links and files are refused
+    assert cli(["train", f"run_dir={tmp_path / 'run'}", *TINY]) == 0
+    assert remove_run_dir(tmp_path / "run") and not (tmp_path / "run").exists()
+    (tmp_path / "link").symlink_to(notes.parent)
+    with pytest.raises(sj.UserInputError):
+        remove_run_dir(tmp_path / "link")
+    assert notes.exists() and not remove_run_dir(tmp_path / "absent")
 
 
 def test_training_writes_metrics_and_tensorboard_events(tmp_path):
@@ -515,3 +579,26 @@ def test_yaml_defaults_equal_the_dataclass_defaults(section, group_file):
     if section == "sisa":
         assert compose("train", [])["seed"] == defaults.pop("seed")
     assert yml == defaults
+
+
+def test_a_users_config_folder_comes_before_the_packaged_configs(tmp_path, monkeypatch, capsys):
+    """``--config-dir`` (and ``SISAJAX_CONFIG_PATH``) files replace packaged ones of the same
+    name (a data preset, the command's own config) and add new options; without them the
+    packaged defaults are back."""
+    conf = tmp_path / "conf"
+    (conf / "data").mkdir(parents=True)
+    (conf / "data" / "digits.yaml").write_text(
+        "name: digits\nparams:\n  test_fraction: 0.3\nval_fraction: 0.25\n"
+    )
+    (conf / "data" / "mydigits.yaml").write_text("name: digits\nparams: {}\nval_fraction: 0.05\n")
+    base = compose("train", [])
+    mine = compose("train", [], [str(conf)])
+    assert mine["data"]["params"] == {"test_fraction": 0.3} and mine["data"]["val_fraction"] == 0.25
+    assert compose("train", ["data=mydigits"], [str(conf)])["data"]["val_fraction"] == 0.05
+    assert compose("train", []) == base  # nothing left behind for the next command
+    (conf / "train.yaml").write_text(
+        (conf_dir() / "train.yaml").read_text().replace("runs/default", "runs/mine")
+    )
+    monkeypatch.setenv("SISAJAX_CONFIG_PATH", str(conf))
+    assert cli(["train", "--cfg", "job"]) == 0
+    assert "run_dir: runs/mine" in capsys.readouterr().out

@@ -157,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         if flags["multirun"]:
             if not cmd.multirun:
                 raise UsageError(f"`sisajax {name}` does not sweep; -m works with train and paper")
+            if flags["cfg"] is not None:  # a sweep is many configs: show one without -m
+                raise UsageError(
+                    "--cfg shows one config and -m runs a sweep: leave out -m (and give one "
+                    "value per key) to see a sweep point's config"
+                )
             from sisajax.cli.sweep import multirun
 
             return multirun(name, overrides, flags["config_dirs"])

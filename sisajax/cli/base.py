@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import difflib
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -60,12 +61,38 @@ def conf_dir() -> Path:
 
 
 def search_path(extra: list[str]) -> list[str]:
-    """User config folders (``--config-dir`` and ``SISAJAX_CONFIG_PATH``), as Hydra search path."""
+    """User config folders (``--config-dir`` and ``SISAJAX_CONFIG_PATH``), as Hydra search path
+    entries; they are searched before the packaged configs (:func:`use_config_dirs`)."""
     dirs = list(extra) + [d for d in os.environ.get(SEARCH_PATH_ENV, "").split(os.pathsep) if d]
     for d in dirs:
-        if not Path(d).is_dir():
-            raise UsageError(f"config folder {d} does not exist")
+        if not d or not Path(d).is_dir():
+            raise UsageError(f"config folder {d or '(none given)'} does not exist")
     return [f"file://{Path(d).resolve()}" for d in dirs]
+
+
+_USER_DIRS: list[str] = []  # search path entries searched before the packaged configs
+
+
+def use_config_dirs(paths: list[str]) -> None:
+    """Make Hydra search ``paths`` (``file://`` entries, first wins) before the packaged configs,
+    so a user's ``data/digits.yaml`` or ``train.yaml`` replaces the packaged one of that name
+    (Hydra's own ``hydra.searchpath`` would put them after it)."""
+    from hydra.core.plugins import Plugins
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+
+    global _USER_DIRS
+    if not _USER_DIRS and not paths:
+        return
+    if not getattr(use_config_dirs, "registered", False):
+
+        class UserConfigDirs(SearchPathPlugin):
+            def manipulate_search_path(self, search_path) -> None:
+                for p in reversed(_USER_DIRS):
+                    search_path.prepend(provider="sisajax-user", path=p)
+
+        Plugins.instance().register(UserConfigDirs)
+        use_config_dirs.registered = True  # type: ignore[attr-defined]
+    _USER_DIRS = list(paths)
 
 
 def compose(name: str, overrides: list[str], config_dirs: list[str] = ()) -> dict[str, Any]:
@@ -87,18 +114,20 @@ def compose(name: str, overrides: list[str], config_dirs: list[str] = ()) -> dic
             "-m/--multirun uses; a single run writes where run_dir= says"
         )
     user_paths = search_path(list(config_dirs))
-    extra = [f"hydra.searchpath=[{','.join(user_paths)}]"] if user_paths else []
+    use_config_dirs(user_paths)
+    extra: list[str] = []
     folders = [conf_dir(), *(Path(p[len("file://") :]) for p in user_paths)]
     groups = [o for o in overrides if _is_group_choice(o, folders)]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
             cfg = hydra_compose(config_name=name, overrides=overrides + extra)
-            # Only `+key=` / `++key=` or a dict value can add keys (plain `key=` on an unknown
-            # key fails in Hydra's struct mode): compose the reference config only then.
+            # The reference config (the defaults with the same group choices) is composed only
+            # when an override could add or remove a key or give a word where a flag belongs:
+            # plain `key=value` on an unknown key fails in Hydra's struct mode anyway.
             ref = (
                 hydra_compose(config_name=name, overrides=groups + extra)
-                if any(o.startswith("+") or "{" in o for o in overrides)
+                if any(_needs_reference(o, groups) for o in overrides)
                 else None
             )
     except Exception as e:  # Hydra/OmegaConf errors: one line naming the bad override
@@ -116,7 +145,74 @@ def compose(name: str, overrides: list[str], config_dirs: list[str] = ()) -> dic
             f"unknown config key(s) {', '.join(unknown)} for `sisajax {name}` "
             f"({hint or f'see `sisajax {name} --help`'})"
         )
+    if ref_dict is not None:
+        removed = _new_keys(ref_dict, out)  # `~key`: the command reads every key it has
+        if removed:
+            raise UsageError(
+                f"config key(s) {', '.join(removed)} cannot be removed for `sisajax {name}` "
+                "(set a value instead)"
+            )
+        for key, got in _flag_mismatches(out, ref_dict):
+            raise UsageError(f"{key} must be true or false, got {got!r}")
     return out  # type: ignore[return-value]
+
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
+
+
+def _needs_reference(override: str, groups: list[str]) -> bool:
+    """Whether ``override`` can add (``+``) or remove (``~``) a key, sets a dict, or sets a
+    plain word (``no``, ``off``, ``maybe``: a string where a flag may belong, and Python reads
+    any non-empty string as true)."""
+    if override.startswith(("+", "~")) or "{" in override:
+        return True
+    if override in groups or "=" not in override:
+        return False
+    value = override.split("=", 1)[1].strip()
+    return bool(_WORD.fullmatch(value)) and value.lower() not in ("true", "false", "null")
+
+
+def _flag_mismatches(cfg: Any, ref: Any, prefix: str = ""):
+    """``(key, value)`` of every key whose default is a flag (true/false) but whose value is
+    not one (outside the free-form subtrees)."""
+    if not isinstance(cfg, dict) or not isinstance(ref, dict):
+        return
+    if prefix.rstrip(".") in FREE_FORM:
+        return
+    for k, v in cfg.items():
+        if k not in ref:
+            continue
+        if isinstance(ref[k], bool) and not isinstance(v, bool):
+            yield f"{prefix}{k}", v
+        elif isinstance(v, dict):
+            yield from _flag_mismatches(v, ref[k], f"{prefix}{k}.")
+
+
+def check_sweep_keys(name: str, overrides: list[str], config_dirs: list[str] = ()) -> None:
+    """Refuse (before any job starts) sweep overrides whose keys ``conf/<name>.yaml`` does not
+    have: a sweep composes each job only once it runs, so a typo would fail every job.
+
+    Raises:
+      UsageError: the first unknown key, with a suggestion when one is close.
+    """
+    paths = search_path(list(config_dirs))
+    use_config_dirs(paths)
+    folders = [conf_dir(), *(Path(p[len("file://") :]) for p in paths)]
+    fixed = [o for o in overrides if _is_group_choice(o, folders) and "," not in o]
+    known = set(_reference_keys(name, fixed))
+    if not known:  # the defaults themselves do not compose: each job reports why
+        return
+    for o in overrides:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key.startswith(("hydra.", "hydra/")) or _is_group_choice(o, folders):
+            continue
+        free = any(key == f or key.startswith(f + ".") for f in FREE_FORM)
+        if key not in known and not free:
+            hint = _suggestion(key, sorted(known))
+            raise UsageError(
+                f"unknown config key {key} for `sisajax {name}` "
+                f"({hint or f'see `sisajax {name} --help`'})"
+            )
 
 
 def _overridden_key(e: Exception) -> str | None:
@@ -202,6 +298,25 @@ def _new_keys(cfg: Any, ref: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def output_path(value: Any, key: str, suffixes: tuple[str, ...] = ()) -> Path | None:
+    """The file ``key=value`` names for a command's output (None when not given), checked
+    before any work: its folder exists, it is not a folder, its suffix is one of ``suffixes``.
+
+    Raises:
+      UsageError: naming the key and the path.
+    """
+    if value in (None, ""):
+        return None
+    path = Path(str(value)).expanduser()
+    if suffixes and path.suffix not in suffixes:
+        raise UsageError(f"{key}={value}: use a {' or '.join(suffixes)} file")
+    if not path.parent.is_dir():
+        raise UsageError(f"{key}={value}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise UsageError(f"{key}={value} is a folder, not a file")
+    return path
+
+
 def run_config(cfg: dict[str, Any]):
     """The library's :class:`~sisajax.RunConfig` from a composed config (top-level ``seed`` is
     the run's seed)."""
@@ -265,6 +380,8 @@ def report_error(e: BaseException) -> int:
     if isinstance(e, BrokenPipeError):
         return output_closed()
     if isinstance(e, OSError):
+        if e.filename:  # a file the command was given or writes: name it, nothing to resume
+            return fail(str(storage_error(e, str(e.filename), resumable=False)), exit_code_of(e))
         return fail(str(storage_error(e, "file system")), exit_code_of(e))
     if type(e).__module__.startswith(("hydra", "omegaconf")):
         return fail(_hydra_message(e), 2)

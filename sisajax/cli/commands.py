@@ -197,9 +197,9 @@ def cmd_verify(cfg: dict[str, Any], overrides: list[str]) -> int:
         run,
         shards=shards,
         sample=cfg["sample"],
-        seed=int(cfg["seed"]),
+        seed=cfg["seed"],
         workdir=cfg["workdir"],
-        atol=None if cfg["atol"] is None else float(cfg["atol"]),
+        atol=cfg["atol"],
         write=False,
     )
     r = run.num_slices
@@ -237,8 +237,13 @@ def cmd_verify(cfg: dict[str, Any], overrides: list[str]) -> int:
         )
     else:
         bad = sorted(set(rep.mismatched_shards) | set(rep.fingerprint_mismatches))
-        verdict = f"FAILED: shards {bad} differ from a from-scratch retrain"
-        if not rep.bitwise_meaningful:
+        verdict = (
+            f"FAILED: shards {bad} differ from a from-scratch retrain"
+            if bad
+            else "FAILED: the stored partition or data copies do not match the retained ids "
+            "(every verified checkpoint agrees with them)"
+        )
+        if bad and not rep.bitwise_meaningful:
             verdict += f" by more than {rep.tolerance:g} (checkpoints of another host: verify on it for a bitwise check)"
     say(f"{verdict} ({rep.wall_s:.2f}s)")
     log_metrics(run, verify_record(rep))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sisajax.cli.base import UsageError
+from sisajax.cli.base import UsageError, output_path
 from sisajax.cli.base import open_run as _open
+from sisajax.config import int_value
 from sisajax.console import print_table, say
 
 
@@ -32,6 +32,8 @@ def cmd_predict(cfg: dict[str, Any], overrides: list[str]) -> int:
     from sisajax import aggregation as agg
     from sisajax.data.inputs import read_features
 
+    show = int_value(cfg["show"], "show", 0)
+    out = output_path(cfg["out"], "out", (".csv", ".npz"))
     run = _open(cfg)
     source = cfg["input"]
     if source in (None, ""):
@@ -51,9 +53,8 @@ def cmd_predict(cfg: dict[str, Any], overrides: list[str]) -> int:
     labels = agg.aggregate(logits, method, active)
     proba = agg.mean_prob(logits, active)
     conf = proba[np.arange(len(labels)), labels]
-    out = cfg["out"]
     if out:
-        path = Path(out)
+        path = out
         if path.suffix == ".csv":
             lines = ["index,label,mean_prob"]
             lines += [
@@ -61,11 +62,9 @@ def cmd_predict(cfg: dict[str, Any], overrides: list[str]) -> int:
                 for i, (y, c) in enumerate(zip(labels, conf, strict=True))
             ]
             path.write_text("\n".join(lines) + "\n")
-        elif path.suffix == ".npz":
-            np.savez(path, labels=labels, proba=proba, shard_labels=logits.argmax(-1))
         else:
-            raise UsageError(f"out={out}: use a .csv or .npz file")
-    shown = min(len(labels), int(cfg["show"]))
+            np.savez(path, labels=labels, proba=proba, shard_labels=logits.argmax(-1))
+    shown = min(len(labels), show)
     print_table(
         f"{len(labels):,} predictions ({method}, {int(active.sum())} models)",
         [(str(i), str(int(labels[i])), f"{conf[i]:.4f}") for i in range(shown)],
@@ -82,6 +81,7 @@ def cmd_ids(cfg: dict[str, Any], overrides: list[str]) -> int:
     where given ids are with ``find=[...]``; read-only."""
     from sisajax.status import list_ids, locate_ids
 
+    out = output_path(cfg["out"], "out")
     run = _open(cfg)
     if cfg["find"] is not None:
         found = locate_ids(run, _id_list(cfg["find"], "find"))
@@ -101,8 +101,8 @@ def cmd_ids(cfg: dict[str, Any], overrides: list[str]) -> int:
         return 0
     ids = list_ids(run, cfg["which"], cfg["shard"], cfg["slice"])
     where = "".join(f" {k}={cfg[k]}" for k in ("shard", "slice") if cfg[k] is not None)
-    if cfg["out"]:
-        Path(cfg["out"]).write_text("".join(f"{int(i)}\n" for i in ids))
+    if out:
+        out.write_text("".join(f"{int(i)}\n" for i in ids))
     say(f"{len(ids):,} {cfg['which']} ids{where}: {_ranges(ids)}"
         + (f"; written to {cfg['out']}" if cfg["out"] else ""))  # fmt: skip
     return 0

@@ -25,11 +25,13 @@ from hydra.experimental.callback import Callback
 
 from sisajax.cli.base import (
     UsageError,
+    check_sweep_keys,
     compose,
     conf_dir,
     report_error,
     run_command,
     search_path,
+    use_config_dirs,
 )
 from sisajax.cli.table import COMMANDS
 
@@ -87,6 +89,7 @@ def multirun(name: str, overrides: list[str], config_dirs: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
 
     check_launcher(overrides)
+    check_sweep_keys(name, overrides, config_dirs)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     args = list(overrides)
     keys = {a.lstrip("+~").split("=", 1)[0] for a in args}
@@ -97,9 +100,7 @@ def multirun(name: str, overrides: list[str], config_dirs: list[str]) -> int:
             args.append(f"{group}=none")
     args.append("+hydra.callbacks.sisajax_report._target_=sisajax.cli.sweep.SweepReport")
     args.append(f"+hydra.callbacks.sisajax_report.command={name}")
-    paths = search_path(list(config_dirs))
-    if paths:
-        args.append(f"hydra.searchpath=[{','.join(paths)}]")
+    use_config_dirs(search_path(list(config_dirs)))  # searched before the packaged configs
 
     def task(cfg) -> dict[str, Any]:
         hc = HydraConfig.get()

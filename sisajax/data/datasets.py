@@ -184,10 +184,16 @@ def from_arrays(
 
 
 def split_by_hash(ids: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
-    """Boolean ``[N]`` test mask: a pure function of (seed, id), so the split never moves."""
+    """Boolean ``[N]`` test mask: a pure function of (seed, id), so the split never moves.
+
+    Raises:
+      DataError: ``seed`` is not an integer >= 0.
+    """
     from sisajax.data.partition import uniform_hash
 
-    return uniform_hash(ids, seed, stream=0x7E57) < test_fraction
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise DataError(f"split_seed must be an integer >= 0, got {seed!r}")
+    return uniform_hash(ids, int(seed), stream=0x7E57) < test_fraction
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ generation in Orbax's format for tools that read Orbax checkpoints.
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +25,30 @@ def save_pytree(path: Path, tree: PyTree) -> Path:
     import orbax.checkpoint as ocp
 
     path = Path(path).expanduser().absolute()  # Orbax needs absolute paths
-    if path.exists():
+    if os.path.lexists(path):  # a dangling link too: nothing is written through links
         raise UserInputError(f"{path} exists; export writes a new directory")
+    if not path.parent.is_dir():
+        raise UserInputError(f"{path}: the folder {path.parent} does not exist")
     ckptr = ocp.StandardCheckpointer()
     try:
         ckptr.save(path, jax.tree.map(np.asarray, tree))
         ckptr.wait_until_finished()
     except OSError as e:
-        raise storage_error(e, f"exporting to {path}") from None
+        _remove_partial(path)
+        raise storage_error(e, f"exporting to {path}", resumable=False) from None
+    except BaseException:
+        _remove_partial(path)
+        raise
     finally:
         ckptr.close()
     return path
+
+
+def _remove_partial(path: Path) -> None:
+    """Orbax's temporary folder(s) of an export to ``path`` that failed (best effort)."""
+    for tmp in path.parent.glob(f"{path.name}.orbax-checkpoint-tmp*"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_pytree(path: Path, template: PyTree | None = None) -> PyTree:

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from sisajax.errors import NotARunError, RunError
+from sisajax.errors import NotARunError, RunError, UserInputError
 from sisajax.store.faults import fault
 from sisajax.store.files import (
     TEMP_RE,
@@ -40,7 +41,8 @@ from sisajax.store.files import (
     scan_dir,
     write_json,
 )
-from sisajax.store.locks import reader_lock
+from sisajax.store.interrupted import INTERRUPTED
+from sisajax.store.locks import READER_LOCK, WRITER_LOCK, reader_lock
 from sisajax.store.manifest import (
     MANIFEST,
     PARTITION_RE,
@@ -220,3 +222,32 @@ class RunDir:
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json(self.path("config.json"), config, durable=False)
+
+
+def remove_run_dir(path: str | Path) -> bool:
+    """Delete the sisajax run directory at ``path`` (an experiment's or the demo's own run,
+    about to be made again); whether there was one. An empty folder (or one holding only lock
+    files) goes too; anything else is refused, so a mistyped path never deletes a user's files.
+
+    Raises:
+      UserInputError: ``path`` is a link, a file, or a folder that holds no sisajax run.
+    """
+    path = Path(path)
+    if not os.path.lexists(path):
+        return False
+    is_run = (
+        path.is_dir()
+        and not path.is_symlink()
+        and (
+            (path / MANIFEST).is_file()
+            or (path / INTERRUPTED).is_file()
+            or all(e.name in (WRITER_LOCK, READER_LOCK) for e in path.iterdir())
+        )
+    )
+    if not is_run:
+        raise UserInputError(
+            f"{path} exists and is not a sisajax run: not deleted (move it away or choose "
+            "another folder)"
+        )
+    shutil.rmtree(path)
+    return True

@@ -129,7 +129,16 @@ def train(
         )
     if interrupted:
         return _continue_training(
-            files, config, dataset, partition, devices, progress, metrics, plugins, tensorboard
+            files,
+            config,
+            dataset,
+            partition,
+            devices,
+            progress,
+            metrics,
+            plugins,
+            tensorboard,
+            val_metrics,
         )
     if root.exists() and any(root.iterdir()):
         if not overwrite:
@@ -259,6 +268,7 @@ def _continue_training(
     metrics: MetricsSink,
     plugins: tuple[str, ...],
     tensorboard: bool,
+    val_metrics: bool = False,
 ):
     """Finish a new run that Ctrl-C interrupted: check that ``config`` and ``dataset`` are what
     it was training, restore every shard after the last completed slice step (rows checked
@@ -326,6 +336,7 @@ def _continue_training(
             metrics=sink,
             resume=Resume(rec.completed, rec.rows, states),
             on_interrupt=_keep_progress(root, plan, rec.plugins, rec.hosts),
+            val_metrics=val_metrics,
         )
         manifest = make_manifest(
             plan,

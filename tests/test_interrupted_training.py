@@ -92,3 +92,19 @@ def test_a_damaged_row_of_an_interrupted_training_is_refused(tmp_path, monkeypat
     row.write_bytes(row.read_bytes()[:-8] + b"\0" * 8)
     with pytest.raises(Exception, match="s001r001"):
         sj.train(cfg, ds, tmp_path / "run", metrics=False)
+
+
+def test_continuing_logs_validation_accuracy_when_asked(tmp_path, monkeypatch):
+    """``val_metrics=True`` on the call that continues an interrupted training logs the
+    validation accuracy of the slice steps it trains (the stored ones are not trained again)."""
+    from sisajax.metrics import read_metrics
+
+    ds, cfg = tiny_digits(), tiny_config(slices=4)
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            sj.train(cfg, ds, tmp_path / "run")
+    done = json.loads((tmp_path / "run" / INTERRUPTED).read_text())["completed"]
+    sj.train(cfg, ds, tmp_path / "run", val_metrics=True)
+    logged = {r["slice"] for r in read_metrics(tmp_path / "run", "val_slice")}
+    assert logged == set(range(done, cfg.sisa.slices))

@@ -115,25 +115,24 @@ def compose(name: str, overrides: list[str], config_dirs: list[str] = ()) -> dic
         )
     user_paths = search_path(list(config_dirs))
     use_config_dirs(user_paths)
-    extra: list[str] = []
     folders = [conf_dir(), *(Path(p[len("file://") :]) for p in user_paths)]
     groups = [o for o in overrides if _is_group_choice(o, folders)]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
-            cfg = hydra_compose(config_name=name, overrides=overrides + extra)
+            cfg = hydra_compose(config_name=name, overrides=overrides)
             # The reference config (the defaults with the same group choices) is composed only
             # when an override could add or remove a key or give a word where a flag belongs:
             # plain `key=value` on an unknown key fails in Hydra's struct mode anyway.
             ref = (
-                hydra_compose(config_name=name, overrides=groups + extra)
+                hydra_compose(config_name=name, overrides=groups)
                 if any(_needs_reference(o, groups) for o in overrides)
                 else None
             )
     except Exception as e:  # Hydra/OmegaConf errors: one line naming the bad override
         if type(e).__module__.startswith(("hydra", "omegaconf")):
             bad = _overridden_key(e)
-            hint = "" if bad is None else _suggestion(bad, _reference_keys(name, groups + extra))
+            hint = "" if bad is None else _suggestion(bad, _reference_keys(name, groups))
             raise UsageError(_hydra_message(e, hint)) from None
         raise
     out = OmegaConf.to_container(cfg, resolve=True)

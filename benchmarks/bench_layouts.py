@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks import common as C
 
 # (name, kind, pinned to one core, SISAJAX_CPU_DEVICES)
@@ -120,9 +122,11 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         if not got:
             med[n] = None
             continue
-        walls = sorted(g["cost"]["wall_s"] for g in got)
-        mid = got[[g["cost"]["wall_s"] for g in got].index(walls[(len(walls) - 1) // 2])]
-        med[n] = mid
+        walls = [g["cost"]["wall_s"] for g in got]
+        median = float(np.median(walls))  # the mean of the middle two for an even count
+        # the round closest to the median gives the other columns; the wall is the median
+        mid = got[int(np.argmin([abs(w - median) for w in walls]))]
+        med[n] = {**mid, "cost": {**mid["cost"], "wall_s": median}}
     per_round = []
     for i, r in enumerate(rounds):
         singles = {

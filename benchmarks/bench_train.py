@@ -419,7 +419,7 @@ def make_tables(results: dict[str, Any], main_cfg: tuple[int, int]) -> list[C.Ta
             c["save_s"],
             c["retrain_s"],
             frac,
-            C.target(frac, 0.10, at_most=True) if is_main else "-",
+            C.target(frac, 0.03, at_most=True) if is_main else "-",
             C.ratio(c["save_s"], c["wall_s"]),
             m["checkpoint_bytes"] / 2**20,
             m["checkpoint_bytes"] / 1024 / (m["shards"] * m["slices"]),

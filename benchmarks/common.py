@@ -83,7 +83,8 @@ class Workload:
         import sisajax as sj
 
         return sj.RunConfig(
-            data=sj.DataConfig("purchase_synthetic", self.data_params(n_train)),
+            # every id trains (no validation hold-out): the workload the stored results measured
+            data=sj.DataConfig("purchase_synthetic", self.data_params(n_train), val_fraction=0.0),
             model=sj.ModelConfig(hidden=self.hidden, activation="tanh"),
             optim=sj.OptimConfig(name="sgd", learning_rate=self.learning_rate),
             sisa=sj.SisaConfig(

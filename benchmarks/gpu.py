@@ -51,7 +51,7 @@ def _cfg(sj, shards: int, slices: int, shard_exec: str, size: dict[str, Any]):
             chunk_steps=size["chunk"],
             unroll=size.get("unroll", 1),
         ),
-    )
+    ).replace(data={"val_fraction": 0.0})  # every id trains: the partition chunk_fill counts
 
 
 def step_time_us(engine: Any, width: int, capacity: int, calls: int) -> float:

@@ -33,6 +33,7 @@ COLLECTIVE_OPS = (
     "collective-broadcast",
 )
 DEVICES_ENV = "SISAJAX_CPU_DEVICES"
+MAX_CPU_DEVICES = 256  # more XLA CPU devices than any host has cores only pads vmapped programs
 NONDETERMINISTIC_ENV = "SISAJAX_ALLOW_NONDETERMINISTIC"
 # XLA's switches for run-to-run reproducible GPU programs (deterministic reductions and
 # scatters, no atomics-based ops); exact unlearning replays training, so it needs them.
@@ -89,6 +90,8 @@ def configure_cpu_devices(devices: int | str | None = None) -> int | None:
             raise ConfigError(
                 f"{DEVICES_ENV} must be a number, 'auto' or '{SERIAL}', got {want!r}"
             ) from None
+        if not 1 <= n <= MAX_CPU_DEVICES:
+            raise ConfigError(f"{DEVICES_ENV} must be in 1..{MAX_CPU_DEVICES}, got {n}")
     if n <= 1:
         return None
     global _added_count_flag

@@ -222,3 +222,7 @@ def test_bad_cpu_layout_value_is_refused_clearly(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and "refused:" in proc.stdout and "'lots'" in proc.stdout
     assert configure_cpu_devices() is None  # jax is imported here: nothing changes
+    for bad in ("0", "-1", "100000"):  # not a device count this host can mean
+        env["SISAJAX_CPU_DEVICES"] = bad
+        proc = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "must be in 1..256" in proc.stderr, (bad, proc.stderr)

@@ -123,6 +123,13 @@ def integer_values(a: np.ndarray, what: str, lo: int, hi: int) -> np.ndarray:
     return a.astype(np.int64)
 
 
+def int64_ids(ids: np.ndarray, what: str) -> np.ndarray:
+    """``[N]`` int64 ids of any numeric dtype (:func:`integer_values` over the int64 range: a
+    uint64 id is never wrapped to a negative one, a float id never truncated)."""
+    i64 = np.iinfo(np.int64)
+    return integer_values(ids, what, int(i64.min), int(i64.max))
+
+
 def validate_split(ids: np.ndarray, x: np.ndarray, y: np.ndarray, num_classes: int, what: str):
     """Raise :class:`DataError` unless ids/x/y form a consistent labelled split."""
     if ids.ndim != 1 or y.ndim != 1 or len(ids) != len(x) or len(ids) != len(y):
@@ -156,16 +163,11 @@ def from_arrays(
 ) -> Dataset:
     """Wrap arrays a researcher already has. Ids default to ``0..N-1`` and ``N..N+M-1``."""
     n, m = len(x_train), len(x_test)
-    i64 = np.iinfo(np.int64)
     train_ids = (
-        np.arange(n, dtype=np.int64)
-        if train_ids is None
-        else integer_values(train_ids, "train_ids", int(i64.min), int(i64.max))
+        np.arange(n, dtype=np.int64) if train_ids is None else int64_ids(train_ids, "train_ids")
     )
     test_ids = (
-        np.arange(n, n + m, dtype=np.int64)
-        if test_ids is None
-        else integer_values(test_ids, "test_ids", int(i64.min), int(i64.max))
+        np.arange(n, n + m, dtype=np.int64) if test_ids is None else int64_ids(test_ids, "test_ids")
     )
     y_train = integer_values(y_train, "y_train labels", 0, LABEL_MAX).astype(np.int32)
     y_test = integer_values(y_test, "y_test labels", 0, LABEL_MAX).astype(np.int32)

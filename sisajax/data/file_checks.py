@@ -16,6 +16,7 @@ from sisajax.data.datasets import (
     LABEL_MAX,
     DataError,
     Dataset,
+    int64_ids,
     integer_values,
     split_by_hash,
 )
@@ -58,10 +59,9 @@ def int_labels(y: np.ndarray, source: str) -> np.ndarray:
 
 
 def int_ids(ids: np.ndarray, source: str) -> np.ndarray:
-    """``[N]`` ids of any numeric dtype -> int64, rejecting non-integers and values beyond
-    int64 (a uint64 id is never wrapped to a negative one)."""
-    i64 = np.iinfo(np.int64)
-    return integer_values(ids, f"{source}: ids", int(i64.min), int(i64.max))
+    """``[N]`` ids of any numeric dtype -> int64 (:func:`~sisajax.data.datasets.int64_ids`),
+    errors naming ``source``."""
+    return int64_ids(ids, f"{source}: ids")
 
 
 def check_labels(y: np.ndarray, num_classes: int, source: str) -> None:

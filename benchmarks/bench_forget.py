@@ -13,6 +13,15 @@ sources trained it before), in one process:
     forgets above (the first compiles; the steady-state figure is wall minus all compile work);
   * batched requests of K random ids (one ``sj.forget`` call each).
 
+The baseline is the full retrain in its fastest CPU layout. The process runs in ``--layout``
+(default ``serial``: one device with XLA pools sized for one core, the fastest layout both for a
+program of one shard, as a one-id forget retrains, and for the single full model on 2 cores; it
+restarts itself in it), and at each baseline point the full retrain also runs in a fresh process
+in each of ``--baseline-layouts`` (default: one device per core, and XLA's one device on all
+cores); the measured speedup divides the lowest mean steady full retrain over the layouts by the
+mean forget. Batched forgets of many shards run in ``--layout`` too (one device per core would
+retrain them side by side, faster: their speedups are conservative).
+
 The ``--full-repeats`` (default 3) full retrains are interleaved with the single-id forgets
 (F f..f F f..f F), so a load that drifts over the minutes of a run (the machine is shared) affects
 both sides alike. Measured speedup = mean full-retrain steady wall / mean forget steady wall (per
@@ -26,6 +35,12 @@ own columns.
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,11 +67,60 @@ def forget_once(run, ids: list[int]) -> dict[str, Any]:
     }
 
 
+def full_retrain_once(run, dest: Path) -> dict[str, Any]:
+    """``sj.full_retrain`` of ``run`` into ``dest`` in this process: cost, jit and steady wall."""
+    import sisajax as sj
+
+    with C.span() as sp:
+        _, fc = sj.full_retrain(run, dest)
+    fc = fc.to_dict()
+    return {
+        "cost": fc,
+        "jit_s": sp.jit_s,
+        "steady_s": C.steady(fc["wall_s"], fc["compile_s"], sp.jit_s),
+        "span": sp.to_dict(),
+    }
+
+
+def baseline_child(run_dir: Path) -> dict[str, Any]:
+    """The full retrain of the run at ``run_dir`` in this (fresh) process, into a scratch folder."""
+    import sisajax as sj
+
+    work = Path(tempfile.mkdtemp(prefix="sisajax-bench-full-", dir=run_dir.parent))
+    try:
+        return full_retrain_once(sj.open_run(run_dir), work / "full")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def full_in_layout(run_dir: Path, layout: str) -> dict[str, Any]:
+    """The full retrain of the run at ``run_dir`` in a fresh process in CPU layout ``layout``."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_forget", "--baseline-child", str(run_dir)]
+    env = C.layout_env(layout)
+    proc = subprocess.run(cmd, cwd=C.REPO, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"full retrain in the {layout} layout failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     import sisajax as sj
     from sisajax import costs
 
     p = C.parser(__doc__.splitlines()[0])
+    p.add_argument(
+        "--layout",
+        default="serial",
+        choices=sorted(C.CPU_LAYOUTS),
+        help="CPU layout of the forgets and the in-process full retrains (default serial)",
+    )
+    p.add_argument(
+        "--baseline-layouts",
+        default=None,
+        help="other CPU layouts the full retrain also runs in, each in a fresh process "
+        "(comma-separated; default per-core,one-device; 'none' for none)",
+    )
+    p.add_argument("--baseline-child", type=Path, default=None, help="internal")
     p.add_argument("--exec", default="map", help="shard_exec of the run (map on CPU, vmap on GPU)")
     p.add_argument(
         "--ids", type=int, default=None, help="single-id forgets to average (default 100)"
@@ -65,6 +129,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-repeats", type=int, default=None)
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
+    if args.baseline_child is not None:
+        print(json.dumps(baseline_child(args.baseline_child)))
+        return 0
+    if not C.in_layout(args.layout):
+        return C.rerun_in_layout("benchmarks.bench_forget", argv, args.layout)
+    others = args.baseline_layouts or "per-core,one-device"
+    others = [] if others == "none" else [x for x in others.split(",") if x != args.layout]
+    for x in others:
+        if x not in C.CPU_LAYOUTS:
+            p.error(f"unknown layout {x!r} in --baseline-layouts (one of {sorted(C.CPU_LAYOUTS)})")
+    layouts = [args.layout, *others]
     wl = C.workload(args)
     n_ids = args.ids or (3 if args.quick else 100)
     ks = [int(k) for k in (args.ks or ("1,3,8" if args.quick else "1,5,20,100")).split(",")]
@@ -74,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = wl.config(S, R, args.exec)
     ds = wl.dataset()
     rng = np.random.default_rng(args.seed)
-    res: dict[str, Any] = {"exec": args.exec, "seed": args.seed}
+    res: dict[str, Any] = {
+        "exec": args.exec,
+        "seed": args.seed,
+        "layout": args.layout,
+        "baseline_layouts": layouts,
+    }
 
     with C.work_dir(args, "forget") as work:
         C.log(f"run S={S} R={R} {args.exec}")
@@ -94,32 +174,34 @@ def main(argv: list[str] | None = None) -> int:
         # draws its slice uniformly from [i*R/n, (i+1)*R/n), then an id of that slice in any shard
         strata = [int((i + rng.random()) * R / n_ids) for i in rng.permutation(n_ids)]
 
-        def full(i: int) -> dict[str, Any]:
-            C.log(f"full retrain {i + 1}/{full_repeats}")
-            with C.span() as sp:
-                _, fc = sj.full_retrain(run, work / f"full{i}")
-            fc = fc.to_dict()
-            return {
-                "cost": fc,
-                "jit_s": sp.jit_s,
-                "steady_s": C.steady(fc["wall_s"], fc["compile_s"], sp.jit_s),
-                "span": sp.to_dict(),
-            }
+        def full(i: int) -> list[dict[str, Any]]:
+            # every layout at each baseline point, in an order that rotates between points
+            order = layouts[i % len(layouts) :] + layouts[: i % len(layouts)]
+            out = []
+            for lay in order:
+                C.log(f"full retrain {i + 1}/{full_repeats} ({lay} layout)")
+                if lay == args.layout:
+                    rec = full_retrain_once(run, work / f"full{i}")
+                else:
+                    rec = full_in_layout(work / "run", lay)
+                out.append({"layout": lay, "point": i, **rec})
+            return out
 
         # full retrains interleaved with groups of forgets (F f f f F f f f F): the load on a
         # shared machine drifts over minutes, and symmetric interleaving cancels a linear drift
         groups = np.array_split(np.arange(n_ids), max(full_repeats - 1, 1))
-        singles, fulls, group_of = [], [full(0)], []
+        singles, points, group_of = [], [full(0)], []
         for g, members in enumerate(groups):
             for i in members:
                 C.log(f"forget {i + 1}/{n_ids} (slice {strata[i]})")
                 singles.append(forget_once(run, pick_in_slice(strata[i])))
                 group_of.append(g)
-            if len(fulls) < full_repeats:
-                fulls.append(full(len(fulls)))
+            if len(points) < full_repeats:
+                points.append(full(len(points)))
         for s_, g in zip(singles, group_of, strict=True):
             s_["group"] = g
         res["singles"] = singles
+        fulls = [f for pt in points for f in pt]
         res["full_retrain"] = fulls
 
         batched = []
@@ -129,11 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         res["batched"] = batched
         n_now = len(run.partition.ids)
 
-    # the fastest full retrain is the least disturbed by other load on a shared machine (and the
-    # conservative choice: it makes the measured speedup smaller)
-    # interleaved: mean of the full retrains over mean of the forgets; per group, the mean of
-    # the two full retrains around it over that group's mean forget
-    full_steady = C.mean([f["steady_s"] for f in fulls])
+    # the baseline is the layout with the lowest mean steady full retrain; the measured speedup
+    # is its mean (interleaved with the forgets) over the mean forget; per group, the mean of its
+    # two full retrains around the group over that group's mean forget
+    per_layout = {
+        lay: C.mean([f["steady_s"] for f in fulls if f["layout"] == lay]) for lay in layouts
+    }
+    fastest = min(per_layout, key=per_layout.__getitem__)
+    base = [f for f in fulls if f["layout"] == fastest]
+    full_steady = per_layout[fastest]
     full_steady_min = min(f["steady_s"] for f in fulls)
     n = wl.n_train
     analytic = costs.expected_speedup_single(S, R)
@@ -142,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     measured = full_steady / mean_forget
     per_group = []
     for g in sorted(set(group_of)):
-        around = [f["steady_s"] for f in fulls[g : g + 2]]
+        around = [f["steady_s"] for f in base[g : g + 2]]
         mine = [s["steady_s"] for s in singles if s["group"] == g]
         per_group.append(C.mean(around) / C.mean(mine))
     realized_ex = C.mean([s["full_retrain_examples"] for s in singles]) / C.mean(
@@ -150,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     res["summary"] = {
         "full_retrain_steady_s": full_steady,
+        "full_retrain_layout": fastest,
+        "full_retrain_steady_by_layout_s": per_layout,
         "forget_steady_mean_s": mean_forget,
         "forget_steady_std_s": C.std(steady),
         "forget_steady_p50_s": float(np.percentile(steady, 50)),
@@ -199,7 +287,8 @@ def make_tables(res, S, R, n, full_steady, full_steady_min, analytic) -> list[C.
         "engine's program compile; all jit = every trace/lower/compile JAX reported during the "
         "call (included in the other columns); steady = wall - max(compile, all jit). other = "
         "the rest of sj.forget (locks, ledger, reading test ids and the partition, planning). "
-        "Full retrain = sj.full_retrain on the retained data (S=1, R=1).",
+        "Full retrain = sj.full_retrain on the retained data (S=1, R=1), at each point in every "
+        f"layout; this process runs in the {res['layout']} layout.",
     )
     w = res["warmup"]
     t1.add(
@@ -232,10 +321,11 @@ def make_tables(res, S, R, n, full_steady, full_steady_min, analytic) -> list[C.
         C.std([s["steady_s"] for s in singles]),
         None,
     )
-    for i, f in enumerate(res["full_retrain"]):
+    for f in res["full_retrain"]:
         c = f["cost"]
+        where = "in process" if f["layout"] == res["layout"] else "new process"
         t1.add(
-            f"full retrain #{i + 1}",
+            f"full retrain #{f['point'] + 1}, {f['layout']} ({where})",
             *_parts(c),
             None,
             f["jit_s"],
@@ -247,7 +337,15 @@ def make_tables(res, S, R, n, full_steady, full_steady_min, analytic) -> list[C.
         "Single-request speedup vs full retrain",
         ("quantity", "value", "target", "verdict"),
     )
-    t2.add("full retrain, steady wall s (mean, interleaved)", full_steady, "", "")
+    for lay, v in sm["full_retrain_steady_by_layout_s"].items():
+        t2.add(f"full retrain, steady wall s, {lay} layout (mean)", v, "", "")
+    t2.add(
+        f"full retrain baseline: fastest layout ({sm['full_retrain_layout']}), mean",
+        full_steady,
+        "",
+        "",
+    )
+    t2.add(f"forget layout: {res['layout']}", "", "", "")
     t2.add("forget, steady wall s (mean)", sm["forget_steady_mean_s"], "", "")
     t2.add("measured speedup (wall)", sm["measured_speedup"], "", "")
     t2.add("analytic speedup S*3R/(2R+1)", analytic, "", "")

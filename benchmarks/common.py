@@ -227,6 +227,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "backend": jax.default_backend(),
         "devices": [f"{d.platform}:{d.device_kind}" for d in devs],
+        "cpu_layout": os.environ.get(DEVICES_ENV) or "auto",
         "loadavg_start": loadavg(),
     }
 
@@ -265,6 +266,44 @@ def header(args: argparse.Namespace, name: str, wl: Workload) -> dict[str, Any]:
         "git": git_state(),
         "workload": wl.to_dict(),
     }
+
+
+# CPU layouts a process can start in (values of SISAJAX_CPU_DEVICES, read when jax starts):
+# one device per core (the default), XLA's one device on all cores, and one device whose thread
+# pools were sized for one core (the fastest for programs of one shard on 2 cores)
+DEVICES_ENV = "SISAJAX_CPU_DEVICES"
+CPU_LAYOUTS = {"per-core": "auto", "one-device": "1", "serial": "serial"}
+
+
+def layout_env(layout: str) -> dict[str, str]:
+    """The environment of a child process that starts jax in CPU layout ``layout`` (a key of
+    :data:`CPU_LAYOUTS`): this process's, without the device count sisajax added to XLA_FLAGS."""
+    env = dict(os.environ)
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    else:
+        env.pop("XLA_FLAGS", None)
+    env[DEVICES_ENV] = CPU_LAYOUTS[layout]
+    return env
+
+
+def in_layout(layout: str) -> bool:
+    """Whether this process started in CPU layout ``layout``."""
+    return (os.environ.get(DEVICES_ENV) or "auto") == CPU_LAYOUTS[layout]
+
+
+def rerun_in_layout(module: str, argv: list[str] | None, layout: str) -> int:
+    """Run ``python -m module argv`` again in a process started in CPU layout ``layout`` (fixed
+    when jax starts, so a benchmark that needs another layout restarts itself); its exit code."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    log(f"restarting in the {layout} CPU layout ({DEVICES_ENV}={CPU_LAYOUTS[layout]})")
+    cmd = [sys.executable, "-m", module, *args]
+    return subprocess.run(cmd, cwd=REPO, env=layout_env(layout), check=False).returncode
 
 
 # -- timing ---------------------------------------------------------------------------------------

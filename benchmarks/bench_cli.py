@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         res["train"] = info
         n_layout = max(2, n_serve // 4)  # per serve process of the layout comparison
         n_cli = 3 + warm_repeats  # cold, warm profiled, one warm-up per variant, timed ones
-        size = n_cli + n_serve + 4 * n_layout
+        size = n_cli + n_serve + 2 * n_layout
         pool = rng.choice(run.partition.ids, size=size, replace=False)
         ids = [int(i) for i in pool[:n_cli]]
         served = [int(i) for i in pool[n_cli : n_cli + n_serve]]
@@ -247,13 +247,20 @@ def main(argv: list[str] | None = None) -> int:
             res["calls"] = calls
             C.log(f"sisajax serve: {len(served)} single-id requests")
             res["serve"] = run_serve(run.run_dir, served, Path(cache))
-            # the same single-id requests served by the default layout and by the `serial` one
-            # (1 device, XLA pools for one core), alternating, 2 processes each
+            # the default layout vs the `serial` one (1 device, XLA pools for one core), paired:
+            # each round's ids are served by both layouts, each from its own copy of the run
+            # (identical before the round, and again after it), in alternating order
+            serial_copy = work / "run-serve-serial"
+            shutil.copytree(run.run_dir, serial_copy)
             res["serve_layouts"] = []
-            for r, layout in enumerate((None, "serial", "serial", None)):
+            for r in range(2):
                 chunk = rest[r * n_layout : (r + 1) * n_layout]
-                C.log(f"sisajax serve, layout {layout or 'default'}: {len(chunk)} requests")
-                res["serve_layouts"].append(run_serve(run.run_dir, chunk, Path(cache), layout))
+                order = (None, "serial") if r % 2 == 0 else ("serial", None)
+                for layout in order:
+                    C.log(f"sisajax serve, layout {layout or 'default'}: {len(chunk)} requests")
+                    where = run.run_dir if layout is None else serial_copy
+                    served_here = run_serve(where, chunk, Path(cache), layout)
+                    res["serve_layouts"].append({"round": r, **served_here})
     tables = make_tables(res, wl)
     C.show(tables, head)
     path = C.write_results(args, "bench_cli", head, tables, res)
@@ -349,14 +356,14 @@ def make_tables(res: dict[str, Any], wl: C.Workload) -> list[C.Table]:
             rate = C.mean([r["examples"] / r["retrain_s"] for r in rs if r.get("retrain_s")])
             t2.add(f"serve, {layout} layout: wall s per request (mean)", wall)
             t2.add(f"serve, {layout} layout: retrain examples/s (mean)", rate)
-        if {"default", "serial"} <= per.keys():
+        pairs = paired_layout_ratios(res["serve_layouts"])
+        if pairs:
             t2.add(
-                "serve: default / serial wall per request",
-                C.ratio(
-                    C.mean([r["wall_s"] for r in per["default"]]),
-                    C.mean([r["wall_s"] for r in per["serial"]]),
-                ),
+                "serve: default / serial wall per request (median of pairs: the same id, "
+                "identical copies)",
+                float(np.median(pairs)),
             )
+            t2.add("serve: pairs", len(pairs))
     names = {}
     for c in res["calls"]:
         for n, s in c["slowest_imports"]:
@@ -365,6 +372,24 @@ def make_tables(res: dict[str, Any], wl: C.Workload) -> list[C.Table]:
     for n, s in sorted(names.items(), key=lambda x: -x[1])[:8]:
         t3.add(n, s)
     return [t1, tv, t2, t3]
+
+
+def paired_layout_ratios(serves: list[dict[str, Any]]) -> list[float]:
+    """Default-layout wall / serial-layout wall of each request both layouts served in the same
+    round (the same id from identical copies of the run), the processes' first requests left out
+    (they warm caches)."""
+    rounds: dict[int, dict[str, dict[int, float]]] = {}
+    for sv in serves:
+        if "round" not in sv:
+            continue  # results of the unpaired comparison, before rounds were recorded
+        walls = rounds.setdefault(sv["round"], {}).setdefault(sv["layout"], {})
+        for r in sv["responses"][1:]:
+            walls[int(r["request"])] = r["wall_s"]  # its position: both got the ids in one order
+    out = []
+    for by in rounds.values():
+        d, s = by.get("default", {}), by.get("serial", {})
+        out += [d[i] / s[i] for i in d if i in s and s[i] > 0]
+    return out
 
 
 def variant_table(calls: list[dict[str, Any]]) -> C.Table:

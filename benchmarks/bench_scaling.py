@@ -2,17 +2,20 @@
 
     python -m benchmarks.bench_scaling [--quick] [--budget-s 1500]
 
-Every grid point runs in its own subprocess (``--point``): generate the data, ``sj.train``, one
-warm-up ``sj.forget`` of a random id and ``--forgets`` measured ones (ids stratified by slice, as
-in bench_forget). The point reports training
-throughput (examples / training seconds), the mean steady forget wall (compile excluded) and
-its own peak RSS (``VmHWM``): of the whole process, and of the part after the data was generated
-(training and unlearning), by resetting the high-water mark through ``/proc/self/clear_refs``.
+Every grid point runs in its own subprocess (``--point``, one CPU device per core): generate the
+data, ``sj.train``; then, in a fresh process in ``--forget-layout`` (default ``serial``, the
+fastest CPU layout for a program of one shard), one warm-up ``sj.forget`` of a random id and
+``--forgets`` measured ones (ids stratified by slice, as in bench_forget). The point reports
+training throughput (examples / training seconds), the mean steady forget wall (compile excluded)
+and its own peak RSS (``VmHWM``): of the whole process, and of the part after the data was
+generated (training), by resetting the high-water mark through ``/proc/self/clear_refs``; the
+forget process's peak is reported apart.
 
-Unlearning speedup = steady wall of training one model (S=1, R=1) on the same N and epochs (its
-own point; what ``sj.full_retrain`` runs) / mean steady forget wall; analytic S*3R/(2R+1).
+Unlearning speedup = steady wall of training one model (S=1, R=1) on the same N and epochs (what
+``sj.full_retrain`` runs), in the fastest of ``--baseline-layouts`` (default one device per core
+and serial; each its own point process) / mean steady forget wall; analytic S*3R/(2R+1).
 
-Grid (the compass recipe, 20 epochs everywhere, ~20 minutes on 2 cores):
+Grid (the compass recipe, 20 epochs everywhere, ~25 minutes on 2 cores):
   * S in 1, 2, 5, 10, 20, 50, 64, 100 at N=100k, R=10;
   * R in 1, 5, 10, 20, 50, 100 at N=100k, S=20;
   * N in 10k, 30k, 100k, 300k, 1M at S=20, R=50.
@@ -85,9 +88,52 @@ def _reset_hwm() -> bool:
         return False
 
 
+def measure_forgets(run, slices: int, args) -> list[dict[str, Any]]:
+    """A warm-up ``sj.forget`` of a random id, then ``args.forgets`` measured ones of ids
+    stratified by slice (as in bench_forget), in this process."""
+    import numpy as np
+
+    import sisajax as sj
+
+    rng = np.random.default_rng(args.seed)
+    n = args.forgets
+    forgets = []
+    strata = [None] + [int((i + rng.random()) * slices / n) for i in rng.permutation(n)]
+    for i, u in enumerate(strata):
+        part = run.partition
+        pool = part.ids if u is None else part.ids[part.slice == u]
+        ids = [int(rng.choice(pool))]
+        with C.span() as fs:
+            rep = sj.forget(run, ids)
+        fc = rep.cost.to_dict()
+        forgets.append(
+            {
+                "warmup": i == 0,
+                "cost": fc,
+                "jit_s": fs.jit_s,
+                "steady_s": C.steady(fc["wall_s"], fc["compile_s"], fs.jit_s),
+                "restart": {str(k): int(v) for k, v in rep.restart.items()},
+                "examples_ratio": rep.examples_ratio,
+            }
+        )
+    return forgets
+
+
+def forgets_in_layout(run_dir: Path, args) -> dict[str, Any]:
+    """:func:`measure_forgets` on the run at ``run_dir`` in a fresh process started in CPU layout
+    ``args.forget_layout``: ``{"forgets", "peak_rss_mb"}``."""
+    out = run_dir.parent / "forgets.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench_scaling", "--forget-child", str(run_dir)]
+    cmd += ["--point-out", str(out), "--forgets", str(args.forgets), "--seed", str(args.seed)]
+    env = C.layout_env(args.forget_layout)
+    proc = subprocess.run(cmd, cwd=C.REPO, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"forgets in the {args.forget_layout} layout:\n{proc.stderr[-3000:]}")
+    return json.loads(out.read_text())
+
+
 def run_point(point: dict[str, Any], args) -> dict[str, Any]:
     """One grid point, in this (fresh) process."""
-    import numpy as np
 
     import sisajax as sj
 
@@ -108,29 +154,15 @@ def run_point(point: dict[str, Any], args) -> dict[str, Any]:
         out["train_steady_s"] = C.steady(c["wall_s"], c["compile_s"], sp.jit_s)
         out["examples_per_s"] = c["examples"] / c["retrain_s"] if c["retrain_s"] else None
         out["checkpoint_bytes"] = C.du_bytes(work / "run" / "checkpoints")
-        forgets = []
+        forgets: list[dict[str, Any]] = []
         if s * r > 1 and args.forgets > 0:
-            rng = np.random.default_rng(args.seed)
-            n = args.forgets
-            # a random warm-up id, then ids stratified by slice as in bench_forget
-            slices = [None] + [int((i + rng.random()) * r / n) for i in rng.permutation(n)]
-            for i, u in enumerate(slices):
-                part = run.partition
-                pool = part.ids if u is None else part.ids[part.slice == u]
-                ids = [int(rng.choice(pool))]
-                with C.span() as fs:
-                    rep = sj.forget(run, ids)
-                fc = rep.cost.to_dict()
-                forgets.append(
-                    {
-                        "warmup": i == 0,
-                        "cost": fc,
-                        "jit_s": fs.jit_s,
-                        "steady_s": C.steady(fc["wall_s"], fc["compile_s"], fs.jit_s),
-                        "restart": {str(k): int(v) for k, v in rep.restart.items()},
-                        "examples_ratio": rep.examples_ratio,
-                    }
-                )
+            if C.in_layout(args.forget_layout):
+                forgets = measure_forgets(run, r, args)
+            else:
+                child = forgets_in_layout(work / "run", args)
+                forgets = child["forgets"]
+                out["forget_process_peak_rss_mb"] = child["peak_rss_mb"]
+            out["forget_layout"] = args.forget_layout
         out["forgets"] = forgets
         measured = [f for f in forgets if not f["warmup"]]
         out["forget_steady_mean_s"] = (
@@ -151,15 +183,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exec", default="map")
     p.add_argument("--forgets", type=int, default=None, help="measured forgets per point")
     p.add_argument("--seed", type=int, default=99)
-    p.add_argument("--budget-s", type=float, default=1500.0, help="skip points after this")
+    p.add_argument("--budget-s", type=float, default=2400.0, help="skip points after this")
     p.add_argument("--point", default=None, help=argparse_hidden())
     p.add_argument("--point-out", type=Path, default=None, help=argparse_hidden())
+    p.add_argument("--forget-child", type=Path, default=None, help=argparse_hidden())
+    p.add_argument(
+        "--forget-layout",
+        default="serial",
+        choices=sorted(C.CPU_LAYOUTS),
+        help="CPU layout the forgets run in, in their own process (default serial, the fastest "
+        "for a program of one shard)",
+    )
+    p.add_argument(
+        "--baseline-layouts",
+        default="per-core,serial",
+        help="CPU layouts the full model (S=1, R=1) trains in at each N; the fastest is the "
+        "speedup's baseline (comma-separated)",
+    )
     args = p.parse_args(argv)
     if args.forgets is None:
         args.forgets = 1 if args.quick else 3
+    if args.forget_child is not None:
+        import sisajax as sj
+
+        rows = measure_forgets(run := sj.open_run(args.forget_child), run.config.sisa.slices, args)
+        res = {"forgets": rows, "peak_rss_mb": C.peak_rss_mb()}
+        args.point_out.write_text(json.dumps(res, default=C.json_default))
+        return 0
     if args.point is not None:
         res = run_point(json.loads(args.point), args)
-        args.point_out.write_text(json.dumps(res, default=C._json_default))
+        args.point_out.write_text(json.dumps(res, default=C.json_default))
         return 0
 
     wl = C.workload(args)
@@ -169,24 +222,39 @@ def main(argv: list[str] | None = None) -> int:
     results, skipped = [], []
     t_start = time.perf_counter()
     with C.work_dir(args, "scaling") as work:
-        for i, pt in enumerate(pts):
+        baseline_layouts = args.baseline_layouts.split(",")
+        for x in baseline_layouts:
+            if x not in C.CPU_LAYOUTS:
+                p.error(f"unknown layout {x!r} (one of {sorted(C.CPU_LAYOUTS)})")
+        runs = [
+            (pt, lay)
+            for pt in pts
+            for lay in (baseline_layouts if pt["S"] == 1 and pt["R"] == 1 else ["per-core"])
+        ]
+        for i, (pt, lay) in enumerate(runs):
             if time.perf_counter() - t_start > args.budget_s:
-                skipped.append(pt)
+                skipped.append({**pt, "layout": lay})
                 continue
-            C.log(f"point {i + 1}/{len(pts)}: {pt}")
+            C.log(f"point {i + 1}/{len(runs)} ({lay} layout): {pt}")
             out = work / f"point{i}.json"
             cmd = [sys.executable, "-m", "benchmarks.bench_scaling", "--point", json.dumps(pt)]
             cmd += ["--point-out", str(out), "--exec", args.exec, "--forgets", str(args.forgets)]
             cmd += ["--seed", str(args.seed), "--work", str(work)]
+            cmd += ["--forget-layout", args.forget_layout]
             if args.quick:
                 cmd.append("--quick")
+            env = C.layout_env(lay)
             with C.span() as sp:
-                proc = subprocess.run(cmd, cwd=C.REPO, capture_output=True, text=True, check=False)
+                proc = subprocess.run(
+                    cmd, cwd=C.REPO, env=env, capture_output=True, text=True, check=False
+                )
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
-                results.append({**pt, "error": proc.stderr[-500:], "process": sp.to_dict()})
+                results.append(
+                    {**pt, "layout": lay, "error": proc.stderr[-500:], "process": sp.to_dict()}
+                )
                 continue
-            results.append({**json.loads(out.read_text()), "process": sp.to_dict()})
+            results.append({**json.loads(out.read_text()), "layout": lay, "process": sp.to_dict()})
     data = {
         "grid": g,
         "points": results,
@@ -213,11 +281,20 @@ def derive(data: dict[str, Any]) -> None:
     from sisajax.costs import expected_speedup_single
 
     ok = [p for p in data["points"] if "error" not in p]
-    base = {(p["N"], p["epochs"]): p for p in ok if p["S"] == 1 and p["R"] == 1}
+    # the full model's fastest layout at each (N, epochs) is the baseline
+    base: dict[tuple, dict[str, Any]] = {}
+    for p in ok:
+        if p["S"] == 1 and p["R"] == 1:
+            key = (p["N"], p["epochs"])
+            if key not in base or p["train_steady_s"] < base[key]["train_steady_s"]:
+                base[key] = p
+    for b in base.values():
+        b["fastest_baseline"] = True
     for p in ok:
         b = base.get((p["N"], p["epochs"]))
         p["analytic_speedup"] = expected_speedup_single(p["S"], p["R"])
         p["full_steady_s"] = b["train_steady_s"] if b else None
+        p["full_layout"] = b.get("layout", "per-core") if b else None
         if p["S"] == 1 and p["R"] == 1:
             p["measured_speedup"] = 1.0
         elif b and p.get("forget_steady_mean_s"):
@@ -287,6 +364,24 @@ def make_tables(data: dict[str, Any]) -> list[C.Table]:
                 p["peak_rss_after_data_mb"],
             )
         tables.append(t)
+    t = C.Table(
+        "The full model (S=1, R=1) in each CPU layout: the fastest is the speedups' baseline",
+        ("N", "epochs", "layout", "train wall s", "train steady s", "ex/s (train)", "baseline"),
+    )
+    for p in sorted(
+        (p for p in data["points"] if "error" not in p and p["S"] == 1 and p["R"] == 1),
+        key=lambda p: (p["N"], p["epochs"], p.get("layout", "")),
+    ):
+        t.add(
+            p["N"],
+            p["epochs"],
+            p.get("layout", "per-core"),
+            p["train"]["cost"]["wall_s"],
+            p["train_steady_s"],
+            p["examples_per_s"],
+            "yes" if p.get("fastest_baseline") else "",
+        )
+    tables.append(t)
     t = C.Table("Sweep", ("quantity", "value"))
     t.add("points run", len(data["points"]))
     t.add("points skipped (budget)", len(data["skipped"]))

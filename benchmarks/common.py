@@ -552,7 +552,7 @@ def write_results(
     head["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     payload = {**head, "tables": [t.to_dict() for t in tables], "results": data}
     path = out / f"{stem}.json"
-    path.write_text(json.dumps(payload, indent=1, default=_json_default) + "\n")
+    path.write_text(json.dumps(payload, indent=1, default=json_default) + "\n")
     md = [f"## {name}{' (' + args.tag + ')' if args.tag else ''}", "", machine_line(head), ""]
     md.append(
         f"Command: `{head['command']}`. Load average at end {head['machine']['loadavg_end']}."
@@ -562,7 +562,7 @@ def write_results(
     return path
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
     import numpy as np
 
     if isinstance(o, np.integer):

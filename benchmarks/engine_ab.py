@@ -80,6 +80,48 @@ def run_tree(tree: Path, n: int) -> dict[str, Any]:
     return json.loads(line[len("RESULT ") :])
 
 
+def tree_commit(tree: Path) -> dict[str, Any]:
+    """The git commit of a source tree and how many tracked files differ from it."""
+
+    def git(*a: str) -> str:
+        try:
+            r = subprocess.run(
+                ["git", "-C", str(tree), *a], capture_output=True, text=True, timeout=10
+            )
+        except OSError:
+            return ""
+        return r.stdout.strip() if r.returncode == 0 else ""
+
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "commit": git("rev-parse", "--short", "HEAD") or None,
+        "dirty_files": len(dirty.splitlines()),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores and the load average, read when the comparison starts."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model or None,
+        "cores": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def median(values: list[float]) -> float:
+    v = sorted(values)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--a", type=Path, required=True, help="baseline source tree")
@@ -89,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args(argv)
     trees = {"A": args.a.resolve(), "B": args.b.resolve()}
+    head = {"machine": machine(), "git": {k: tree_commit(v) for k, v in trees.items()}}
     rounds: list[dict[str, Any]] = []
     for i in range(args.rounds):
         order = ["A", "B"] if i % 2 == 0 else ["B", "A"]
@@ -109,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         " S=20, R=50, 20 epochs, batch 16, lax.map, engine only (no checkpoints); second call of"
         " two in each fresh process; rounds interleaved (A,B then B,A).",
         "",
+        f"Machine: {head['machine']['cpu']}, {head['machine']['cores']} cores, load average at "
+        f"start {head['machine']['loadavg_start']}; A at git {head['git']['A']['commit']} "
+        f"({head['git']['A']['dirty_files']} modified tracked files), B at git "
+        f"{head['git']['B']['commit']} ({head['git']['B']['dirty_files']}).",
+        "",
         "| round | load | SISA A s | SISA B s | B/A | one shard A s | one shard B s | B/A |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -120,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{a['one_shard']['wall_s']:.3f} | {b['one_shard']['wall_s']:.3f} | "
             f"{b['one_shard']['wall_s'] / a['one_shard']['wall_s']:.3f} |"
         )
+    ratios = {
+        part: [r["B"][part]["wall_s"] / r["A"][part]["wall_s"] for r in rounds]
+        for part in ("sisa", "one_shard")
+    }
+    head["median_b_over_a"] = {k: median(v) for k, v in ratios.items()}
+    md.append(
+        f"| median | | | | {head['median_b_over_a']['sisa']:.3f} | | | "
+        f"{head['median_b_over_a']['one_shard']:.3f} |"
+    )
     md += ["", "HLO census of the train-chunk program (per device):", ""]
     md += [
         "| tree | instructions | fusions | scatter | gather | conditional | loops (trip count, kernels per iteration) |",
@@ -138,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "engine_ab.json").write_text(
-        json.dumps({"trees": {k: str(v) for k, v in trees.items()}, "rounds": rounds}, indent=1)
+        json.dumps(
+            {"trees": {k: str(v) for k, v in trees.items()}, **head, "rounds": rounds}, indent=1
+        )
         + "\n"
     )
     (args.out / "engine_ab.md").write_text(text)

@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=",".join(BENCHMARKS))
     p.add_argument("--out", default=None)
     p.add_argument(
-        "--summary-only", action="store_true", help="only rebuild SUMMARY.md from the .md files"
+        "--summary-only",
+        action="store_true",
+        help="only rebuild SUMMARY.md from the .md files (and the verdicts, from the .json files)",
     )
     args = p.parse_args(argv)
     common = (["--quick"] if args.quick else []) + (["--out", args.out] if args.out else [])
@@ -68,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
             summary += [md.read_text(), ""]
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "SUMMARY.md").write_text("\n".join(summary))
+    if not args.quick and not args.out:
+        # the targets' verdicts, computed from the stored results, into VERDICTS.md and the docs
+        from benchmarks import verdicts
+
+        verdicts.main([])
     print(f"ran: {', '.join(done)}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

@@ -58,10 +58,28 @@ def test_bench_forget(bench):
     from sisajax.costs import expected_speedup_single
 
     res = bench("bench_forget", "--ids", "2", "--ks", "1,3")["results"]
-    assert len(res["singles"]) == 2 and [b["k"] for b in res["batched"]] == [1, 3]
+    assert len(res["singles"]) == 2
     assert all(len(s["ids"]) == 1 and len(s["restart"]) == 1 for s in res["singles"])
     assert res["summary"]["analytic_speedup"] == pytest.approx(expected_speedup_single(4, 3))
     assert res["summary"]["forget_steady_mean_s"] > 0 and res["full_retrain"][0]["steady_s"] > 0
+    # the process restarted itself in the serial layout; the baseline ran in every layout at
+    # each point, and the speedup divides the fastest layout's mean
+    assert res["layout"] == "serial" and set(res["baseline_layouts"]) == {
+        "serial",
+        "per-core",
+        "one-device",
+    }
+    assert sorted(f["layout"] for f in res["full_retrain"]) == sorted(res["baseline_layouts"])
+    by_layout = res["summary"]["full_retrain_steady_by_layout_s"]
+    assert res["summary"]["full_retrain_steady_s"] == min(by_layout.values())
+    assert res["summary"]["full_retrain_layout"] == min(by_layout, key=by_layout.get)
+    # each batch forgotten in both layouts from identical copies: the same ids, the same work
+    by = {(b["k"], b["layout"]): b for b in res["batched"]}
+    assert set(by) == {(k, lay) for k in (1, 3) for lay in ("serial", "per-core")}
+    for k in (1, 3):
+        a, b = by[k, "serial"], by[k, "per-core"]
+        assert a["ids"] == b["ids"] and a["restart"] == b["restart"]
+        assert a["cost"]["examples"] == b["cost"]["examples"]
 
 
 def test_bench_cli(bench):
@@ -83,6 +101,14 @@ def test_bench_cli(bench):
         assert plain["shipped"]["process"] == {"platform": "cpu", "devices": 1, "serial": True}
         before = plain["before (device per core, no store)"]["process"]
         assert before["devices"] > 1 and not before["serial"]
+    # the layouts' serve processes are paired: both served each round's ids, in one order
+    rounds = {}
+    for x in res["serve_layouts"]:
+        rounds.setdefault(x["round"], {})[x["layout"]] = x["requests"]
+    assert len(rounds) == 2 and all(set(r) == {"default", "serial"} for r in rounds.values())
+    from benchmarks.bench_cli import paired_layout_ratios
+
+    assert len(paired_layout_ratios(res["serve_layouts"])) == 2  # a pair per round after warm-up
     sv = res["serve"]  # one long-lived process served every request exactly once
     assert sv["requests"] == 3 and [r["request"] for r in sv["responses"]] == [1, 2, 3]
     assert all(r["ok"] and r["forgotten"] == 1 and r["overhead_s"] >= 0 for r in sv["responses"])
@@ -104,6 +130,15 @@ def test_bench_scaling(bench):
     assert {(p["S"], p["R"]) for p in points} == {(1, 1), (2, 2)}
     assert all("error" not in p and p["peak_rss_mb"] > 0 for p in points)
     assert all(p["measured_speedup"] > 0 for p in points)
+    # the full model trained in each baseline layout; the fastest is every speedup's baseline
+    full = [p for p in points if (p["S"], p["R"]) == (1, 1)]
+    assert sorted(p["layout"] for p in full) == ["per-core", "serial"]
+    fastest = min(full, key=lambda p: p["train_steady_s"])
+    assert [p for p in full if p.get("fastest_baseline")] == [fastest]
+    (sisa,) = [p for p in points if (p["S"], p["R"]) == (2, 2)]
+    assert sisa["full_layout"] == fastest["layout"] and sisa["forget_layout"] == "serial"
+    assert sisa["full_steady_s"] == fastest["train_steady_s"]
+    assert sisa["forget_process_peak_rss_mb"] > 0 and len(sisa["forgets"]) == 2
     assert (bench.out / "bench_scaling.png").stat().st_size > 0
 
 
@@ -173,3 +208,7 @@ def test_gpu_script_dry_run_on_this_backend(tmp_path):
     # every ResNet variant ran, the batched-matmul convolutions among them
     assert {"single", "sisa_vmap_patches", "sisa_map", "sisa_vmap"} <= set(res["resnet18"])
     assert "vmap, conv as patches / one model" in text
+    # the result says where it came from, and the loop's compile is kept out of its ratio
+    assert res["run"]["sisajax_source_sha"] and res["run"]["loadavg_end"] is not None
+    loop = res["train_loop"]
+    assert loop["train_s"] == pytest.approx(loop["wall_s"] - loop["compile_s"])

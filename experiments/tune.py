@@ -13,8 +13,9 @@ The protocol a reviewer asks for, in one job:
 2. **Test, once.** Each S's best trial (highest mean validation vote; ties: the earlier trial) is
    trained on the test seeds (the top-level ``seed`` or ``experiment.seeds``), which must differ
    from the selection seeds, and scored on the test split once. Per-example correctness is
-   stored, so "SISA minus the tuned full model" gets a 95% paired interval (bootstrap over test
-   examples and seeds) computed from the stored results, never typed.
+   stored, so "SISA minus the tuned full model" gets a 95% paired interval (the wider of a
+   bootstrap over test examples and seeds and a t-interval over the per-seed gaps) computed from
+   the stored results, never typed.
 
 Equal budgets by construction: the full model gets the same space and the same trials as every
 S. Rerun the whole selection with the same command (``results.json`` records every option).
@@ -192,7 +193,8 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
 
 def gap(res: dict[str, Any], shards: int) -> dict[str, float] | None:
     """The tuned full model's test vote accuracy minus the tuned SISA's at ``shards``, in points,
-    with its 95% paired bootstrap interval over test examples and test seeds."""
+    with its 95% interval (:func:`sisajax.stats.paired_bootstrap_gap`: the wider of a paired
+    bootstrap over test examples and test seeds and a t-interval over the per-seed gaps)."""
     store, n = res.get("correct") or {}, res.get("n_test")
     pairs = [
         (store.get(f"S1|seed{sd}"), store.get(f"S{shards}|seed{sd}")) for sd in res["test_seeds"]
@@ -277,8 +279,8 @@ def report(res: dict[str, Any], png: Any) -> str:
         f"on the validation split ({res['config']['data']['val_fraction']:g} of the training "
         f"ids, never trained on). Test: the chosen trial of each S on seeds {res['test_seeds']}, "
         "scored once on the test split. Gap = the tuned full model's (S=1, R=1) test vote "
-        "accuracy minus SISA's, in points, with a 95% paired bootstrap interval over test "
-        f"examples and seeds; verdict against the goal of <= {goal:g} points (met: the whole "
+        "accuracy minus SISA's, in points, with a 95% interval (the wider of a paired bootstrap "
+        f"over test examples and seeds and a t-interval over the per-seed gaps); verdict against the goal of <= {goal:g} points (met: the whole "
         "interval within it; not met: all of it beyond; undecided: it straddles)."
         + (
             f" Bayes-optimal test accuracy (the generator's own model): {bayes:.4f}."

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from sisajax import host as host_mod
-from sisajax.data.partition import Partition, fingerprint_ids
+from sisajax.data.partition import Partition, prefix_fingerprints
 from sisajax.engine import Engine, ShardData, SliceOutput
 from sisajax.store.faults import fault
 from sisajax.store.files import sync_files, write_file
@@ -59,12 +59,10 @@ def metrics_sink(
 
 def prefix_facts(data: ShardData, num_slices: int) -> tuple[tuple[int, ...], tuple[str, ...]]:
     """``(n_ids [R], fingerprints [R])`` of each slice prefix of a shard's data (ids sorted)."""
-    n_ids, fps = [], []
-    for j in range(num_slices):
-        ids = data.ids[data.slices <= j]
-        n_ids.append(len(ids))
-        fps.append(fingerprint_ids(ids))
-    return tuple(n_ids), tuple(fps)
+    counts = np.bincount(np.asarray(data.slices, np.int64), minlength=num_slices)[:num_slices]
+    n_ids = np.cumsum(counts)
+    fps = prefix_fingerprints(data.ids, data.slices, num_slices)
+    return tuple(int(n) for n in n_ids), tuple(fps)
 
 
 class GenerationWriter:

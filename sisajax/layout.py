@@ -146,6 +146,19 @@ def start_serial_backend() -> bool:
     return True
 
 
+def xla_flag_value(name: str, flags: str | None = None) -> str | None:
+    """The value XLA keeps for ``--name=...`` in ``flags`` (default: this process's
+    ``XLA_FLAGS``): the last one given, or None."""
+    value = None
+    text = os.environ.get("XLA_FLAGS", "") if flags is None else flags
+    for tok in text.split():
+        if tok.startswith(f"--{name}="):
+            value = tok.split("=", 1)[1]
+        elif tok == f"--{name}":
+            value = "true"
+    return value
+
+
 def configure_gpu_determinism() -> bool:
     """Ask XLA for deterministic GPU programs (:data:`GPU_DETERMINISM_FLAGS`) in ``XLA_FLAGS``,
     before jax starts its backends. Harmless on other backends. Skipped when the user chose a
@@ -155,7 +168,7 @@ def configure_gpu_determinism() -> bool:
     if os.environ.get(NONDETERMINISTIC_ENV) == "1":
         return False
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_gpu_deterministic_ops" in flags:
+    if xla_flag_value("xla_gpu_deterministic_ops", flags) is not None:
         return False
     if "jax" in sys.modules:
         try:
@@ -171,10 +184,11 @@ def configure_gpu_determinism() -> bool:
 
 def deterministic_backend(platform: str) -> bool:
     """Whether programs on ``platform`` give the same bits run after run (what exact unlearning
-    needs): CPUs and TPUs do; GPUs only with XLA's deterministic ops (``XLA_FLAGS``)."""
+    needs): CPUs and TPUs do; GPUs only with XLA's deterministic ops (``XLA_FLAGS``; the last
+    value given counts, as in XLA)."""
     if platform != "gpu" and platform != "cuda" and platform != "rocm":
         return True
-    return "--xla_gpu_deterministic_ops=true" in os.environ.get("XLA_FLAGS", "")
+    return xla_flag_value("xla_gpu_deterministic_ops") in ("true", "1")
 
 
 def check_deterministic(platform: str) -> None:

@@ -13,6 +13,7 @@ import dataclasses
 import io
 import json
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from sisajax import aggregation as agg
 from sisajax import host as host_mod
 from sisajax.config import ConfigError, RunConfig
 from sisajax.data.datasets import Dataset
-from sisajax.data.partition import Partition, fingerprint_ids
+from sisajax.data.partition import Partition, prefix_fingerprints
 from sisajax.engine import Engine, LayoutError, ShardData, TrainState, stack_states
 from sisajax.errors import RunError, UserInputError
 from sisajax.layout import layout_options
@@ -384,14 +385,24 @@ class SisaRun:
                 f"shard {k}: its data copy and the partition disagree; run `sisajax audit`"
             )
         spec = self.row_spec()
-        for j in range(upto):
+        fps = prefix_fingerprints(data.ids, data.slices, upto)
+
+        def read(j: int) -> tuple[dict[str, Any], list[np.ndarray] | None]:
+            rel = row_file(k, j, entry.rows[j].generation)
+            header, got = read_row(self.files.path(rel), entry.rows[j].sha256, spec, rel)
+            return header, got if j == upto - 1 else None  # only the start state is kept
+
+        # reading and hashing release the GIL: the kept rows are checked two at a time
+        with ThreadPoolExecutor(max_workers=2 if upto > 1 else 1) as pool:
+            checked = list(pool.map(read, range(upto)))
+        for j, (header, got_leaves) in enumerate(checked):
+            if got_leaves is not None:
+                leaves = got_leaves
             ref = entry.rows[j]
             rel = row_file(k, j, ref.generation)
-            header, leaves = read_row(self.files.path(rel), ref.sha256, spec, rel)
             want = {"shard": k, "slice": j, "generation": ref.generation}
             got = {key: header.get(key) for key in want}
-            fp = fingerprint_ids(data.ids[data.slices <= j])
-            recorded = {header.get("ids_fingerprint"), entry.fingerprints[j], fp}
+            recorded = {header.get("ids_fingerprint"), entry.fingerprints[j], fps[j]}
             if got != want or len(recorded) != 1:
                 raise RunError(
                     f"checkpoint {rel} is not the row the manifest names (its header or training "

@@ -1,4 +1,5 @@
-"""Uncertainty of accuracy gaps: paired bootstrap over test examples and seeds, exact McNemar.
+"""Uncertainty of accuracy gaps: paired bootstrap over test examples and seeds widened by a
+t-interval over seeds, exact McNemar.
 
 Two models scored on the same test examples (and trained with the same seeds) are compared
 pairwise: their per-example correctness is resampled together, so the interval reflects the
@@ -46,8 +47,11 @@ def paired_bootstrap_gap(
       seed: the resampling's own seed (the interval is reproducible).
 
     Returns:
-      ``{"gap", "lo", "hi", "n_examples", "n_seeds"}``: the observed mean gap over seeds and the
-      interval's bounds, as fractions (x100 for points).
+      ``{"gap", "lo", "hi", ...}``: the observed mean gap over seeds and the interval's bounds,
+      as fractions (x100 for points). With two or more seeds ``lo``/``hi`` are the wider of the
+      bootstrap's percentile interval (``boot_lo``/``boot_hi``) and the Student-t interval over
+      the per-seed gaps (``seed_t_lo``/``seed_t_hi``, :func:`seed_t_interval`); also
+      ``n_examples`` and ``n_seeds``.
     """
     a = np.atleast_2d(np.asarray(a, bool))
     b = np.atleast_2d(np.asarray(b, bool))
@@ -65,13 +69,32 @@ def paired_bootstrap_gap(
         per_seed = diff[:, ex].mean(axis=2)  # [S, k]
         stats[lo : lo + k] = np.take_along_axis(per_seed.T, sd, axis=1).mean(axis=1)
     alpha = (1.0 - level) / 2
+    boot_lo, boot_hi = float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+    t_lo, t_hi = seed_t_interval(diff.mean(axis=1), level)
     return {
         "gap": float(diff.mean()),
-        "lo": float(np.quantile(stats, alpha)),
-        "hi": float(np.quantile(stats, 1 - alpha)),
+        # the wider of the two: resampling 2-3 seeds understates how much seeds vary
+        "lo": min(boot_lo, t_lo) if s > 1 else boot_lo,
+        "hi": max(boot_hi, t_hi) if s > 1 else boot_hi,
+        "boot_lo": boot_lo,
+        "boot_hi": boot_hi,
+        "seed_t_lo": t_lo,
+        "seed_t_hi": t_hi,
         "n_examples": int(m),
         "n_seeds": int(s),
     }
+
+
+def seed_t_interval(per_seed: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Student-t interval of the mean of ``[S]`` per-seed gaps (seed-to-seed variance alone,
+    which a bootstrap over few seeds understates); ``(nan, nan)`` for fewer than 2 seeds."""
+    from scipy.stats import t
+
+    g = np.asarray(per_seed, np.float64)
+    if g.size < 2:
+        return float("nan"), float("nan")
+    half = float(t.ppf(0.5 + level / 2, g.size - 1)) * float(g.std(ddof=1)) / math.sqrt(g.size)
+    return float(g.mean()) - half, float(g.mean()) + half
 
 
 def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
@@ -88,4 +111,10 @@ def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
     return float(min(1.0, 2.0 * tail))
 
 
-__all__ = ["mcnemar_p", "pack_correct", "paired_bootstrap_gap", "unpack_correct"]
+__all__ = [
+    "mcnemar_p",
+    "pack_correct",
+    "paired_bootstrap_gap",
+    "seed_t_interval",
+    "unpack_correct",
+]

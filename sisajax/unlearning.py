@@ -119,6 +119,18 @@ def forget(
         return forget_in(run, ids, progress=progress, metrics=metrics)
 
 
+def layout_after_retraining(
+    layout: dict[str, Any], retrained_on: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The run's recorded layout after rows were retrained on an engine of layout
+    ``retrained_on`` (None: nothing retrained): once any row came from a program that is not
+    deterministic (a GPU without XLA's determinism flags, allowed by
+    ``SISAJAX_ALLOW_NONDETERMINISTIC=1``), the run says so for good."""
+    if retrained_on is None or retrained_on.get("deterministic", True):
+        return layout
+    return {**layout, "deterministic": False}
+
+
 def forget_in(
     run: SisaRun,
     ids: Any,
@@ -266,6 +278,7 @@ def forget_in(
             partition=writer.partition_ref,
             hosts=hosts,
             origin={"op": "forget", "request_id": g.request_id},
+            layout=layout_after_retraining(manifest.layout, engine.layout() if shards else None),
         )
         if writer.val_file is not None:
             manifest = manifest.replace(val_data=writer.val_ref)

@@ -38,7 +38,12 @@ import numpy as np
 from sisajax import host as host_mod
 from sisajax.config import ConfigError, float_value, int_value
 from sisajax.data.datasets import Dataset
-from sisajax.data.partition import Partition, fingerprint_ids, hash_partition, validation_mask
+from sisajax.data.partition import (
+    Partition,
+    hash_partition,
+    prefix_fingerprints,
+    validation_mask,
+)
 from sisajax.engine import ShardData, ShardJob, SliceOutput, stack_states
 from sisajax.errors import RunError, UserInputError
 from sisajax.planning import library_versions
@@ -437,7 +442,7 @@ def verify(
     results = []
     for k in chosen:
         d = snap.data[k]
-        expected = [fingerprint_ids(d.ids[d.slices <= j]) for j in range(r)]
+        expected = prefix_fingerprints(d.ids, d.slices, r)
         fps, header_fps, block, error = snap.stored[k]
         fp_ok = [j < len(fps) and fps[j] == expected[j] for j in range(r)]
         meta_ok = [j < len(header_fps) and header_fps[j] == expected[j] for j in range(r)]

@@ -94,3 +94,15 @@ def test_distribution_aware_partition_refuses_what_it_cannot_sort():
             distribution_aware_partition(ids, np.array(probs), 0.2, 1, seed=0)
     with pytest.raises(PartitionError, match="no ids"):
         distribution_aware_partition(ids[:0], np.zeros(0), 0.2, 1, seed=0)
+
+
+def test_prefix_fingerprints_equal_one_fingerprint_per_prefix():
+    from sisajax.data.partition import fingerprint_ids, prefix_fingerprints
+
+    rng = np.random.default_rng(7)
+    ids = rng.permutation(10_000)[:500].astype(np.int64)  # unsorted, as in a data copy
+    slices = rng.integers(0, 6, 500)
+    slices[slices == 3] = 4  # a slice with no ids
+    want = [fingerprint_ids(ids[slices <= j]) for j in range(7)]
+    assert prefix_fingerprints(ids, slices, 7) == want
+    assert prefix_fingerprints(ids, slices, 0) == []

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from sisajax.stats import mcnemar_p, pack_correct, paired_bootstrap_gap, unpack_correct
+from sisajax.stats import (
+    mcnemar_p,
+    pack_correct,
+    paired_bootstrap_gap,
+    seed_t_interval,
+    unpack_correct,
+)
 
 
 def test_pack_roundtrip_any_length():
@@ -39,10 +45,32 @@ def test_interval_covers_the_true_gap_and_shrinks_with_more_examples():
             r = paired_bootstrap_gap(a, b, n_boot=400, seed=t)
             truth = 0.80 - (0.75 * 0.98 + 0.25 * 0.02)
             covered += (r["lo"] <= truth <= r["hi"]) if m == 1000 else 0
-            w.append(r["hi"] - r["lo"])
+            w.append(r["boot_hi"] - r["boot_lo"])
+            assert r["lo"] <= r["boot_lo"] and r["hi"] >= r["boot_hi"]
         widths[m] = float(np.mean(w))
     assert covered >= 34  # ~95% of 40
     assert widths[4000] == pytest.approx(widths[1000] / 2, rel=0.35)
+
+
+def test_seed_t_interval_values():
+    lo, hi = seed_t_interval(np.array([1.0, 2.0, 3.0]))
+    half = 4.302652729911275 / np.sqrt(3)  # t(2) at 0.975, sd 1
+    assert (lo, hi) == pytest.approx((2 - half, 2 + half))
+    assert all(np.isnan(seed_t_interval(np.array([0.5]))))
+
+
+def test_seeds_that_disagree_widen_the_interval_beyond_the_bootstrap():
+    """Three seeds whose gaps differ much more than their test sets' noise: the bootstrap over
+    3 seeds understates that spread; the reported interval is the seeds' t-interval."""
+    rng = np.random.default_rng(3)
+    m = 20_000
+    base = rng.random((3, m))
+    a = base < 0.80
+    b = base < np.array([[0.79], [0.74], [0.69]])  # gaps of 1, 6 and 11 points
+    r = paired_bootstrap_gap(a, b, n_boot=400)
+    assert r["seed_t_lo"] < r["boot_lo"] and r["seed_t_hi"] > r["boot_hi"]
+    assert (r["lo"], r["hi"]) == (r["seed_t_lo"], r["seed_t_hi"])
+    assert r["lo"] < 0.0 < 0.06 < r["hi"]  # three seeds cannot pin the mean gap down
 
 
 def test_mcnemar_exact_values():

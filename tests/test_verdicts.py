@@ -97,17 +97,28 @@ def test_gpu_rows_read_only_runs_of_the_shipped_flags(verdicts, tmp_path):
     for n in names:
         flags = json.loads((res_dir / n).read_text())["xla_flags"]
         assert "command_buffer" not in flags
-    other = (
-        json.loads((res_dir / "gpu.json").read_text()) if (res_dir / "gpu.json").exists() else {}
-    )
-    if other:
-        other["xla_flags"] += " --xla_gpu_autotune_level=0"
-        (res_dir / "gpu_other_flags.json").write_text(json.dumps(other))
-        assert "gpu_other_flags.json" not in {n for n, _ in verdicts.gpu_runs(res_dir)}
+    stored = json.loads((res_dir / "gpu.json").read_text())
+    other = dict(stored, xla_flags=stored["xla_flags"] + " --xla_gpu_autotune_level=0")
+    (res_dir / "gpu_other_flags.json").write_text(json.dumps(other))
+    assert "gpu_other_flags.json" not in {n for n, _ in verdicts.gpu_runs(res_dir)}
+
+
+def test_gpu_rows_show_the_latest_run_that_measured_it(verdicts, tmp_path):
+    res_dir = _results_copy(tmp_path, verdicts)
+    measure = "one-id forget, mean (compile excluded)"
+    stored = json.loads((res_dir / "gpu.json").read_text())
+    newer = dict(stored, run={"started": "2099-01-01T00:00:00+0000"})
+    for f in newer["forget_single"]:
+        f["wall_s"] = f["compile_s"] + 0.1  # a faster program, measured later
+    (res_dir / "gpu_new.json").write_text(json.dumps(newer))
+    assert [n for n, _ in verdicts.gpu_runs(res_dir)][-1] == "gpu_new.json"
+    row = _row(verdicts.evaluate(res_dir), measure)
+    assert row["source"] == "gpu_new.json" and row["value"] == pytest.approx(0.1)
+    assert row["verdict"] == "met" and "earlier runs" in row["how"]
 
 
 def test_the_per_shard_loop_ratio_leaves_compile_out(verdicts):
-    from benchmarks.gpu import loop_train_s
+    from benchmarks.gpu_report import loop_train_s
 
     assert loop_train_s({"wall_s": 9.0, "compile_s": 2.0, "train_s": 7.0}) == 7.0
     g = {"train_loop": {"wall_s": 9.0, "compile_s": 2.0, "train_s": 7.0}}

@@ -71,6 +71,21 @@ def fingerprint_ids(ids: np.ndarray) -> str:
     return hashlib.sha256(arr.astype("<i8").tobytes()).hexdigest()
 
 
+def prefix_fingerprints(ids: np.ndarray, slices: np.ndarray, upto: int) -> list[str]:
+    """``[fingerprint_ids(ids[slices <= j]) for j in range(upto)]``, sorting once.
+
+    Args:
+      ids: ``[N]`` int ids of a shard's data; slices: ``[N]`` their slice numbers.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order].astype("<i8")
+    sorted_slices = np.asarray(slices)[order]
+    return [
+        hashlib.sha256(sorted_ids[sorted_slices <= j].tobytes()).hexdigest() for j in range(upto)
+    ]
+
+
 @dataclasses.dataclass(frozen=True)
 class Partition:
     """Which (shard, slice) each retained training id belongs to.

@@ -57,7 +57,7 @@ class Target:
 def _num(v: float) -> str:
     if abs(v) >= 1e5:
         return f"{v / 1e3:,.0f}k"
-    return f"{v:.3g}" if abs(v) < 10 else f"{v:,.1f}"
+    return f"{v:.4g}" if abs(v) < 10 else f"{v:,.1f}"
 
 
 def _median(values: list[float]) -> float:

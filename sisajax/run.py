@@ -13,7 +13,6 @@ import dataclasses
 import io
 import json
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -386,20 +385,10 @@ class SisaRun:
             )
         spec = self.row_spec()
         fps = prefix_fingerprints(data.ids, data.slices, upto)
-
-        def read(j: int) -> tuple[dict[str, Any], list[np.ndarray] | None]:
-            rel = row_file(k, j, entry.rows[j].generation)
-            header, got = read_row(self.files.path(rel), entry.rows[j].sha256, spec, rel)
-            return header, got if j == upto - 1 else None  # only the start state is kept
-
-        # reading and hashing release the GIL: the kept rows are checked two at a time
-        with ThreadPoolExecutor(max_workers=2 if upto > 1 else 1) as pool:
-            checked = list(pool.map(read, range(upto)))
-        for j, (header, got_leaves) in enumerate(checked):
-            if got_leaves is not None:
-                leaves = got_leaves
+        for j in range(upto):
             ref = entry.rows[j]
             rel = row_file(k, j, ref.generation)
+            header, leaves = read_row(self.files.path(rel), ref.sha256, spec, rel)
             want = {"shard": k, "slice": j, "generation": ref.generation}
             got = {key: header.get(key) for key in want}
             recorded = {header.get("ids_fingerprint"), entry.fingerprints[j], fps[j]}

@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -95,12 +93,8 @@ def baseline_child(run_dir: Path) -> dict[str, Any]:
 
 def full_in_layout(run_dir: Path, layout: str) -> dict[str, Any]:
     """The full retrain of the run at ``run_dir`` in a fresh process in CPU layout ``layout``."""
-    cmd = [sys.executable, "-m", "benchmarks.bench_forget", "--baseline-child", str(run_dir)]
-    env = C.layout_env(layout)
-    proc = subprocess.run(cmd, cwd=C.REPO, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"full retrain in the {layout} layout failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = ["--baseline-child", str(run_dir)]
+    return C.child_json("benchmarks.bench_forget", args, layout, "full retrain")
 
 
 def batched_child(run_dir: Path, plan: dict[str, Any]) -> list[dict[str, Any]]:
@@ -117,13 +111,8 @@ def batches_in_layout(
 ) -> list[dict[str, Any]]:
     """:func:`batched_child` in a fresh process in CPU layout ``layout``."""
     plan = json.dumps({"warm": warm, "batches": batches})
-    cmd = [sys.executable, "-m", "benchmarks.bench_forget", "--batched-child", str(run_dir)]
-    cmd += ["--batched-plan", plan]
-    env = C.layout_env(layout)
-    proc = subprocess.run(cmd, cwd=C.REPO, env=env, capture_output=True, text=True, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"batched forgets in the {layout} layout:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = ["--batched-child", str(run_dir), "--batched-plan", plan]
+    return C.child_json("benchmarks.bench_forget", args, layout, "batched forgets")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -297,6 +297,17 @@ def in_layout(layout: str) -> bool:
     return (os.environ.get(DEVICES_ENV) or "auto") == CPU_LAYOUTS[layout]
 
 
+def child_json(module: str, args: list[str], layout: str, what: str) -> Any:
+    """Run ``python -m module args`` in a fresh process started in CPU layout ``layout`` and
+    return the JSON its last line of output holds (RuntimeError naming ``what`` if it fails)."""
+    cmd = [sys.executable, "-m", module, *args]
+    env = layout_env(layout)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{what} in the {layout} layout failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def rerun_in_layout(module: str, argv: list[str] | None, layout: str) -> int:
     """Run ``python -m module argv`` again in a process started in CPU layout ``layout`` (fixed
     when jax starts, so a benchmark that needs another layout restarts itself); its exit code."""

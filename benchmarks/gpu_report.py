@@ -19,25 +19,9 @@ def loop_train_s(loop: dict[str, Any]) -> float:
 
 def run_header() -> dict[str, Any]:
     """Where and from what a result came: host, load, command, library sources, git state."""
-    import hashlib
-    import subprocess
+    from benchmarks.common import git_state, source_digest
 
-    root = Path(__file__).resolve().parent.parent
-    h = hashlib.sha256()
-    for f in sorted((root / "sisajax").rglob("*.py")):
-        h.update(str(f.relative_to(root)).encode())
-        h.update(f.read_bytes())
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-    except OSError:
-        commit = ""
+    git = git_state()
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -45,8 +29,9 @@ def run_header() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "loadavg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "sisajax_source_sha": h.hexdigest()[:12],
-        "git_commit": commit or None,
+        "sisajax_source_sha": source_digest(),
+        "git_commit": git["commit"] or None,
+        "git_dirty_files": git["dirty_files"],
     }
 
 

@@ -67,8 +67,11 @@ def uniform_hash(ids: np.ndarray, *keys: int, stream: int = 0) -> np.ndarray:
 
 def fingerprint_ids(ids: np.ndarray) -> str:
     """sha256 of the sorted int64 ids: names exactly the set of examples a model has seen."""
-    arr = np.sort(np.asarray(ids, dtype=np.int64))
-    return hashlib.sha256(arr.astype("<i8").tobytes()).hexdigest()
+    return _fingerprint_sorted(np.sort(np.asarray(ids, dtype=np.int64)))
+
+
+def _fingerprint_sorted(sorted_ids: np.ndarray) -> str:
+    return hashlib.sha256(sorted_ids.astype("<i8").tobytes()).hexdigest()
 
 
 def prefix_fingerprints(ids: np.ndarray, slices: np.ndarray, upto: int) -> list[str]:
@@ -79,11 +82,8 @@ def prefix_fingerprints(ids: np.ndarray, slices: np.ndarray, upto: int) -> list[
     """
     ids = np.asarray(ids, dtype=np.int64)
     order = np.argsort(ids, kind="stable")
-    sorted_ids = ids[order].astype("<i8")
-    sorted_slices = np.asarray(slices)[order]
-    return [
-        hashlib.sha256(sorted_ids[sorted_slices <= j].tobytes()).hexdigest() for j in range(upto)
-    ]
+    sorted_ids, sorted_slices = ids[order], np.asarray(slices)[order]
+    return [_fingerprint_sorted(sorted_ids[sorted_slices <= j]) for j in range(upto)]
 
 
 @dataclasses.dataclass(frozen=True)

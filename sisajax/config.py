@@ -274,7 +274,9 @@ class SisaConfig:
         ones exact no-ops: no host round trip on an accelerator), ``dynamic`` (only the live
         steps: no wasted work on a CPU) or ``auto`` (``dynamic`` under ``map``, ``static``
         under ``vmap``; resolved when a run is trained and recorded).
-      allow_empty_shards: permit shards with no training ids (they drop out of aggregation).
+      allow_empty_shards: permit shards with no training ids (they drop out of aggregation)
+        and shards with fewer ids than slices (empty slices train no steps), as deletions
+        can leave them: training from scratch on a run's retained data needs it then.
       epochs_shard_exponent: train each constituent for ``e * S ** epochs_shard_exponent``
         epochs (recipe scaling with the nominal shard size; costs more examples, which every
         cost report counts). 0: the same e as the full model.

@@ -73,7 +73,8 @@ def check_partition(partition: Partition, config: RunConfig, num_train: int) -> 
     if sisa.slices > sizes.sum(1).min() and not sisa.allow_empty_shards:
         raise ConfigError(
             f"{sisa.slices} slices but the smallest shard has {sizes.sum(1).min()} examples; "
-            "use fewer slices or fewer shards"
+            "use fewer slices or fewer shards (or sisa.allow_empty_shards=true, which also "
+            "trains shards with empty slices, as deletions can leave them)"
         )
 
 

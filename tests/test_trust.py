@@ -463,6 +463,31 @@ def test_emptying_a_shard_drops_it_from_the_ensemble(base_run, tmp_path):
     assert sj.audit(run).ok
 
 
+def test_emptying_slices_stays_exact(base_run, tmp_path):
+    """Deletions that empty a whole slice, then leave a shard with fewer ids than slices: the
+    forgets still equal training from scratch on the retained data (every row, not only the
+    last), which strict training refuses with a line naming the option that allows it."""
+    run, cfg, ds = _copy(base_run, tmp_path)
+    sd = run.shard_data(0)
+    slice1 = sd.ids[sd.slices == 1].tolist()
+    sj.forget(run, slice1)
+    assert run.partition.sizes()[0, 1] == 0 and run.partition.sizes()[0].sum() > 0
+    scratch, _ = sj.train(cfg, without(ds, slice1), tmp_path / "scratch")
+    for k in range(3):
+        assert_trees_equal(run.restore_block(k), scratch.restore_block(k))
+    rest = run.shard_data(0).ids[2:].tolist()  # two ids left in shard 0, four slices
+    sj.forget(run, rest)
+    gone = slice1 + rest
+    assert run.partition.sizes()[0].sum() == 2
+    with pytest.raises(sj.ConfigError, match="allow_empty_shards"):
+        sj.train(cfg, without(ds, gone), tmp_path / "strict")
+    cfg_empty = cfg.replace(sisa={"allow_empty_shards": True})
+    scratch2, _ = sj.train(cfg_empty, without(ds, gone), tmp_path / "scratch2")
+    for k in range(3):
+        assert_trees_equal(run.restore_block(k), scratch2.restore_block(k))
+    assert sj.audit(run).ok and sj.verify(run).ok
+
+
 def test_every_file_is_free_of_forgotten_ids(base_run, tmp_path):
     run, _, _ = _copy(base_run, tmp_path)
     ids = pick(run, 0, 0, 2) + pick(run, 1, 3) + pick(run, 2, 1)

@@ -233,7 +233,7 @@ class SisaRun:
     def partition(self) -> Partition:
         if self._partition is None:
             ref = self.manifest.partition
-            cached = self._files_cache.get(ref.sha256)
+            cached = self._cached(ref.sha256)
             if cached is None:
                 path = self.files.path(ref.path)
                 if not path.is_file():
@@ -245,8 +245,18 @@ class SisaRun:
             self._partition = cached
         return self._partition
 
+    def _cached(self, sha: str) -> Any:
+        """A parsed file kept by :meth:`_remember` (now the most recently used), or None."""
+        obj = self._files_cache.pop(sha, None)
+        if obj is not None:
+            self._files_cache[sha] = obj
+        return obj
+
     def _remember(self, sha: str, obj: Any) -> None:
-        """Keep a parsed file by checksum (a few: the partition and the held-out split)."""
+        """Keep a parsed file by checksum (a few: the partition and the held-out splits), the
+        least recently used going first: every forget adopts a new partition, and the test split
+        it reads each time must outlive them."""
+        self._files_cache.pop(sha, None)
         if len(self._files_cache) >= 4:
             self._files_cache.pop(next(iter(self._files_cache)))
         self._files_cache[sha] = obj
@@ -320,7 +330,7 @@ class SisaRun:
     def test_data(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(ids [M], x [M, *feat], y [M])`` of the held-out split (checksum-verified once)."""
         ref = self.manifest.test_data
-        z = self._files_cache.get(ref.sha256)
+        z = self._cached(ref.sha256)
         if z is None:
             z = self._npz(ref)
             self._remember(ref.sha256, z)
@@ -344,7 +354,7 @@ class SisaRun:
                 f"{self.run_dir} has no validation split (trained with data.val_fraction=0 or by "
                 "an older sisajax); retrain it with data.val_fraction > 0"
             )
-        z = self._files_cache.get(ref.sha256)
+        z = self._cached(ref.sha256)
         if z is None:
             z = self._npz(ref)
             self._remember(ref.sha256, z)

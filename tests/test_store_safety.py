@@ -208,6 +208,26 @@ def test_readers_work_on_a_read_only_run(base_run, tmp_path):
             p.chmod(0o755 if p.is_dir() else 0o644)
 
 
+def test_syncfs_is_looked_up_once_per_process(tmp_path, monkeypatch):
+    """A training syncs once per slice step: finding libc's ``syncfs`` must not cost a
+    subprocess (``ctypes.util.find_library`` runs ``ldconfig``) per call."""
+    import ctypes.util
+
+    from sisajax.store import files
+
+    lookups: list[str] = []
+    monkeypatch.setattr(ctypes.util, "find_library", lambda n: lookups.append(n) or "libc.so.6")
+    files._syncfs_call.cache_clear()
+    try:
+        results = [files._syncfs(tmp_path) for _ in range(5)]
+        assert files._syncfs_call.cache_info().misses == 1
+        assert len(set(results)) == 1
+        if sys.platform.startswith("linux"):  # glibc's own symbols hold syncfs: no search at all
+            assert results[0] is True and lookups == []
+    finally:
+        files._syncfs_call.cache_clear()
+
+
 def test_without_syncfs_the_new_files_and_their_folders_are_synced(tmp_path, monkeypatch):
     """Where ``syncfs`` is missing, making written files durable fsyncs each file and each
     folder holding one (a new file's name is in its folder: without that, a power cut could

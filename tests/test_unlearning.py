@@ -72,6 +72,21 @@ def test_sequential_forgets_equal_one_scratch_run(trained, tmp_path):
     _assert_run_equals_scratch(reopened, cfg, ds, a + b, tmp_path)
 
 
+def test_sequential_forgets_read_the_test_split_once(trained, monkeypatch):
+    """Every forget adopts a new partition; the held-out split each forget checks ids against is
+    kept (least recently used goes first), not re-read and re-hashed per request."""
+    run, _, _ = trained
+    reads: list[str] = []
+    npz = run._npz
+    monkeypatch.setattr(run, "_npz", lambda ref: reads.append(ref.path) or npz(ref))
+    run.test_data()
+    for k in range(6):
+        sj.forget(run, [int(_ids_in(run, k % 3, 3)[0])])
+    test_reads = [p for p in reads if p == run.manifest.test_data.path]
+    assert len(test_reads) == 1, reads
+    assert run.partition.sizes().sum() == len(run.partition.ids)
+
+
 @pytest.mark.parametrize(
     "sisa", [{"shard_exec": "vmap"}, {"optim": {"name": "adam", "learning_rate": 0.003}}]
 )

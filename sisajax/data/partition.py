@@ -148,9 +148,17 @@ class Partition:
 
     def sizes(self) -> np.ndarray:
         """``[S, R]`` number of retained ids per (shard, slice)."""
-        out = np.zeros((self.num_shards, self.num_slices), dtype=np.int64)
-        np.add.at(out, (self.shard, self.slice), 1)
-        return out
+        if len(self.ids) and not (
+            0 <= self.shard.min() <= self.shard.max() < self.num_shards
+            and 0 <= self.slice.min() <= self.slice.max() < self.num_slices
+        ):
+            raise PartitionError(
+                f"partition places ids outside its {self.num_shards} shards x "
+                f"{self.num_slices} slices"
+            )
+        cells = self.shard.astype(np.int64) * self.num_slices + self.slice
+        n = self.num_shards * self.num_slices
+        return np.bincount(cells, minlength=n).reshape(self.num_shards, self.num_slices)
 
     def prefix_fingerprints(self) -> list[list[str]]:
         """``[S][R]`` fingerprint of the ids in slices ``0..j`` of each shard."""

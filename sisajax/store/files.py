@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import hashlib
 import json
 import os
@@ -242,17 +243,36 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
+def _syncfs_call() -> Callable[[int], int] | None:
+    """libc's ``syncfs``, looked up once per process (None where it is missing).
+
+    The symbols already loaded into the process come first: ``ctypes.util.find_library`` runs a
+    subprocess (``ldconfig``), which costs milliseconds per call in a large process, and a
+    training syncs once per slice step.
+    """
+    names = (lambda: None, lambda: ctypes.util.find_library("c") or "libc.so.6")
+    for name in names:
+        try:
+            return ctypes.CDLL(name(), use_errno=True).syncfs
+        except (OSError, AttributeError, TypeError):
+            continue
+    return None
+
+
 def _syncfs(path: Path) -> bool:
     """``syncfs`` on ``path``'s file system; False where the call is missing or fails."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            return libc.syncfs(fd) == 0
-        finally:
-            os.close(fd)
-    except (OSError, AttributeError):
+    call = _syncfs_call()
+    if call is None:
         return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        return call(fd) == 0
+    finally:
+        os.close(fd)
 
 
 def sync_filesystem(path: Path) -> None:

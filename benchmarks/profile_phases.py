@@ -104,7 +104,18 @@ def engine_run_phases(d: int, *, forget: bool) -> list[Phase]:
         ),
         Phase("stacking the start states (stack_states)", (JOBS, "stack_states"), run, d),
         Phase("host->device puts: data, states, batches (Engine.put)", (ENGINE, "put"), run, d),
-        Phase("batch schedules (slice_step_batches)", (SCHEDULE, "slice_step_batches"), run, d),
+        Phase(
+            "slice step inputs: batches, chunk rows (slice_step_inputs)",
+            (JOBS, "slice_step_inputs"),
+            run,
+            d,
+        ),
+        Phase(
+            "batch schedules (slice_step_batches)",
+            (SCHEDULE, "slice_step_batches"),
+            (JOBS, "slice_step_inputs"),
+            d + 1,
+        ),
         Phase("program dispatch (PerDeviceProgram/Compiled.__call__)", DISPATCH, run, d),
         Phase("on_slice handler (GenerationWriter.on_slice)", (GEN_WRITER, "handle"), run, d),
         Phase(

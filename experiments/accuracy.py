@@ -140,7 +140,7 @@ def loss_interval(res: dict[str, Any], recipe: str, shards: int) -> dict[str, fl
 def ceiling(rc: RunConfig) -> float | None:
     """The Bayes-optimal accuracy on the test split when the data set is a generator whose
     class-conditional model is known (``purchase_synthetic``), else None."""
-    from sisajax.data.datasets import bayes_accuracy, has_bayes_accuracy
+    from sisajax.data.synthetic import bayes_accuracy, has_bayes_accuracy
 
     if not has_bayes_accuracy(rc.data.name):
         return None

@@ -20,7 +20,6 @@ Randomness: see :mod:`sisajax.step` (keys from seed, shard, slice and step only)
 from __future__ import annotations
 
 import functools
-import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -31,15 +30,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 
 from sisajax import program_store
 from sisajax.config import TRAINING_PROGRAM, RunConfig
-from sisajax.data.schedule import slice_step_batches
 from sisajax.jobs import (
     ShardData,
     ShardJob,
     SliceOutput,
     TrainStats,
-    chunk_inputs,
     pad_rows,
     row_offsets,
+    slice_step_inputs,
     stack_states,
     unstack_state,
 )
@@ -49,11 +47,12 @@ from sisajax.layout import (
     PerDeviceProgram,
     check_deterministic,
     deterministic_backend,
-    device_blocks,
+    place_shards,
     resolve_shard_exec,
     select_devices,
 )
 from sisajax.models import code_fingerprint
+from sisajax.prediction import StackedPredictor, prediction_variables
 from sisajax.step import (
     StepMeta,
     StepSpec,
@@ -139,7 +138,7 @@ class Engine:
         self._compiled: dict[tuple[int, int], Any] = {}
         self._narrowed: dict[int, Engine] = {}
         self._init_fn: Any = None
-        self._predict_fn = jax.jit(self._predict_stack)
+        self._predictor: StackedPredictor | None = None
         self._template: PyTree | None = None
         self._model_code: str | None = None
 
@@ -342,39 +341,12 @@ class Engine:
 
     # -- placement ----------------------------------------------------------------------------
     def place(self, jobs: Sequence[ShardJob]) -> tuple[int, list[int]]:
-        """``(width, position of each job)``: where each job runs in the stacked program.
-
-        ``vmap`` runs keep every shard at its own index in the run's width (their bits can depend
-        on the width, so every program of the run has it). ``map`` runs are balanced over the
-        devices by their work (largest first, each to the least loaded device), with as many
-        positions per device as the busiest device needs, rounded up to a power of two (few
-        distinct programs, each compiled once and kept in the persistent compilation cache) and
-        at most the run's own width: a forget of one shard runs a one-shard program, not the
-        training program with inert positions (each of which still costs memory traffic).
-        """
-        width = self.vmap_width
-        if self.shard_exec == "vmap":
-            positions = [j.shard % width for j in jobs]
-            if len(set(positions)) != len(positions):
-                raise ValueError(f"vmap jobs must be distinct shards of a width-{width} run")
-            return width, positions
-        n = self.num_devices
-        per_device: list[list[int]] = [[] for _ in range(n)]
-        load = [0] * n
+        """``(width, position of each job)`` in the stacked program: see
+        :func:`sisajax.layout.place_shards`."""
         work = [len(j.data) * (self.config.sisa.slices - j.start_slice) for j in jobs]
-        cap = max(width // n, 1)
-        for i in sorted(range(len(jobs)), key=lambda i: -work[i]):
-            free = [d for d in range(n) if len(per_device[d]) < cap] or range(n)
-            d = min(free, key=lambda d: (load[d], len(per_device[d])))
-            per_device[d].append(i)
-            load[d] += work[i]
-        most = max(len(p) for p in per_device)
-        local = most if most >= cap else min(_next_power_of_two(most), cap)
-        positions = [0] * len(jobs)
-        for d, members in enumerate(per_device):
-            for slot, i in enumerate(members):
-                positions[i] = d * local + slot
-        return local * n, positions
+        return place_shards(
+            [j.shard for j in jobs], work, self.shard_exec, self.vmap_width, self.num_devices
+        )
 
     def narrowed(self, n: int) -> Engine:
         """This engine on its first ``n`` devices only (cached; ``self`` when ``n`` is all).
@@ -457,130 +429,68 @@ class Engine:
         c = self.chunk_steps
         offsets = row_offsets(self.shard_exec, width, cap, self.num_devices)
         for j in range(int(starts.min()), sisa.slices):
-            batches: dict[int, Any] = {}
-            labels_of: dict[int, np.ndarray] = {}
-            for i, job in enumerate(jobs):
-                if job.start_slice > j:
-                    continue
-                d = job.data
-                sel = d.slices <= j
-                batches[pos[i]] = slice_step_batches(
-                    d.ids[sel],
-                    np.flatnonzero(sel),
-                    seed=sisa.seed,
-                    shard=job.shard,
-                    slice_index=j,
-                    epochs=sisa.epochs_per_slice_step,
-                    batch_size=self.batch_size,
-                )
-                labels_of[pos[i]] = d.y
-                stats.shard_slices += 1
-            steps = np.zeros(width, np.int64)
-            examples = np.zeros(width, np.int64)
-            for p, sb in batches.items():
-                steps[p] = sb.num_steps
-                examples[p] = sb.num_examples
-            n_chunks = math.ceil(steps.max(initial=0) / c)
-            rows, mask, labels = chunk_inputs(
-                batches, labels_of, width, n_chunks, offsets, c, self.batch_size
+            inputs = slice_step_inputs(
+                jobs,
+                pos,
+                j,
+                width=width,
+                offsets=offsets,
+                chunk_steps=c,
+                batch_size=self.batch_size,
+                seed=sisa.seed,
+                epochs=sisa.epochs_per_slice_step,
             )
+            stats.shard_slices += len(inputs.active)
+            steps = inputs.steps
             losses = []
-            for chunk in range(n_chunks):
+            for chunk in range(inputs.n_chunks):
                 lo = chunk * c
                 meta = StepMeta.stack(shard_of, np.full(width, j), np.full(width, lo), steps)
-                stats.examples += int(mask[chunk].sum())
-                states, loss = program(
-                    states, x_dev, *self.put((rows[chunk], mask[chunk], labels[chunk], meta))
-                )
+                mask = inputs.mask[chunk]
+                stats.examples += int(mask.sum())
+                chunk_in = (inputs.rows[chunk], mask, inputs.labels[chunk], meta)
+                states, loss = program(states, x_dev, *self.put(chunk_in))
                 losses.append(loss)
                 stats.program_calls += 1
                 if progress is not None:
                     progress(int(np.clip(steps - lo, 0, c).sum()))
             stats.grad_steps += int(steps.sum())
             if on_slice is not None:
-                active = {i: pos[i] for i, job in enumerate(jobs) if job.start_slice <= j}
-                on_slice(SliceOutput(j, states, active, losses, examples, mask.sum(3, np.int32)))
+                examples_seen = inputs.mask.sum(3, np.int32)
+                out = SliceOutput(j, states, inputs.active, losses, inputs.examples, examples_seen)
+                on_slice(out)
         host = jax.device_get(jax.block_until_ready(states))
         stats.train_s += time.perf_counter() - t0
         finals = [jax.tree.map(lambda a, p=p: np.asarray(a[p]), host) for p in pos]
         return finals, stats
 
     # -- inference ----------------------------------------------------------------------------
-    def _predict_stack(self, variables, x):
-        x = self.prepare(x)
-
-        def one(v):
-            return self.model.apply(v, x, **self.spec.model_kwargs(False))
-
-        if self.partitioning != "shard_map":
-            return jax.vmap(one)(variables)
-        spec = PartitionSpec(SHARD_AXIS)
-        return jax.shard_map(
-            lambda v, xb: jax.vmap(
-                lambda q: self.model.apply(q, xb, **self.spec.model_kwargs(False))
-            )(v),
-            mesh=self.mesh,
-            in_specs=(spec, PartitionSpec()),
-            out_specs=spec,
-        )(variables, x)
+    @property
+    def predictor(self) -> StackedPredictor:
+        """Evaluates stacked models on this engine's devices (built once)."""
+        if self._predictor is None:
+            self._predictor = StackedPredictor(
+                self.spec,
+                self.devices,
+                self.partitioning,
+                self.mesh,
+                self.shard_sharding(),
+                self.num_classes,
+            )
+        return self._predictor
 
     def predict_variables(self, states: PyTree) -> PyTree:
-        """The variables prediction uses from stacked states: averaged params when weight
-        averaging is on, plus the model's other collections."""
-        params = states.params if states.avg_params is None else states.avg_params
-        return {"params": params, **dict(states.model_state)}
-
-    def _predict(self, variables: PyTree, n_models: int) -> Callable[[np.ndarray], np.ndarray]:
-        """``xb [M, *feat] -> [S, M, C]`` with the models split over the devices."""
-        if self.num_devices == 1:
-            return lambda xb: np.asarray(self._predict_fn(variables, xb))
-        variables = self.put(pad_rows(variables, self.padded_width(n_models)))
-        if self.partitioning == "shard_map":
-            return lambda xb: np.asarray(self._predict_fn(variables, xb))[:n_models]
-        flat, tree = jax.tree.flatten(variables)
-        blocks = [device_blocks(a, self.devices) for a in flat]
-        per_device = [
-            jax.tree.unflatten(tree, [blk[i] for blk in blocks]) for i in range(self.num_devices)
-        ]
-
-        def run(xb: np.ndarray) -> np.ndarray:
-            outs = [
-                self._predict_fn(v, jax.device_put(xb, d))
-                for v, d in zip(per_device, self.devices, strict=True)
-            ]
-            return np.concatenate([np.asarray(o) for o in outs])[:n_models]
-
-        return run
+        """See :func:`sisajax.prediction.prediction_variables`."""
+        return prediction_variables(states)
 
     def logits(self, states: PyTree, x: np.ndarray, batch: int = 4096) -> np.ndarray:
-        """``[S, M, num_classes]`` logits of every constituent model for ``x`` ``[M, *feat]``.
+        """``[S, M, num_classes]`` logits of every constituent model for ``x`` ``[M, *feat]``
+        (see :meth:`sisajax.prediction.StackedPredictor.logits`).
 
         Args:
           states: stacked ``[S, ...]`` :class:`TrainState` (or bare stacked params).
         """
-        variables = (
-            self.predict_variables(states) if isinstance(states, TrainState) else {"params": states}
-        )
-        n_models = len(jax.tree.leaves(variables)[0])
-        predict = self._predict(variables, n_models)
-        outs = []
-        for lo in range(0, len(x), batch):
-            xb = np.asarray(x[lo : lo + batch])
-            pad = batch - len(xb) if len(x) > batch else 0
-            if pad:
-                xb = np.concatenate([xb, np.zeros((pad, *xb.shape[1:]), xb.dtype)])
-            out = predict(xb)
-            outs.append(out[:, : out.shape[1] - pad] if pad else out)
-        if not outs:
-            return np.zeros((n_models, 0, self.num_classes), np.float32)
-        return np.concatenate(outs, axis=1)
-
-
-def _next_power_of_two(n: int) -> int:
-    w = 1
-    while w < n:
-        w *= 2
-    return w
+        return self.predictor.logits(states, x, batch)
 
 
 __all__ = [

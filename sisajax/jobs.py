@@ -11,6 +11,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from sisajax.data.schedule import slice_step_batches
+
 PyTree = Any
 
 
@@ -143,17 +145,6 @@ class SliceOutput:
         return {i: float(total[p] / max(n[p], 1)) for i, p in self.positions.items()}
 
 
-__all__ = [
-    "ShardData",
-    "ShardJob",
-    "SliceOutput",
-    "TrainStats",
-    "pad_rows",
-    "stack_states",
-    "unstack_state",
-]
-
-
 def row_offsets(shard_exec: str, width: int, capacity: int, num_devices: int) -> np.ndarray:
     """``[W]`` what each position adds to its row indices: under ``map`` a device's program reads
     its block of shards as one flat ``[W_local * Ncap]`` array, so position ``p`` adds
@@ -196,3 +187,89 @@ def chunk_inputs(
         return a.reshape(width, n_chunks, c, b).swapaxes(0, 1)
 
     return chunks(rows), chunks(mask), chunks(labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceStepInputs:
+    """Host-side inputs of every chunk of one slice step of a stacked program.
+
+    Attributes:
+      rows, mask, labels: ``[n_chunks, W, C, B]`` (see :func:`chunk_inputs`).
+      steps: ``[W]`` gradient steps each position takes in this slice step (0: inert).
+      examples: ``[W]`` real examples each position sees in this slice step.
+      active: ``{job index: position}`` of the jobs this slice step trains.
+    """
+
+    rows: np.ndarray
+    mask: np.ndarray
+    labels: np.ndarray
+    steps: np.ndarray
+    examples: np.ndarray
+    active: dict[int, int]
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self.rows.shape[0])
+
+
+def slice_step_inputs(
+    jobs: Sequence[ShardJob],
+    positions: Sequence[int],
+    slice_index: int,
+    *,
+    width: int,
+    offsets: np.ndarray,
+    chunk_steps: int,
+    batch_size: int,
+    seed: int,
+    epochs: int,
+) -> SliceStepInputs:
+    """Batches of slice step ``slice_index`` for every job that trains in it (a job starts at
+    its ``start_slice``), laid out at each job's ``positions`` entry of a width-``width``
+    program and cut into chunks of ``chunk_steps`` steps. The batches of a shard depend only on
+    (seed, shard, slice, its data's ids), never on which other shards train beside it.
+    """
+    batches: dict[int, Any] = {}
+    labels_of: dict[int, np.ndarray] = {}
+    active: dict[int, int] = {}
+    for i, job in enumerate(jobs):
+        if job.start_slice > slice_index:
+            continue
+        d, p = job.data, positions[i]
+        sel = d.slices <= slice_index
+        batches[p] = slice_step_batches(
+            d.ids[sel],
+            np.flatnonzero(sel),
+            seed=seed,
+            shard=job.shard,
+            slice_index=slice_index,
+            epochs=epochs,
+            batch_size=batch_size,
+        )
+        labels_of[p] = d.y
+        active[i] = p
+    steps = np.zeros(width, np.int64)
+    examples = np.zeros(width, np.int64)
+    for p, sb in batches.items():
+        steps[p] = sb.num_steps
+        examples[p] = sb.num_examples
+    n_chunks = -(-int(steps.max(initial=0)) // chunk_steps)
+    rows, mask, labels = chunk_inputs(
+        batches, labels_of, width, n_chunks, offsets, chunk_steps, batch_size
+    )
+    return SliceStepInputs(rows, mask, labels, steps, examples, active)
+
+
+__all__ = [
+    "ShardData",
+    "ShardJob",
+    "SliceOutput",
+    "SliceStepInputs",
+    "TrainStats",
+    "chunk_inputs",
+    "pad_rows",
+    "row_offsets",
+    "slice_step_inputs",
+    "stack_states",
+    "unstack_state",
+]

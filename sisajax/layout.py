@@ -386,6 +386,46 @@ def device_blocks(a: Any, devices: Sequence[Any]) -> list[Any]:
     return [by_device[d] for d in devices]
 
 
+def place_shards(
+    shards: Sequence[int], work: Sequence[int], shard_exec: str, width: int, num_devices: int
+) -> tuple[int, list[int]]:
+    """``(program width, position of each job)`` for jobs of ``shards`` with ``work`` (rows x
+    slice steps left) in a run whose programs are ``width`` wide (a multiple of the devices).
+
+    ``vmap`` runs keep every shard at its own index in the run's width (their bits can depend
+    on the width, so every program of the run has it). ``map`` runs are balanced over the
+    devices by their work (largest first, each to the least loaded device), with as many
+    positions per device as the busiest device needs, rounded up to a power of two (few
+    distinct programs, each compiled once and kept in the persistent compilation cache) and
+    at most the run's own width: a forget of one shard runs a one-shard program, not the
+    training program with inert positions (each of which still costs memory traffic).
+
+    Raises:
+      ValueError: two ``vmap`` jobs for the same position.
+    """
+    if shard_exec == "vmap":
+        positions = [s % width for s in shards]
+        if len(set(positions)) != len(positions):
+            raise ValueError(f"vmap jobs must be distinct shards of a width-{width} run")
+        return width, positions
+    n = num_devices
+    per_device: list[list[int]] = [[] for _ in range(n)]
+    load = [0] * n
+    cap = max(width // n, 1)
+    for i in sorted(range(len(shards)), key=lambda i: -work[i]):
+        free = [d for d in range(n) if len(per_device[d]) < cap] or range(n)
+        d = min(free, key=lambda d: (load[d], len(per_device[d])))
+        per_device[d].append(i)
+        load[d] += work[i]
+    most = max(len(p) for p in per_device)
+    local = most if most >= cap else min(1 << max(most - 1, 0).bit_length(), cap)
+    positions = [0] * len(shards)
+    for d, members in enumerate(per_device):
+        for slot, i in enumerate(members):
+            positions[i] = d * local + slot
+    return local * n, positions
+
+
 class PerDeviceProgram:
     """The one-device program compiled once per device, run on each device's block of shards.
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sisajax.cli.app import compose
-from sisajax.data import datasets as D
+from sisajax.data import synthetic as D
 from sisajax.experiments import paper
 
 # a small, hard variant: 10 classes, 2 baskets each, classes of a group share 5 items

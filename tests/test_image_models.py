@@ -21,7 +21,8 @@ from conftest import REPO
 import sisajax as sj
 from sisajax.augment import augment_batch, augment_kinds, crop_flip, crop_flip_params
 from sisajax.config import ConfigError, DataConfig, ModelConfig, OptimConfig, run_config_from
-from sisajax.data.datasets import DataError, make_cifar_synthetic
+from sisajax.data.datasets import DataError
+from sisajax.data.synthetic import make_cifar_synthetic
 from sisajax.models import build_model
 from sisajax.resnets import PatchConv, conv2d
 

@@ -27,3 +27,4 @@ __all__ = [
 ]
 from sisajax.data import loaders as _loaders  # noqa: E402, F401  (registers file-format data sets)
 from sisajax.data import published as _published  # noqa: E402, F401  (registers releases)
+from sisajax.data import synthetic as _synthetic  # noqa: E402, F401  (registers generators)

@@ -32,7 +32,7 @@ _EXPORTS = {
     "DataError": "sisajax.data",
     "Dataset": "sisajax.data",
     "Engine": "sisajax.engine",
-    "EvalReport": "sisajax.run",
+    "EvalReport": "sisajax.aggregation",
     "Extractor": "sisajax.features",
     "ExtractorConfig": "sisajax.features",
     "ForgetError": "sisajax.planning",

@@ -6,6 +6,9 @@ and the vote / mean is taken over the remaining shards only.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import numpy as np
 
 METHODS = ("vote", "mean_prob")
@@ -62,3 +65,50 @@ def aggregate(logits: np.ndarray, method: str, active: np.ndarray | None = None)
 
 def accuracy(pred: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.asarray(pred) == np.asarray(y))) if len(y) else float("nan")
+
+
+@dataclasses.dataclass
+class EvalReport:
+    """Accuracy of every constituent model and of the aggregate.
+
+    Attributes:
+      shard_accuracy: ``[S]`` accuracy of each constituent model (NaN for empty shards).
+      vote_accuracy / mean_prob_accuracy: aggregate accuracy by each aggregation.
+      aggregation: which of the two ``accuracy`` reports.
+      num_examples: evaluated examples; active_shards: shards in the ensemble.
+    """
+
+    shard_accuracy: list[float]
+    vote_accuracy: float
+    mean_prob_accuracy: float
+    aggregation: str
+    num_examples: int
+    active_shards: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.vote_accuracy if self.aggregation == "vote" else self.mean_prob_accuracy
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["shard_accuracy"] = [None if a != a else a for a in self.shard_accuracy]
+        return {**d, "accuracy": self.accuracy}
+
+
+def eval_report(
+    logits: np.ndarray, y: np.ndarray, active: np.ndarray, method: str = "vote"
+) -> EvalReport:
+    """:class:`EvalReport` of ``logits [S, M, C]`` against labels ``y [M]``; ``active [S]``
+    masks shards that hold no data (their accuracy is NaN and they do not vote)."""
+    check_method(method)
+    shard_acc = [
+        accuracy(logits[k].argmax(-1), y) if active[k] else float("nan") for k in range(len(logits))
+    ]
+    return EvalReport(
+        shard_acc,
+        accuracy(vote(logits, active), y),
+        accuracy(mean_prob(logits, active).argmax(-1), y),
+        method,
+        len(y),
+        int(np.sum(active)),
+    )

@@ -144,7 +144,7 @@ def log_record(run_dir: str | Path, record: dict[str, Any]) -> bool:
 def evaluate_record(
     report: Any, generation: int, wall_s: float, split: str = "test"
 ) -> dict[str, Any]:
-    """The ``evaluate`` record of an :class:`~sisajax.run.EvalReport` on ``split``."""
+    """The ``evaluate`` record of an :class:`~sisajax.aggregation.EvalReport` on ``split``."""
     return {
         "event": "evaluate",
         "split": split,

@@ -21,6 +21,7 @@ import numpy as np
 
 from sisajax import aggregation as agg
 from sisajax import host as host_mod
+from sisajax.aggregation import EvalReport
 from sisajax.config import ConfigError, RunConfig
 from sisajax.data.datasets import Dataset
 from sisajax.data.partition import Partition, prefix_fingerprints
@@ -41,34 +42,6 @@ PyTree = Any
 
 class HostWarning(UserWarning):
     """Rows of a run come from a host other than this one (bits may not be reproducible)."""
-
-
-@dataclasses.dataclass
-class EvalReport:
-    """Accuracy of every constituent model and of the aggregate.
-
-    Attributes:
-      shard_accuracy: ``[S]`` accuracy of each constituent model (NaN for empty shards).
-      vote_accuracy / mean_prob_accuracy: aggregate accuracy by each aggregation.
-      aggregation: which of the two ``accuracy`` reports.
-      num_examples: evaluated examples; active_shards: shards in the ensemble.
-    """
-
-    shard_accuracy: list[float]
-    vote_accuracy: float
-    mean_prob_accuracy: float
-    aggregation: str
-    num_examples: int
-    active_shards: int
-
-    @property
-    def accuracy(self) -> float:
-        return self.vote_accuracy if self.aggregation == "vote" else self.mean_prob_accuracy
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["shard_accuracy"] = [None if a != a else a for a in self.shard_accuracy]
-        return {**d, "accuracy": self.accuracy}
 
 
 def load_npz(path: Path, sha256: str | None) -> dict[str, np.ndarray]:
@@ -465,20 +438,7 @@ class SisaRun:
             _, x, y = self.val_data() if split == "val" else self.test_data()
             if len(y) == 0:
                 raise RunError(f"the run's {split} split is empty (every id of it was forgotten)")
-        logits = self.logits(x)
-        active = self.active_shards()
-        shard_acc = [
-            agg.accuracy(logits[k].argmax(-1), y) if active[k] else float("nan")
-            for k in range(self.num_shards)
-        ]
-        return EvalReport(
-            shard_acc,
-            agg.accuracy(agg.vote(logits, active), y),
-            agg.accuracy(agg.mean_prob(logits, active).argmax(-1), y),
-            method,
-            len(y),
-            int(active.sum()),
-        )
+        return agg.eval_report(self.logits(x), np.asarray(y), self.active_shards(), method)
 
     def retained_dataset(self) -> Dataset:
         """The data this run currently holds as a Dataset: its retained training ids, those of

@@ -34,3 +34,28 @@ def test_inactive_shards_drop_out():
     with pytest.raises(ValueError, match="must be one of vote, mean_prob"):
         aggregate(logits, "median")
     assert accuracy(np.array([1, 0]), np.array([1, 1])) == 0.5
+
+
+def test_eval_report_counts_each_shard_and_both_aggregations():
+    from sisajax.aggregation import eval_report
+
+    # shard 0 right on both, shard 1 right on ex 0 only, shard 2 empty (dropped)
+    logits = np.array(
+        [
+            [[3.0, 0], [0, 3.0]],
+            [[3.0, 0], [1.0, 0]],
+            [[0, 9.0], [9.0, 0]],
+        ]
+    )
+    y = np.array([0, 1])
+    rep = eval_report(logits, y, np.array([True, True, False]), "mean_prob")
+    assert rep.shard_accuracy[:2] == [1.0, 0.5] and np.isnan(rep.shard_accuracy[2])
+    assert rep.active_shards == 2 and rep.num_examples == 2
+    # ex 1: one vote each, the tie broken by the mean probability (class 1); counting the empty
+    # shard would outvote it
+    assert rep.vote_accuracy == 1.0 and rep.mean_prob_accuracy == 1.0
+    assert eval_report(logits, y, np.ones(3, bool)).vote_accuracy == 0.5
+    assert rep.accuracy == rep.mean_prob_accuracy
+    assert rep.to_dict()["shard_accuracy"][2] is None
+    with pytest.raises(Exception, match="aggregation"):
+        eval_report(logits, y, np.ones(3, bool), "median")

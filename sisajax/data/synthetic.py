@@ -17,6 +17,31 @@ import numpy as np
 from sisajax.data.datasets import DataError, Dataset, register_dataset
 
 
+def _first_rows_train(
+    name: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    n_train: int,
+    num_classes: int,
+    preprocessing: dict[str, float] | None = None,
+) -> Dataset:
+    """Generated rows ``[n, ...]`` with ids ``0..n-1``: the first ``n_train`` train, the rest
+    test."""
+    ids = np.arange(len(x), dtype=np.int64)
+    t = slice(None, n_train), slice(n_train, None)
+    return Dataset(
+        name,
+        ids[t[0]],
+        x[t[0]],
+        y[t[0]],
+        ids[t[1]],
+        x[t[1]],
+        y[t[1]],
+        num_classes,
+        dict(preprocessing or {}),
+    )
+
+
 @register_dataset("purchase_synthetic")
 def make_purchase_synthetic(
     n_train: int = 10_000,
@@ -62,17 +87,7 @@ def make_purchase_synthetic(
     keep = rng.random((n, num_features), dtype=np.float32) < keep_prob
     noise = rng.random((n, num_features), dtype=np.float32) < noise_prob
     x = np.where(basket, keep, noise).astype(np.uint8)
-    ids = np.arange(n, dtype=np.int64)
-    return Dataset(
-        "purchase_synthetic",
-        ids[:n_train],
-        x[:n_train],
-        y[:n_train],
-        ids[n_train:],
-        x[n_train:],
-        y[n_train:],
-        num_classes,
-    )
+    return _first_rows_train("purchase_synthetic", x, y, n_train, num_classes)
 
 
 def _purchase_prototypes(
@@ -303,18 +318,7 @@ def make_cifar_synthetic(
         np.clip(np.rint(img, out=img), 0, 255, out=img)
         x[start:stop] = img.reshape(-1, ch, side, side).transpose(0, 2, 3, 1)
         y[start:stop] = yc[rows]
-    ids = np.arange(n, dtype=np.int64)
-    return Dataset(
-        "cifar_synthetic",
-        ids[:n_train],
-        x[:n_train],
-        y[:n_train],
-        ids[n_train:],
-        x[n_train:],
-        y[n_train:],
-        num_classes,
-        {"scale": 1.0 / 255.0},
-    )
+    return _first_rows_train("cifar_synthetic", x, y, n_train, num_classes, {"scale": 1.0 / 255.0})
 
 
 __all__ = [

@@ -506,8 +506,12 @@ def test_ctrl_c_during_train_says_what_happened_and_resume_finishes(tmp_path):
         proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "sisajax.cli",
+                "-c",
+                # A suite started as a background job of a non-interactive shell inherits SIGINT
+                # ignored, and so would the command (Python then installs no Ctrl-C handler):
+                # give it the default disposition, as a terminal's foreground job has.
+                "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                "os.execv(sys.executable, [sys.executable, '-m', 'sisajax.cli', *sys.argv[1:]])",
                 "train",
                 "data=digits",
                 "sisa.shards=2",

@@ -3,6 +3,7 @@ entries left alone, damage detected by audit, readers work on read-only runs."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -249,3 +250,26 @@ def test_without_syncfs_the_new_files_and_their_folders_are_synced(tmp_path, mon
     assert sorted(p for kind, p in synced if kind == "dir") == sorted(
         [tmp_path / "checkpoints", tmp_path / "data"]
     )
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS])
+def test_a_writer_on_a_run_it_cannot_write_is_told_what_still_works(tmp_path, monkeypatch, code):
+    """Taking the writer lock is the first thing a command that changes a run does: when the
+    run directory refuses writes (permission bits, a read-only mount) nothing has changed, so
+    the one line says so and names the commands that work, not a `resume` to run."""
+    from sisajax.errors import StorageError
+    from sisajax.store import locks
+
+    real_open = os.open
+
+    def refusing(path, flags, *a, **kw):
+        if flags & os.O_RDWR:
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(locks.os, "open", refusing)
+    with pytest.raises(StorageError) as e, locks.writer_lock(tmp_path, 0.0):
+        pass
+    msg = str(e.value)
+    assert "read-only to this process" in msg and "evaluate, status, audit and verify" in msg
+    assert "resume" not in msg and len(msg.splitlines()) == 1

@@ -13,6 +13,7 @@ without a lock: no writer can be changing a directory nobody may write.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -53,8 +54,17 @@ class RunLock:
             try:
                 return os.open(path, flags | os.O_RDWR | os.O_CREAT, 0o644)
             except OSError as e:
-                if e.errno == 40:
+                if e.errno == errno.ELOOP:
                     raise UnsafeRunError(f"{path} is a symbolic link") from None
+                if self.exclusive and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    # nothing has changed yet: no resume to suggest, say what does work
+                    raise storage_error(
+                        e,
+                        f"{self.root} is read-only to this process, so its {self.what} lock "
+                        "cannot be taken (commands that change a run need write access; "
+                        "evaluate, status, audit and verify do not)",
+                        resumable=False,
+                    ) from None
                 if self.exclusive:
                     raise storage_error(e, f"taking the {self.what} lock of {self.root}") from None
         try:
@@ -63,7 +73,7 @@ class RunLock:
             self.unlocked_reason = "read-only run directory without a lock file"
             return None
         except OSError as e:
-            if e.errno == 40:
+            if e.errno == errno.ELOOP:
                 raise UnsafeRunError(f"{path} is a symbolic link") from None
             self.unlocked_reason = f"lock file not readable ({e.strerror})"
             return None

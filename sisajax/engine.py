@@ -47,6 +47,7 @@ from sisajax.layout import (
     PerDeviceProgram,
     check_deterministic,
     deterministic_backend,
+    padded_width,
     place_shards,
     resolve_shard_exec,
     select_devices,
@@ -164,8 +165,7 @@ class Engine:
 
     def padded_width(self, width: int) -> int:
         """``width`` rounded up to a multiple of the device count (at least one per device)."""
-        n = self.num_devices
-        return -(-max(width, 1) // n) * n
+        return padded_width(width, self.num_devices)
 
     def shard_sharding(self) -> jax.sharding.Sharding:
         """Sharding of a ``[W, ...]`` array: axis 0 split over the devices (or on the one)."""

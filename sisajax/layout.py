@@ -386,6 +386,11 @@ def device_blocks(a: Any, devices: Sequence[Any]) -> list[Any]:
     return [by_device[d] for d in devices]
 
 
+def padded_width(width: int, num_devices: int) -> int:
+    """``width`` rounded up to a multiple of ``num_devices`` (at least one position each)."""
+    return -(-max(width, 1) // num_devices) * num_devices
+
+
 def place_shards(
     shards: Sequence[int], work: Sequence[int], shard_exec: str, width: int, num_devices: int
 ) -> tuple[int, list[int]]:

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from sisajax.jobs import pad_rows
-from sisajax.layout import SHARD_AXIS, device_blocks
+from sisajax.layout import SHARD_AXIS, device_blocks, padded_width
 from sisajax.step import StepSpec, TrainState, prepare
 
 PyTree = Any
@@ -77,15 +77,13 @@ class StackedPredictor:
             out_specs=spec,
         )(variables, x)
 
-    def _padded(self, n: int) -> int:
-        d = len(self.devices)
-        return -(-max(n, 1) // d) * d
-
     def _batch_fn(self, variables: PyTree, n_models: int) -> Callable[[np.ndarray], np.ndarray]:
         """``xb [M, *feat] -> [S, M, C]`` with the models split over the devices."""
         if len(self.devices) == 1:
             return lambda xb: np.asarray(self._fn(variables, xb))
-        variables = jax.device_put(pad_rows(variables, self._padded(n_models)), self.sharding)
+        variables = jax.device_put(
+            pad_rows(variables, padded_width(n_models, len(self.devices))), self.sharding
+        )
         if self.partitioning == "shard_map":
             return lambda xb: np.asarray(self._fn(variables, xb))[:n_models]
         flat, tree = jax.tree.flatten(variables)

@@ -295,6 +295,14 @@ class SisaRun:
     def _npz(self, ref: FileRef) -> dict[str, np.ndarray]:
         return load_npz(self.files.path(ref.path), ref.sha256)
 
+    def _split(self, ref: FileRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(ids, x, y)`` of a held-out split's file, checksum-verified once and then kept."""
+        z = self._cached(ref.sha256)
+        if z is None:
+            z = self._npz(ref)
+            self._remember(ref.sha256, z)
+        return z["ids"], z["x"], z["y"]
+
     def shard_data(self, k: int) -> ShardData:
         """Retained training rows of shard ``k``, sorted by id (checksum-verified)."""
         z = self._npz(self.manifest.shards[k].data)
@@ -302,12 +310,7 @@ class SisaRun:
 
     def test_data(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(ids [M], x [M, *feat], y [M])`` of the held-out split (checksum-verified once)."""
-        ref = self.manifest.test_data
-        z = self._cached(ref.sha256)
-        if z is None:
-            z = self._npz(ref)
-            self._remember(ref.sha256, z)
-        return z["ids"], z["x"], z["y"]
+        return self._split(self.manifest.test_data)
 
     @property
     def has_validation(self) -> bool:
@@ -327,11 +330,7 @@ class SisaRun:
                 f"{self.run_dir} has no validation split (trained with data.val_fraction=0 or by "
                 "an older sisajax); retrain it with data.val_fraction > 0"
             )
-        z = self._cached(ref.sha256)
-        if z is None:
-            z = self._npz(ref)
-            self._remember(ref.sha256, z)
-        return z["ids"], z["x"], z["y"]
+        return self._split(ref)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def row_spec(self) -> list[list[Any]]:

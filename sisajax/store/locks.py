@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from sisajax.errors import RunStateError, storage_error
+from sisajax.errors import RunStateError, StorageError, storage_error
 from sisajax.store.files import UnsafeRunError, is_writable_dir, managed_path
 
 WRITER_LOCK = ".writer.lock"
@@ -56,17 +56,8 @@ class RunLock:
             except OSError as e:
                 if e.errno == errno.ELOOP:
                     raise UnsafeRunError(f"{path} is a symbolic link") from None
-                if self.exclusive and e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                    # nothing has changed yet: no resume to suggest, say what does work
-                    raise storage_error(
-                        e,
-                        f"{self.root} is read-only to this process, so its {self.what} lock "
-                        "cannot be taken (commands that change a run need write access; "
-                        "evaluate, status, audit and verify do not)",
-                        resumable=False,
-                    ) from None
                 if self.exclusive:
-                    raise storage_error(e, f"taking the {self.what} lock of {self.root}") from None
+                    raise self._lock_error(e) from None
         try:
             return os.open(path, flags | os.O_RDONLY)
         except FileNotFoundError:
@@ -77,6 +68,19 @@ class RunLock:
                 raise UnsafeRunError(f"{path} is a symbolic link") from None
             self.unlocked_reason = f"lock file not readable ({e.strerror})"
             return None
+
+    def _lock_error(self, e: OSError) -> StorageError:
+        """Why this lock could not be opened for writing. A directory that refuses writes gets
+        no `resume` hint (nothing has changed yet) but the commands that still work."""
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return storage_error(
+                e,
+                f"{self.root} is read-only to this process, so its {self.what} lock cannot be "
+                "taken (commands that change a run need write access; evaluate, status, audit "
+                "and verify do not)",
+                resumable=False,
+            )
+        return storage_error(e, f"taking the {self.what} lock of {self.root}")
 
     def __enter__(self) -> RunLock:
         fd = self._open()

@@ -88,10 +88,31 @@ def progress_factory(
     return factory, bar
 
 
+def program_store_limit() -> int:
+    """The program store's size limit in bytes: ``SISAJAX_PROGRAM_STORE_MAX_MB`` (MiB), else the
+    default. Raises ``ConfigError`` for a value that is not a positive number."""
+    from sisajax import program_store
+    from sisajax.config import ConfigError
+
+    text = os.environ.get(program_store.MAX_MB_ENV, "").strip()
+    if not text:
+        return program_store.DEFAULT_MAX_BYTES
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = float("nan")
+    if not mib > 0 or mib == float("inf"):
+        raise ConfigError(
+            f"{program_store.MAX_MB_ENV} must be a positive number of MiB, got {text!r}"
+        )
+    return max(1, int(mib * 2**20))
+
+
 def setup_jax() -> None:
     """Persistent compilation cache and program store (:mod:`sisajax.program_store`), one folder
     per :func:`sisajax.host.code_id` (``SISAJAX_CACHE_DIR`` overrides the location, an empty
-    value turns both off; ``SISAJAX_PROGRAM_STORE=0`` turns the program store off)."""
+    value turns both off; ``SISAJAX_PROGRAM_STORE=0`` turns the program store off,
+    ``SISAJAX_PROGRAM_STORE_MAX_MB`` sets its size limit)."""
     import jax
 
     from sisajax import host, program_store
@@ -107,6 +128,6 @@ def setup_jax() -> None:
         folder = Path(base) / host.code_id()
         jax.config.update("jax_compilation_cache_dir", str(folder))
         if os.environ.get(program_store.OFF_ENV) != "0":
-            program_store.enable(folder / "programs")
+            program_store.enable(folder / "programs", program_store_limit())
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -70,6 +70,28 @@ def cpu_description() -> tuple[str, tuple[str, ...]]:
     return model, tuple(sorted(flags.intersection(ISA_FEATURES)))
 
 
+@functools.cache
+def cpu_signature() -> str:
+    """A sha256 of the CPU's model name and every feature flag ``/proc/cpuinfo`` lists (not only
+    :data:`ISA_FEATURES`): a compiled program may use any feature the CPU reported when it was
+    compiled, so a program kept on disk is only loaded on a CPU that reports the same."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "cpu model", "cpu part", "cpu implementer"):
+                    model += "|" + value.strip()
+                elif key in ("flags", "features"):
+                    flags.update(value.split())
+                if key == "" and flags:
+                    break
+    except OSError:
+        pass
+    return hashlib.sha256(f"{model}\0{' '.join(sorted(flags))}".encode()).hexdigest()
+
+
 def code_flags(xla_flags: str | None = None, backend: str | None = None) -> list[str]:
     """The ``XLA_FLAGS`` tokens that can change generated code, sorted: layout flags dropped, and
     on a ``backend`` other than a GPU the ``--xla_gpu_*`` ones (which ``import sisajax`` adds

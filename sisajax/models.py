@@ -203,6 +203,11 @@ def register_model(
         params = tuple(params)
     _REGISTRY[name] = factory
     _REGISTERED_PARAMS[name] = params
+    package = getattr(factory, "__module__", None) or "__main__"
+    if package != "__main__":
+        from sisajax.plugins import first_source_hash
+
+        first_source_hash(package.split(".")[0])  # the code registered now, before any edit
 
 
 class _ReadTracking(dict):
@@ -260,18 +265,21 @@ class _ReadTracking(dict):
 def code_fingerprint(name: str, module: nn.Module) -> str | None:
     """A sha256 of the code that defines model ``name`` beyond sisajax's own: ``"builtin"`` for
     sisajax's models; for a registered model, the sources of the packages (or files) holding its
-    factory and its module's class. None when a source cannot be read (e.g. a model defined in a
-    notebook or in ``__main__``)."""
+    factory and its module's class, as this process first saw them (the factory's when it was
+    registered). None when a source cannot be read (e.g. a model defined in a notebook or in
+    ``__main__``), or when it changed on disk since: the code this process runs is then not the
+    code the files hold, and no hash names it."""
     if name not in _REGISTERED_PARAMS:
         return "builtin"
-    from sisajax.plugins import source_hash
+    from sisajax.plugins import first_source_hash, source_hash
 
     h = hashlib.sha256()
     for mod in sorted({_REGISTRY[name].__module__, type(module).__module__}):
         if mod == "__main__":
             return None
-        digest = source_hash(mod.split(".")[0])
-        if digest is None:
+        package = mod.split(".")[0]
+        digest = first_source_hash(package)
+        if digest is None or source_hash(package) != digest:
             return None
         h.update(f"{mod}\0{digest}\n".encode())
     return h.hexdigest()

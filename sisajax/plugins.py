@@ -97,6 +97,19 @@ def source_hash(name: str) -> str | None:
         return None
 
 
+# Source hashes of modules and packages as this process first saw them (registering a model
+# records its package's): what the code it runs was, even if the files change later.
+_FIRST_SEEN: dict[str, str | None] = {}
+
+
+def first_source_hash(name: str) -> str | None:
+    """:func:`source_hash` of ``name`` as this process first asked for it (the first call records
+    it; a model records its package's when it is registered). None when it cannot be read."""
+    if name not in _FIRST_SEEN:
+        _FIRST_SEEN[name] = source_hash(name)
+    return _FIRST_SEEN[name]
+
+
 def source_hashes(names: Iterable[str]) -> dict[str, str]:
     """``{module name: source sha256}`` of the named plug-ins this process has imported (as
     they were when :func:`load_plugins` imported them, else as they are now)."""

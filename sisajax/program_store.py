@@ -8,11 +8,17 @@ the program is a function of, computed without tracing:
 
 * what the engine asks for (run configuration, data shapes and dtypes, width, capacity, chunk
   loop form, devices) -- the caller's ``identity``;
-* the code: sisajax's own source (every ``.py`` file of the package), the model's source when it
-  is a registered plug-in (the caller gives it; a model whose source cannot be read is never
-  stored), and the versions of Python, jax, jaxlib, flax, optax, numpy and ml_dtypes;
+* the code: sisajax's own source (every ``.py`` file of the package) and the model's source when
+  it is a registered plug-in (the caller gives it), both as this process imported them: once a
+  file differs on disk from what the process imported, nothing is stored or loaded (a model whose
+  source cannot be read is never stored); and the versions of Python, jax, jaxlib, flax, optax,
+  numpy and ml_dtypes;
 * the environment: every jax configuration value, ``XLA_FLAGS``, the backend's platform and
-  version, and :func:`sisajax.host.code_id` (the CPU's ISA features).
+  version, :func:`sisajax.host.code_id` (the ISA features that decide generated code) and
+  :func:`sisajax.host.cpu_signature` (the CPU's model and every feature it reports).
+
+A value of the identity that is not plain JSON (numbers, strings, lists, dicts) makes the program
+unkeyed: it is compiled, never stored.
 
 Not covered: third-party code edited in place without a version change, and a plug-in model's
 helpers imported from outside its own package; turn the store off (:func:`disable`, or
@@ -20,12 +26,16 @@ helpers imported from outside its own package; turn the store off (:func:`disabl
 replays a run from scratch and compares the bits whatever the store holds.
 
 The command line enables the store beside jax's cache; the Python API leaves it off unless
-:func:`enable` is called. Entries are written atomically; an entry that cannot be read or loaded
-is ignored (the program is compiled as usual, and stored again when compiled afresh); a full or read-only disk
-only means nothing is stored. Loading an entry runs code from the cache folder, like jax's own
-cache, so only regular files of the current user that no one else may write are loaded (a link,
-or a file another user could have written, is compiled instead). The folder can be deleted at any
-time.
+:func:`enable` is called. Entries are written atomically and carry a sha256 of their content,
+checked before anything in them is used; an entry that cannot be read, fails its checksum or
+cannot be loaded is ignored (the program is compiled as usual, and stored again when compiled
+afresh); a full or read-only disk only means nothing is stored. Loading an entry runs code from
+the cache folder, like jax's own cache, so only regular files of the current user that no one
+else may write are loaded (a link, or a file another user could have written, is compiled
+instead). The store keeps at most ``max_bytes`` (default 512 MiB, ``SISAJAX_PROGRAM_STORE_MAX_MB``
+for the command line): after writing an entry, the least recently used ones go until it holds
+at most 80% of that, and temp files a killed writer left behind go after an hour. The folder can
+be deleted at any time.
 """
 
 from __future__ import annotations
@@ -42,18 +52,29 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from sisajax.plugins import first_source_hash, source_hash
 from sisajax.store.files import UnsafeRunError, open_read, write_file
 
-FORMAT = 1
+FORMAT = 2
 OFF_ENV = "SISAJAX_PROGRAM_STORE"  # "0": the command line does not use the store
+MAX_MB_ENV = "SISAJAX_PROGRAM_STORE_MAX_MB"  # the command line's size limit, in MiB
+DEFAULT_MAX_BYTES = 512 * 2**20
+STALE_TEMP_S = 3600.0  # a temp file this old was left by a writer that died
 _directory: Path | None = None
-_stats = {"loaded": 0, "stored": 0, "missed": 0, "failed": 0}
+_max_bytes = DEFAULT_MAX_BYTES
+_stats = {"loaded": 0, "stored": 0, "missed": 0, "failed": 0, "evicted": 0}
+
+first_source_hash("sisajax")  # the source this process imports, before anything can edit it
 
 
-def enable(path: str | Path) -> Path:
-    """Keep compiled programs under ``path`` (created when first written). Returns the folder."""
-    global _directory
+def enable(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> Path:
+    """Keep compiled programs under ``path`` (created when first written), at most ``max_bytes``
+    of them (least recently used go first). Returns the folder."""
+    global _directory, _max_bytes
+    if max_bytes <= 0:
+        raise ValueError(f"the program store's size limit must be positive, got {max_bytes}")
     _directory = Path(path)
+    _max_bytes = int(max_bytes)
     return _directory
 
 
@@ -74,10 +95,7 @@ def stats() -> dict[str, int]:
 
 
 @functools.cache
-def code_digest() -> str | None:
-    """sha256 over sisajax's source files and the versions of the libraries its programs use;
-    None when sisajax's source cannot be read (e.g. imported from a zip): then nothing is
-    stored."""
+def _versions() -> list[str]:
     import flax
     import jax
     import jaxlib
@@ -85,30 +103,34 @@ def code_digest() -> str | None:
     import numpy
     import optax
 
-    from sisajax.plugins import source_hash
+    return [sys.version] + [m.__version__ for m in (jax, jaxlib, flax, optax, numpy, ml_dtypes)]
 
-    source = source_hash("sisajax")
-    if source is None:
+
+def code_digest() -> str | None:
+    """sha256 over sisajax's source files as this process imported them and the versions of the
+    libraries its programs use. None when sisajax's source cannot be read (e.g. imported from a
+    zip) or differs on disk from what this process imported (edited since): then nothing is
+    stored or loaded."""
+    source = first_source_hash("sisajax")
+    if source is None or source_hash("sisajax") != source:
         return None
-    parts = {
-        "sisajax": source,
-        "python": sys.version,
-        "versions": [m.__version__ for m in (jax, jaxlib, flax, optax, numpy, ml_dtypes)],
-    }
+    parts = {"sisajax": source, "versions": _versions()}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def environment(devices: Sequence[Any]) -> dict[str, Any]:
-    """What the backend and jax's configuration add to a program's key (read at every key)."""
+def environment(devices: Sequence[Any], code: str | None = None) -> dict[str, Any]:
+    """What the code, the backend and jax's configuration add to a program's key (read at every
+    key; ``code``: :func:`code_digest` when the caller has it)."""
     import jax
 
-    from sisajax.host import code_id
+    from sisajax.host import code_id, cpu_signature
 
     d = devices[0]
     config = {k: repr(v) for k, v in sorted(jax.config.values.items())}
     return {
-        "code": code_digest(),
+        "code": code_digest() if code is None else code,
         "host": code_id(),
+        "cpu": cpu_signature(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "platform": d.platform,
         "platform_version": getattr(d.client, "platform_version", ""),
@@ -118,17 +140,55 @@ def environment(devices: Sequence[Any]) -> dict[str, Any]:
     }
 
 
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds; anything else that is not JSON is refused
+    (its text form need not name it exactly: a long array's repr elides values)."""
+    if type(value).__module__ == "numpy" and getattr(value, "shape", None) == ():
+        return value.item()
+    raise TypeError(f"{type(value).__name__} in a program identity")
+
+
 def program_key(identity: dict[str, Any] | None, devices: Sequence[Any]) -> str | None:
-    """The key of the program ``identity`` describes on ``devices``; None when the store is off
-    or ``identity`` is None (a program that must not be stored)."""
-    if _directory is None or identity is None or code_digest() is None:
+    """The key of the program ``identity`` describes on ``devices``; None when the store is off,
+    ``identity`` is None (a program that must not be stored) or holds a value that is not plain
+    JSON, or the code cannot be named (:func:`code_digest`)."""
+    if _directory is None or identity is None:
         return None
-    blob = json.dumps(
-        {"format": FORMAT, "identity": identity, "environment": environment(devices)},
-        sort_keys=True,
-        default=repr,
-    )
+    code = code_digest()
+    if code is None:
+        return None
+    try:
+        blob = json.dumps(
+            {"format": FORMAT, "identity": identity, "environment": environment(devices, code)},
+            sort_keys=True,
+            default=_plain,
+            allow_nan=False,
+        )
+    except (TypeError, ValueError):
+        return None
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def encode_entry(key: str, payload: dict[str, Any]) -> bytes:
+    """The bytes of a stored entry: ``payload`` pickled, with the key and a sha256 of it."""
+    body = pickle.dumps(payload, pickle.HIGHEST_PROTOCOL)
+    head = {"format": FORMAT, "key": key, "sha256": hashlib.sha256(body).hexdigest()}
+    return pickle.dumps({**head, "body": body}, pickle.HIGHEST_PROTOCOL)
+
+
+def decode_entry(blob: bytes, key: str) -> dict[str, Any]:
+    """The payload of an entry written by :func:`encode_entry` for ``key``; ``ValueError`` when it
+    is of another format or key, or its content does not match its checksum (a damaged file)."""
+    entry = pickle.loads(blob)
+    if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("key") != key:
+        raise ValueError("not an entry of this key")
+    body = entry.get("body")
+    if not isinstance(body, bytes) or hashlib.sha256(body).hexdigest() != entry.get("sha256"):
+        raise ValueError("the entry's content does not match its checksum")
+    payload = pickle.loads(body)
+    if not isinstance(payload, dict):
+        raise ValueError("not an entry")
+    return payload
 
 
 def _path(key: str) -> Path:
@@ -148,8 +208,9 @@ def _read(key: str | None) -> dict[str, Any] | None:
     another user could have written, counts as damaged."""
     if key is None or _directory is None:
         return None
+    path = _path(key)
     try:
-        with open_read(_path(key)) as f:  # no link followed, regular files only
+        with open_read(path) as f:  # no link followed, regular files only
             if not _trusted(os.fstat(f.fileno())):
                 raise ValueError("not a private file")
             blob = f.read()
@@ -160,12 +221,12 @@ def _read(key: str | None) -> dict[str, Any] | None:
         _stats["failed"] += 1
         return None
     try:
-        entry = pickle.loads(blob)
-        if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("key") != key:
-            raise ValueError("not an entry of this key")
+        entry = decode_entry(blob, key)
     except Exception:  # noqa: BLE001 - a damaged or foreign file: as if not stored
         _stats["failed"] += 1
         return None
+    with contextlib.suppress(OSError):
+        os.utime(path)  # used now: the last to be evicted
     return entry
 
 
@@ -176,7 +237,7 @@ def _write(key: str | None, payload: dict[str, Any]) -> bool:
         return False
     path = _path(key)
     try:
-        blob = pickle.dumps({"format": FORMAT, "key": key, **payload}, pickle.HIGHEST_PROTOCOL)
+        blob = encode_entry(key, payload)
     except Exception:  # noqa: BLE001 - something in it does not pickle: not stored
         return False
     try:
@@ -185,7 +246,53 @@ def _write(key: str | None, payload: dict[str, Any]) -> bool:
     except OSError:  # StorageError included: a full or read-only disk
         return False
     _stats["stored"] += 1
+    prune()
     return True
+
+
+def prune(now: float | None = None) -> int:
+    """Keep the store within its size limit: when its entries hold more than ``max_bytes``, delete
+    the least recently used (by modification time, which loading renews) until they hold at most
+    80% of it; delete temp files older than an hour (left by a writer that died). Entries another
+    process deletes meanwhile are skipped. Returns how many entries were deleted."""
+    import time
+
+    if _directory is None:
+        return 0
+    now = time.time() if now is None else now
+    entries = []
+    try:
+        folders = [e for e in os.scandir(_directory) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return 0
+    for folder in folders:
+        try:
+            files = list(os.scandir(folder.path))
+        except OSError:
+            continue
+        for e in files:
+            try:
+                st = e.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if e.name.endswith(".tmp") and now - st.st_mtime > STALE_TEMP_S:
+                with contextlib.suppress(OSError):
+                    os.unlink(e.path)
+            elif e.name.endswith(".pkl"):
+                entries.append((st.st_mtime, st.st_size, e.path))
+    total = sum(size for _, size, _ in entries)
+    if total <= _max_bytes:
+        return 0
+    removed = 0
+    for _, size, path in sorted(entries):
+        if total <= 0.8 * _max_bytes:
+            break
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            removed += 1
+        total -= size
+    _stats["evicted"] += removed
+    return removed
 
 
 _local = threading.local()
@@ -305,14 +412,17 @@ def load_or_compute(
 
 __all__ = [
     "CheckedProgram",
-    "compile_counting_hits",
     "code_digest",
+    "compile_counting_hits",
     "directory",
     "disable",
     "enable",
     "environment",
+    "decode_entry",
+    "encode_entry",
     "load_or_compile",
     "load_or_compute",
     "program_key",
+    "prune",
     "stats",
 ]

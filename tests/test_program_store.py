@@ -195,7 +195,7 @@ def test_entry_format_is_checked(store):
     key = "cd" + "1" * 62
     path = store / "cd" / f"{key}.pkl"
     path.parent.mkdir(parents=True)
-    path.write_bytes(pickle.dumps({"format": program_store.FORMAT, "key": "other", "value": 1}))
+    path.write_bytes(program_store.encode_entry("other", {"value": 1}))
     assert program_store.load_or_compute(None, [], lambda: 2) == 2  # off for a None identity
     failed = program_store.stats()["failed"]
     assert program_store._read(key) is None
@@ -208,8 +208,7 @@ def test_only_private_regular_files_are_loaded(store):
     key = "ef" + "2" * 62
     path = store / "ef" / f"{key}.pkl"
     path.parent.mkdir(parents=True)
-    entry = {"format": program_store.FORMAT, "key": key, "value": 7}
-    path.write_bytes(pickle.dumps(entry))
+    path.write_bytes(program_store.encode_entry(key, {"value": 7}))
     path.chmod(0o600)
     assert program_store._read(key)["value"] == 7
     path.chmod(0o666)
@@ -238,3 +237,165 @@ def test_a_store_that_cannot_be_written_only_stores_nothing(tmp_path):
     ref, _ = sj.train(cfg, ds, tmp_path / "ref")
     for k in range(ref.num_shards):
         assert_trees_equal(run.restore_block(k), ref.restore_block(k))
+
+
+def test_an_entry_whose_content_changed_is_not_loaded(store, tmp_path):
+    """One flipped byte inside an entry's content (a pickle that still parses: a disk or copy
+    fault in the executable) fails its checksum, so the program is compiled instead of loading
+    bytes that could compute other bits or crash; training stays bit for bit."""
+    key = "ab" + "3" * 62
+    blob = program_store.encode_entry(key, {"value": list(range(50))})
+    assert program_store.decode_entry(blob, key) == {"value": list(range(50))}
+    body = pickle.dumps({"value": list(range(50))}, pickle.HIGHEST_PROTOCOL)
+    i = blob.index(body) + len(body) // 2
+    flipped = blob[:i] + bytes([blob[i] ^ 1]) + blob[i + 1 :]
+    with pytest.raises(ValueError, match="checksum"):
+        program_store.decode_entry(flipped, key)
+    path = store / "ab" / f"{key}.pkl"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(flipped)
+    path.chmod(0o600)
+    failed = program_store.stats()["failed"]
+    assert program_store._read(key) is None
+    assert program_store.stats()["failed"] == failed + 1
+
+    ds = tiny_digits()
+    cfg = tiny_config(chunk_steps=14, batch_size=7)
+    ref, _ = sj.train(cfg, ds, tmp_path / "ref")
+    entries = sorted(store.rglob("*.pkl"))
+    assert len(entries) >= 3
+    for p in entries:
+        b = bytearray(p.read_bytes())
+        b[len(b) // 2] ^= 0x10  # inside the pickled executable, the outer pickle still parses
+        p.write_bytes(bytes(b))
+    loaded, failed = program_store.stats()["loaded"], program_store.stats()["failed"]
+    again, _ = sj.train(cfg, ds, tmp_path / "again")
+    assert program_store.stats()["loaded"] == loaded
+    assert program_store.stats()["failed"] >= failed + 2
+    for k in range(ref.num_shards):
+        assert_trees_equal(ref.restore_block(k), again.restore_block(k))
+
+
+def test_key_refuses_values_that_are_not_plain_json(store):
+    """A long array's text form elides values, so two different arrays would share a key: a
+    program whose identity holds one is never keyed. Numpy scalars key as their number."""
+    dev = jax.local_devices()[:1]
+    a = {"program": "p", "params": np.arange(2000)}
+    assert program_store.program_key(a, dev) is None
+    key = program_store.program_key({"program": "p", "lr": np.float64(0.5)}, dev)
+    assert key is not None
+    assert key == program_store.program_key({"program": "p", "lr": 0.5}, dev)
+    assert program_store.program_key({"program": "p", "lr": float("nan")}, dev) is None
+
+
+def test_key_names_the_code_as_imported_and_the_cpu(store, monkeypatch):
+    """sisajax's source as this process imported it is part of the key; once the files differ
+    from it (edited since the import), nothing is keyed. The CPU's full feature set is part of
+    the key too."""
+    from sisajax import host, plugins
+
+    dev = jax.local_devices()[:1]
+    ident = {"program": "p"}
+    key = program_store.program_key(ident, dev)
+    assert key is not None
+    monkeypatch.setattr(host, "cpu_signature", lambda: "another cpu")
+    assert program_store.program_key(ident, dev) not in (None, key)
+    monkeypatch.undo()
+    monkeypatch.setitem(plugins._FIRST_SEEN, "sisajax", "0" * 64)  # as if edited since
+    assert program_store.code_digest() is None
+    assert program_store.program_key(ident, dev) is None
+
+
+def test_plugin_model_key_is_its_code_at_import(store, tmp_path, monkeypatch):
+    """A plug-in model's programs are keyed by the source it had when it was registered: a file
+    edited after the import (the process still runs the old code) leaves the model unkeyed, so a
+    program of the old code is never stored under the new code's key."""
+    from sisajax import models, plugins
+
+    pkg = tmp_path / "edited_plugin_pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "import sisajax as sj\n"
+        "from sisajax import models\n\n\n"
+        "def factory(cfg, num_classes):\n"
+        "    return models.build_model(sj.ModelConfig(hidden=(8,)), num_classes)\n\n\n"
+        "sj.register_model('edited_plugin_mlp', factory, params=())\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))
+    monkeypatch.setattr(models, "_REGISTERED_PARAMS", dict(models._REGISTERED_PARAMS))
+    plugins.load_plugins(["edited_plugin_pkg"])
+    try:
+        module = models._REGISTRY["edited_plugin_mlp"](sj.ModelConfig(), 10)
+        first = models.code_fingerprint("edited_plugin_mlp", module)
+        assert first not in (None, "builtin")
+        assert models.code_fingerprint("edited_plugin_mlp", module) == first
+        (pkg / "__init__.py").write_text((pkg / "__init__.py").read_text() + "# edited\n")
+        assert models.code_fingerprint("edited_plugin_mlp", module) is None
+    finally:
+        import sys
+
+        sys.modules.pop("edited_plugin_pkg", None)
+
+
+def test_store_keeps_to_its_size_limit(tmp_path):
+    """Past its size limit the store drops the least recently used entries (loading renews an
+    entry) down to 80% of the limit; temp files a dead writer left go after an hour, a live
+    writer's stay."""
+    folder = program_store.enable(tmp_path / "programs", max_bytes=60_000)
+    try:
+        keys = [f"{i:02x}" + "4" * 62 for i in range(6)]
+        for i, key in enumerate(keys[:5]):
+            assert program_store._write(key, {"value": bytes(10_000)})
+            os.utime(program_store._path(key), (1000 + i, 1000 + i))
+        assert program_store._read(keys[0]) is not None  # used now: the newest
+        stale = folder / "00" / ".x.pkl.1.ab.tmp"
+        stale.write_bytes(b"x")
+        os.utime(stale, (1, 1))
+        fresh = folder / "00" / ".y.pkl.2.cd.tmp"
+        fresh.write_bytes(b"y")
+        evicted = program_store.stats()["evicted"]
+        assert program_store._write(keys[5], {"value": bytes(10_000)})  # 6 x ~10 kB > 60 kB
+        left = {p.stem for p in folder.rglob("*.pkl")}
+        assert keys[0] in left and keys[5] in left
+        assert keys[1] not in left and keys[2] not in left
+        assert sum(p.stat().st_size for p in folder.rglob("*.pkl")) <= 48_000
+        assert program_store.stats()["evicted"] == evicted + 6 - len(left)
+        assert not stale.exists() and fresh.exists()
+        with pytest.raises(ValueError, match="positive"):
+            program_store.enable(folder, max_bytes=0)
+    finally:
+        program_store.disable()
+
+
+def test_command_line_store_limit_from_the_environment(monkeypatch):
+    """``SISAJAX_PROGRAM_STORE_MAX_MB`` sets the command line's limit; a value that is not a
+    positive number is refused in one line."""
+    from sisajax.config import ConfigError
+    from sisajax.console import program_store_limit
+
+    monkeypatch.delenv(program_store.MAX_MB_ENV, raising=False)
+    assert program_store_limit() == program_store.DEFAULT_MAX_BYTES
+    monkeypatch.setenv(program_store.MAX_MB_ENV, "2.5")
+    assert program_store_limit() == int(2.5 * 2**20)
+    for bad in ("0", "-1", "lots", "nan", "inf"):
+        monkeypatch.setenv(program_store.MAX_MB_ENV, bad)
+        with pytest.raises(ConfigError, match="positive number"):
+            program_store_limit()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_a_fifo_in_an_entry_place_is_refused_not_waited_on(store):
+    """Opening a FIFO for reading waits for a writer: an entry path holding one is refused at
+    once (counted as failed), as a run file would be."""
+    from sisajax.store.files import UnsafeRunError, open_read
+
+    key = "fe" + "5" * 62
+    path = store / "fe" / f"{key}.pkl"
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path, 0o600)
+    with pytest.raises(UnsafeRunError, match="not a regular file"):
+        open_read(path)
+    failed = program_store.stats()["failed"]
+    assert program_store._read(key) is None
+    assert program_store.stats()["failed"] == failed + 1

@@ -78,9 +78,10 @@ def managed_path(root: Path, rel: str, *, must_exist: bool = False) -> Path:
 
 
 def open_read(path: Path) -> BinaryIO:
-    """Open a regular file for reading without following a final symbolic link."""
+    """Open a regular file for reading without following a final symbolic link. Opening does not
+    block: a FIFO or device in the file's place is refused, not waited on."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as e:
         if e.errno == 40:  # ELOOP: the final component is a link
             raise UnsafeRunError(f"{path} is a symbolic link; refusing to follow it") from None
@@ -88,6 +89,7 @@ def open_read(path: Path) -> BinaryIO:
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise UnsafeRunError(f"{path} is not a regular file")
+    os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 
 
@@ -236,7 +238,7 @@ def fsync_dir(path: Path) -> None:
 
 def fsync_file(path: Path) -> None:
     """fsync one file (never through a link; raises ``OSError`` like ``os.fsync``)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         os.fsync(fd)
     finally:

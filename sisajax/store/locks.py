@@ -49,7 +49,7 @@ class RunLock:
 
     def _open(self) -> int | None:
         path = managed_path(self.root, self.name)
-        flags = os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # a FIFO in its place never blocks
         if self.exclusive or is_writable_dir(self.root):
             try:
                 return os.open(path, flags | os.O_RDWR | os.O_CREAT, 0o644)

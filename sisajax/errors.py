@@ -16,6 +16,13 @@ and never echoes the content of a file or (with ``ledger.hash_ids``) a raw train
 from __future__ import annotations
 
 import errno
+import zipfile
+import zlib
+
+# What reading a damaged archive raises besides ``OSError``, ``EOFError`` and ``ValueError`` (catch
+# it along with those): a truncated or corrupt zip (``.npz``: ``zipfile.BadZipFile``, a bad CRC
+# included) and a corrupt deflate stream (gzip or a compressed ``.npz`` member: ``zlib.error``).
+DAMAGED_ARCHIVE_ERRORS: tuple[type[Exception], ...] = (zipfile.BadZipFile, zlib.error)
 
 
 class SisajaxError(Exception):

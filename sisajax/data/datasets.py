@@ -10,6 +10,7 @@ Register more with :func:`register_dataset`.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -182,6 +183,16 @@ def from_arrays(
     )
 
 
+def check_test_fraction(tf: float, name: str) -> None:
+    """``DataError`` naming ``name`` unless the test fraction ``tf`` is a number in ``[0, 1)``
+    (1 would leave nothing to train on, a negative one is meaningless, NaN is refused)."""
+    number = isinstance(tf, int | float | np.integer | np.floating) and not isinstance(tf, bool)
+    if not number or not 0.0 <= tf < 1.0:
+        raise DataError(
+            f"{name}: test_fraction must be in [0, 1), got {tf if number else repr(tf)}"
+        )
+
+
 def split_by_hash(ids: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
     """Boolean ``[N]`` test mask: a pure function of (seed, id), so the split never moves.
 
@@ -219,10 +230,20 @@ def load_dataset(name: str, **params: Any) -> Dataset:
     """Load a registered data set by name (see :func:`available_datasets`)."""
     if name not in _REGISTRY:
         raise DataError(f"unknown data set {name!r}; available: {', '.join(available_datasets())}")
+    loader = _REGISTRY[name]
     try:
-        return _REGISTRY[name](**params)
-    except TypeError as e:
-        raise DataError(f"bad parameters for data set {name!r}: {e}") from e
+        signature = inspect.signature(loader)
+    except (TypeError, ValueError):  # a callable without a readable signature: no check here
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**params)
+        except TypeError as e:  # unknown, missing or positional-only parameter names
+            raise DataError(f"bad parameters for data set {name!r}: {e}") from e
+    try:
+        return loader(**params)
+    except TypeError as e:  # raised inside the loader, e.g. a parameter of the wrong type
+        raise DataError(f"data set {name!r}: loading failed ({type(e).__name__}: {e})") from e
 
 
 @register_dataset("digits")
@@ -230,6 +251,7 @@ def load_digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     """scikit-learn's bundled handwritten digits: ``[1797, 64]`` pixels scaled to [0, 1]."""
     from sklearn.datasets import load_digits as _sk_digits
 
+    check_test_fraction(test_fraction, "digits")
     bunch = _sk_digits()
     x = (bunch.data / 16.0).astype(np.float32)
     y = bunch.target.astype(np.int32)
@@ -242,6 +264,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "available_datasets",
+    "check_test_fraction",
     "from_arrays",
     "int64_ids",
     "integer_values",

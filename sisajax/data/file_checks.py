@@ -8,6 +8,7 @@ the data set; none echoes file content.
 from __future__ import annotations
 
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from sisajax.data.datasets import (
     LABEL_MAX,
     DataError,
     Dataset,
+    check_test_fraction,
     int64_ids,
     integer_values,
     split_by_hash,
@@ -25,8 +27,9 @@ from sisajax.data.datasets import (
 def why(e: BaseException) -> str:
     """Why reading failed, without echoing file content: the position numpy reports (``row R,
     column C`` / ``line L``) or the exception type."""
+    name = "zlib.error" if isinstance(e, zlib.error) else type(e).__name__  # not just "error"
     pos = re.findall(r"(?:at )?(row \d+, column \d+|line \d+|row \d+)", str(e))
-    return f"{type(e).__name__} at {pos[0]}" if pos else type(e).__name__
+    return f"{name} at {pos[0]}" if pos else name
 
 
 def require_file(path: Path, what: str, hint: str) -> Path:
@@ -119,8 +122,7 @@ def hash_split(
     Raises:
       DataError: ``tf`` outside ``[0, 1)``.
     """
-    if not 0.0 <= tf < 1.0:
-        raise DataError(f"{name}: test_fraction must be in [0, 1), got {tf}")
+    check_test_fraction(tf, name)
     test = split_by_hash(ids, tf, seed)
     y = y.astype(np.int32)
     return Dataset(

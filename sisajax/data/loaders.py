@@ -40,6 +40,7 @@ from sisajax.data.file_checks import (
     require_file,
     why,
 )
+from sisajax.errors import DAMAGED_ARCHIVE_ERRORS
 
 # ---------------------------------------------------------------------------------------------
 # Plain .npz and CSV
@@ -85,11 +86,14 @@ def load_npz(path: str | None = None, num_classes: int | None = None) -> Dataset
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (ValueError, OSError, EOFError) as e:
+    except (ValueError, OSError, EOFError, *DAMAGED_ARCHIVE_ERRORS) as e:
         raise DataError(f"{p}: cannot read as .npz ({why(e)})") from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise DataError(f"{p}: missing arrays {missing}; found {sorted(arrays)}")
+    scalars = sorted(k for k, a in arrays.items() if a.ndim == 0)
+    if scalars:
+        raise DataError(f"{p}: arrays {scalars} hold a single value, not one per example")
     try:
         x_tr, x_te = _feature_dtype(arrays["x_train"]), _feature_dtype(arrays["x_test"])
     except DataError as e:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sisajax.errors import UserInputError
+from sisajax.errors import DAMAGED_ARCHIVE_ERRORS, UserInputError
 
 _MASK = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -108,7 +108,8 @@ class Partition:
     def __post_init__(self) -> None:
         if not (len(self.ids) == len(self.shard) == len(self.slice)):
             raise PartitionError("partition arrays differ in length")
-        if len(self.ids) > 1 and not np.all(np.diff(self.ids) > 0):
+        # compare neighbours, not their difference: ids 2**63 apart overflow int64 in np.diff
+        if len(self.ids) > 1 and not np.all(self.ids[1:] > self.ids[:-1]):
             raise PartitionError("partition ids must be sorted and unique")
 
     # -- look-ups -------------------------------------------------------------------------
@@ -232,7 +233,7 @@ class Partition:
             with np.load(io.BytesIO(read_bytes(Path(path))), allow_pickle=False) as z:
                 s, r = (int(v) for v in z["shape"])
                 return cls(z["ids"], z["shard"], z["slice"], s, r, z["removed"])
-        except (KeyError, ValueError, OSError) as e:
+        except (KeyError, ValueError, OSError, EOFError, *DAMAGED_ARCHIVE_ERRORS) as e:
             if isinstance(e, FileNotFoundError):
                 raise
             raise PartitionError(f"{Path(path).name} is not a partition file") from None

@@ -41,6 +41,7 @@ from sisajax.data.file_checks import (
     require_file,
     why,
 )
+from sisajax.errors import DAMAGED_ARCHIVE_ERRORS
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist/"
 
@@ -96,7 +97,7 @@ def _read_exact(f: IO[bytes], n: int, path: Path, what: str) -> bytes:
             if not block:
                 break
             buf += block
-    except (OSError, EOFError) as e:  # gzip: bad CRC, truncated stream, not gzip
+    except (OSError, EOFError, *DAMAGED_ARCHIVE_ERRORS) as e:  # gzip: corrupt, cut, not gzip
         raise DataError(f"{path}: cannot read {what} ({why(e)})") from None
     if len(buf) != n:
         raise DataError(f"{path}: truncated {what}: expected {n} bytes, got {len(buf)}")
@@ -142,7 +143,7 @@ def read_idx(path: str | Path, max_rows: int | None = None) -> tuple[np.ndarray,
         if rows == total:
             try:
                 extra = f.read(1)
-            except (OSError, EOFError) as e:
+            except (OSError, EOFError, *DAMAGED_ARCHIVE_ERRORS) as e:
                 raise DataError(f"{path}: cannot read IDX data ({why(e)})") from None
             if extra:
                 raise DataError(f"{path}: trailing bytes after IDX data of shape {shape}")
@@ -270,7 +271,7 @@ def read_label_rows(
                 ys.append(block[:, 0].astype(np.int64))
                 xs.append(feats.astype(np.uint8))
                 start += len(lines)
-    except (OSError, EOFError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError, *DAMAGED_ARCHIVE_ERRORS) as e:
         raise DataError(f"{path}: cannot read {what} ({why(e)})") from None
     if not xs:
         raise DataError(f"{path}: no rows")
@@ -345,7 +346,11 @@ def _read_svhn_mat(path: Path, n: int | None) -> tuple[np.ndarray, np.ndarray, i
     if len(y) and (y.min() < 0 or y.max() > 10):
         raise DataError(f"{path}: SVHN labels must be in 1..10 (10 = digit 0)")
     y = np.where(y[:rows] == 10, 0, y[:rows])
-    x = np.ascontiguousarray(np.moveaxis(x[..., :rows], 3, 0)).astype(np.uint8, copy=False)
+    x = x[..., :rows]
+    if x.dtype != np.uint8:  # pixels 0..255: any other value would wrap in the cast
+        pixels = integer_values(x, f"{path}: 'X' pixels", 0, 255)
+        x = pixels.reshape(x.shape).astype(np.uint8)
+    x = np.ascontiguousarray(np.moveaxis(x, 3, 0))
     return x, y, total
 
 

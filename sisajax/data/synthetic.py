@@ -17,6 +17,13 @@ import numpy as np
 from sisajax.data.datasets import DataError, Dataset, register_dataset
 
 
+def _check_seed(name: str, seed: Any) -> None:
+    """``DataError`` naming ``data.params.seed`` unless ``seed`` is an integer >= 0 (what numpy's
+    ``SeedSequence`` takes)."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise DataError(f"{name}: data.params.seed must be an integer >= 0, got {seed!r}")
+
+
 def _first_rows_train(
     name: str,
     x: np.ndarray,
@@ -74,6 +81,7 @@ def make_purchase_synthetic(
             "purchase_synthetic: modes and groups must be >= 1 and 0 <= shared_items < "
             "items_per_prototype"
         )
+    _check_seed("purchase_synthetic", seed)
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x9C4A5E]))
     n = n_train + n_test
     protos = _purchase_prototypes(
@@ -274,6 +282,7 @@ def make_cifar_synthetic(
         )
     if clutter < 0 or noise < 0:
         raise DataError("cifar_synthetic: clutter and noise must be >= 0")
+    _check_seed("cifar_synthetic", seed)
     side, ch = _CIFAR_SIDE, 3
     omega, basis = _fourier_basis(side, max_freq)
     nf = len(omega)

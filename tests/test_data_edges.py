@@ -159,6 +159,10 @@ def test_features_for_integer_runs_pass_when_exact(tmp_path):
         read_features(p, (2,), "int16")
     np.save(p, np.array([[0.5, 300.0]]))  # float runs take any finite value as it is
     assert read_features(p, (2,), np.float32).tolist() == [[0.5, 300.0]]
+    for bad in ([[0.5, 1e300]], [[np.nan, 1.0]], [[np.inf, 1.0]]):  # 1e300 overflows float32
+        np.save(p, np.array(bad))
+        with pytest.raises(UserInputError, match="finite numbers a float32 run can hold"):
+            read_features(p, (2,), np.float32)
 
 
 def test_csv_first_line_is_a_header_only_without_numbers(tmp_path):

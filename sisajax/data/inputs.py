@@ -23,7 +23,8 @@ def read_features(
     Features must be what the run trained on (after its data set's preprocessing).
 
     For an integer ``dtype`` (uint8 pixels, 0/1 items) every value must be an integer in the
-    dtype's range (0 or 1 for bool): nothing is truncated or wrapped on the way.
+    dtype's range (0 or 1 for bool): nothing is truncated or wrapped on the way. For a float
+    ``dtype`` every value must be finite once cast (no NaN, no overflow to infinity).
 
     Raises:
       UserInputError: a missing, unreadable or damaged file, an unknown suffix, a feature shape
@@ -66,7 +67,15 @@ def read_features(
             integer_values(x, f"input {p}: features for a run on {target} data", lo, hi)
         except DataError as e:
             raise UserInputError(str(e)) from None
-    return x.astype(target, copy=False)
+        return x.astype(target, copy=False)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = x.astype(target, copy=False)
+    if out.dtype.kind in "fc" and not np.all(np.isfinite(out)):
+        raise UserInputError(
+            f"input {p}: features must be finite numbers a {target} run can hold "
+            "(NaN, infinity, or a value beyond its range)"
+        )
+    return out
 
 
 def _read_csv(p: Path) -> np.ndarray:

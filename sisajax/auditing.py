@@ -192,7 +192,9 @@ def audit(run: SisaRun) -> AuditReport:
             except (RowError, OSError) as e:
                 problems.append(f"shard {k} slice {j}: {e}")
                 header = None
-            if header is not None and header.get("ids_fingerprint") != entry.fingerprints[j]:
+            if header is None:
+                why = "it cannot be read or fails its checksum: its training ids are unknown"
+            elif header.get("ids_fingerprint") != entry.fingerprints[j]:
                 why = "its recorded training ids differ from the manifest's"
             elif data is not None:
                 seen = data.ids[data.slices <= j]

@@ -27,13 +27,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sisajax.errors import UserInputError
+from sisajax.errors import RunError, UserInputError
 from sisajax.run import SisaRun
 from sisajax.store.ledger import id_key
 
@@ -162,9 +163,43 @@ def read_receipt(path: str | Path) -> dict[str, Any]:
         raise ReceiptError(f"receipt {p}: cannot be read") from None
     except json.JSONDecodeError:
         raise ReceiptError(f"receipt {p}: not JSON") from None
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ReceiptError(f"receipt {p}: not a {FORMAT} document")
+    check_fields(obj, f"receipt {p}")
     return obj
+
+
+_SHARD = re.compile(r"0|[1-9][0-9]{0,8}")
+
+
+def check_fields(receipt: Any, where: str = "receipt") -> None:
+    """ReceiptError (one line, naming ``where``) unless ``receipt`` holds every field
+    :func:`check_receipt` reads, of the right type and in range. Its hash is plain sha256, so
+    anyone can make a body that passes it: the fields are checked as any other input."""
+
+    def refuse(what: str) -> None:
+        raise ReceiptError(f"{where}: {what}")
+
+    if not isinstance(receipt, dict) or receipt.get("format") != FORMAT:
+        refuse(f"not a {FORMAT} document")
+    if not isinstance(receipt.get("run_id"), str):
+        refuse("run_id is missing or not a string")
+    lg = receipt.get("ledger")
+    if not isinstance(lg, dict):
+        refuse("ledger is missing or not an object")
+    for key in ("pending_seq", "done_seq", "head_count"):
+        v = lg.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            refuse(f"ledger.{key} must be an integer >= 0")
+    for key in ("pending_hash", "done_hash", "head_hash"):
+        if not isinstance(lg.get(key), str):
+            refuse(f"ledger.{key} is missing or not a string")
+    request = receipt.get("request")
+    if not isinstance(request, dict) or not isinstance(request.get("ids_fingerprint"), str):
+        refuse("request.ids_fingerprint is missing or not a string")
+    after = receipt.get("rows_after")
+    if not isinstance(after, dict) or not all(
+        isinstance(k, str) and _SHARD.fullmatch(k) and isinstance(v, str) for k, v in after.items()
+    ):
+        refuse("rows_after must map shard numbers to row fingerprints")
 
 
 @dataclasses.dataclass
@@ -191,7 +226,12 @@ class ReceiptCheck:
 
 def check_receipt(receipt: dict[str, Any], run: SisaRun, *, replay: bool = False) -> ReceiptCheck:
     """Verify ``receipt`` against ``run`` (see the module docstring). Stops at the first check
-    that fails when later ones would read what it could not vouch for."""
+    that fails when later ones would read what it could not vouch for.
+
+    Raises:
+      ReceiptError: ``receipt`` lacks a field it must hold, or holds one of the wrong type.
+    """
+    check_fields(receipt)
     out: list[tuple[str, bool, str]] = []
     body = {k: v for k, v in receipt.items() if k != "receipt_hash"}
     intact = _sha(body) == receipt.get("receipt_hash")
@@ -216,25 +256,35 @@ def check_receipt(receipt: dict[str, Any], run: SisaRun, *, replay: bool = False
         return ReceiptCheck(out)
     records = ledger.read().records
     lg = receipt["ledger"]
+    n = len(records)
     included = (
-        lg["done_seq"] < len(records)
-        and lg["head_count"] <= len(records)
+        lg["pending_seq"] < lg["done_seq"] < lg["head_count"] <= n
         and records[lg["pending_seq"]]["hash"] == lg["pending_hash"]
         and records[lg["done_seq"]]["hash"] == lg["done_hash"]
         and records[lg["head_count"] - 1]["hash"] == lg["head_hash"]
     )
-    out.append(("in the ledger", included,
-                f"pending at {lg['pending_seq']}, done at {lg['done_seq']}" if included else
-                "the records at the stated positions do not have the stated hashes"))  # fmt: skip
-    if not included:
+    pending = records[lg["pending_seq"]] if included else {}
+    done = records[lg["done_seq"]] if included else {}
+    one_request = included and (
+        pending.get("state") == "pending"
+        and done.get("state") == "done"
+        and pending.get("kind") == done.get("kind") == "forget"
+        and pending.get("request_id") == done.get("request_id")
+    )
+    out.append(("in the ledger", one_request,
+                f"pending at {lg['pending_seq']}, done at {lg['done_seq']}" if one_request else
+                "the records at the stated positions do not have the stated hashes"
+                if not included else "those records are not the pending and done records of "
+                "one forget request"))  # fmt: skip
+    if not one_request:
         return ReceiptCheck(out)
-    pending = records[lg["pending_seq"]]
     ids = list(pending.get("ids") or [])
     same_ids = _sha(ids) == receipt["request"]["ids_fingerprint"]
     out.append(("ids fingerprint", same_ids, f"{len(ids)} ids" if same_ids else
                 "the ledger's ids differ from the receipt's fingerprint"))  # fmt: skip
     out.append(_still_forgotten(run, ids))
     out.append(_live_rows(run, receipt, records))
+    out.append(_nothing_left_behind(run))
     if replay and all(ok for _, ok, _ in out):
         out.append(_replay(run, receipt))
     return ReceiptCheck(out)
@@ -275,18 +325,42 @@ def _live_rows(run: SisaRun, receipt: dict[str, Any], records: list[dict]) -> tu
         for k in restart:
             if k in after:
                 later.setdefault(k, r["seq"])
-    bad, superseded = [], []
+    bad, superseded, damaged = [], [], []
     for k, fp in after.items():
-        if k in later:
+        if int(k) >= run.num_shards:
+            bad.append(k)
+        elif k in later:
             superseded.append(f"shard {k} by record {later[k]}")
         elif shard_rows_fingerprint(run, int(k)) != fp:
             bad.append(k)
+        else:  # the manifest names the right rows: the files must hold them
+            try:
+                run.check_rows(int(k))
+            except (RunError, OSError) as e:
+                damaged.append(f"shard {k}: {e}")
     if bad:
         return ("live rows", False, f"shards {bad} hold rows the forget did not write")
+    if damaged:
+        return ("live rows", False, f"row files differ from what the manifest names: {damaged[0]}")
     note = f"{len(after) - len(superseded)} shards as written"
     if superseded:
         note += "; retrained since: " + ", ".join(superseded)
     return ("live rows", True, note)
+
+
+def _nothing_left_behind(run: SisaRun) -> tuple[str, bool, str]:
+    """No superseded file (an old checkpoint or data copy that may hold forgotten ids) is left in
+    the run directory."""
+    superseded, _ = run.files.scan(run.manifest.files())
+    if not superseded:
+        return ("nothing left behind", True, "no superseded checkpoint or data file")
+    hint = "; `sisajax resume` finishes an interrupted request" if run.ledger.pending() else ""
+    shown = ", ".join(superseded[:3]) + (" ..." if len(superseded) > 3 else "")
+    return (
+        "nothing left behind",
+        False,
+        f"{len(superseded)} superseded files remain: {shown}{hint}",
+    )
 
 
 def _replay(run: SisaRun, receipt: dict[str, Any]) -> tuple[str, bool, str]:

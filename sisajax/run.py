@@ -359,7 +359,27 @@ class SisaRun:
         Raises:
           RunError: a file fails its checksum or was swapped for another row (one line).
         """
+        leaves = self.check_rows(k, data, upto)
+        if upto == 0:
+            return None
+        treedef = jax.tree.structure(self.engine.state_template())
+        return jax.tree.unflatten(treedef, [np.array(x) for x in leaves])
+
+    def check_rows(
+        self, k: int, data: ShardData | None = None, upto: int | None = None
+    ) -> list[np.ndarray]:
+        """The checks of :meth:`check_shard` on rows ``0..upto-1`` of shard ``k`` (default: every
+        live row; ``data`` default: the shard's stored data copy), without building a state.
+
+        Returns:
+          the leaves of row ``upto - 1`` (empty when ``upto`` is 0).
+
+        Raises:
+          RunError / RowError: a file fails its checksum or was swapped for another row.
+        """
         entry = self.manifest.shards[k]
+        data = self.shard_data(k) if data is None else data
+        upto = len(entry.rows) if upto is None else upto
         leaves: list[np.ndarray] = []
         if not np.array_equal(data.ids, self.partition.shard_ids(k)):
             raise RunError(
@@ -379,10 +399,7 @@ class SisaRun:
                     f"checkpoint {rel} is not the row the manifest names (its header or training "
                     "ids differ); run `sisajax audit`"
                 )
-        if upto == 0:
-            return None
-        treedef = jax.tree.structure(self.engine.state_template())
-        return jax.tree.unflatten(treedef, [np.array(x) for x in leaves])
+        return leaves
 
     def restore_block(self, k: int) -> PyTree:
         """Shard ``k``'s stacked states ``[R, ...]`` (row ``j`` = after slice ``j``)."""

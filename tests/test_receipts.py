@@ -137,3 +137,74 @@ def test_hashed_ids_receipts_hold_no_raw_id(tmp_path):
     assert rec["request"]["ids_hashed"] and rec["request"]["ids"] == 3
     assert all(f" {i}," not in text and f"[{i}," not in text for i in ids)
     assert check_receipt(rec, run, replay=True).ok
+
+
+def test_a_receipt_with_missing_or_mistyped_fields_is_refused_in_one_line(forgotten, tmp_path):
+    """Its hash is plain sha256, so anyone can make a body that passes it: fields of the wrong
+    type or out of range are refused as a bad input (exit 2, one line), never a traceback."""
+    from sisajax.receipts import _sha
+
+    d = forgotten[0]
+    rec = issue_receipt(sj.open_run(d), 1)
+
+    def forged(**changes):
+        body = {k: v for k, v in rec.items() if k != "receipt_hash"}
+        for key, value in changes.items():
+            if value is None:
+                body.pop(key)
+            else:
+                body[key] = value
+        return {**body, "receipt_hash": _sha(body)}
+
+    bad = [
+        forged(run_id=None),
+        forged(ledger={**rec["ledger"], "pending_seq": "7"}),
+        forged(ledger={**rec["ledger"], "done_seq": -1}),
+        forged(ledger={k: v for k, v in rec["ledger"].items() if k != "head_hash"}),
+        forged(rows_after={"x": "0" * 64}),
+        forged(request={}),
+    ]
+    for i, receipt in enumerate(bad):
+        with pytest.raises(ReceiptError):
+            check_receipt(receipt, sj.open_run(d))
+        path = tmp_path / f"bad{i}.json"
+        path.write_text(json.dumps(receipt))
+        r = cli_run(["check-receipt", f"run_dir={d}", f"receipt={path}"])
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    # in range of the fields, out of range of the run: failed checks, not crashes
+    far = forged(ledger={**rec["ledger"], "pending_seq": 70, "done_seq": 71, "head_count": 72})
+    assert check_receipt(far, sj.open_run(d)).first_failure.startswith("in the ledger")
+    shard = forged(rows_after={"99": "0" * 64})
+    assert check_receipt(shard, sj.open_run(d)).first_failure.startswith("live rows")
+    # the records at the stated places must be the pending and done of one forget request
+    first, second = issue_receipt(sj.open_run(d), 1), issue_receipt(sj.open_run(d), 3)
+    mixed = forged(
+        ledger={**first["ledger"], "done_seq": 3, "done_hash": second["ledger"]["done_hash"]}
+    )
+    assert check_receipt(mixed, sj.open_run(d)).first_failure.startswith("in the ledger")
+
+
+def test_a_replaced_row_file_or_a_file_left_behind_fails_the_check(forgotten, tmp_path):
+    """The manifest naming the forget's rows is not enough: the row files must hold them (an
+    old checkpoint copied over a new one fails), and no superseded checkpoint may be left in the
+    run (an old row put back fails), with or without replay."""
+    d = tmp_path / "run"
+    copy_run(forgotten[0], d)
+    run = sj.open_run(d)
+    rec = issue_receipt(run, 3)  # the second forget, which retrained shard 1
+    assert check_receipt(rec, run).ok
+    live = sorted((d / "checkpoints").glob("s001r*.row"))
+    keep = live[-1].read_bytes()
+    live[-1].write_bytes(live[0].read_bytes())  # another row's content under the live name
+    rep = check_receipt(rec, sj.open_run(d), replay=True)
+    assert not rep.ok and rep.first_failure.startswith("live rows")
+    assert "replay" not in [n for n, _, _ in rep.checks]
+    live[-1].write_bytes(keep)
+    assert check_receipt(rec, sj.open_run(d)).ok
+    old = live[-1].with_name(live[-1].name.split(".g")[0] + ".g000000.row")
+    assert not old.exists()
+    old.write_bytes(keep)  # a superseded generation's file back in the run
+    rep = check_receipt(rec, sj.open_run(d), replay=True)
+    assert not rep.ok and rep.first_failure.startswith("nothing left behind")
+    assert old.name in rep.first_failure

@@ -526,6 +526,33 @@ def test_audit_detects_residual_exposure(base_run, tmp_path):
     assert {e["slice"] for e in rep.exposures} == {1, 2, 3}
 
 
+def test_audit_counts_an_unreadable_row_as_exposed(base_run, tmp_path):
+    """A row that fails its checksum has training ids no one can establish: it counts as
+    exposed (and is a problem), however clean the shard's data copy is."""
+    run, _, _ = _copy(base_run, tmp_path)
+    ref = run.manifest.shards[1].rows[2]
+    path = run.run_dir / row_file(1, 2, ref.generation)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    rep = sj.audit(sj.open_run(run.run_dir))
+    assert not rep.ok and rep.residual_exposure == 1
+    assert [(e["shard"], e["slice"]) for e in rep.exposures] == [(1, 2)]
+    assert "unknown" in rep.exposures[0]["why"]
+
+
+def test_a_ledger_record_without_its_hash_is_a_broken_chain_not_a_crash(base_run, tmp_path):
+    run, _, _ = _copy(base_run, tmp_path)
+    sj.forget(run, pick(run, 0, 1))
+    ledger = run.run_dir / "ledger.jsonl"
+    lines = ledger.read_text().splitlines()
+    lines[-1] = json.dumps({"seq": len(lines) - 1})
+    ledger.write_text("\n".join(lines) + "\n")
+    chain = sj.open_run(run.run_dir).ledger.verify()
+    assert not chain.ok and any("does not match its hash" in p for p in chain.problems)
+    assert not sj.audit(sj.open_run(run.run_dir)).ok
+
+
 @pytest.mark.parametrize("point", ["mid_save", "after_commit"])
 def test_audit_names_a_pending_request_as_the_cause(base_run, tmp_path, capsys, point):
     """Interrupted before or after its commit: the audit's first problem is the pending request

@@ -275,13 +275,14 @@ class Ledger:
             problems.append(st.head_problem)
             return ChainReport(False, len(recs), problems)
         head = st.head or {"count": 0, "hash": GENESIS}
-        count, h = head["count"], head["hash"]
+        count, h = head.get("count"), head.get("hash")
         interrupted = None
-        anchored = count == len(recs) and h == (recs[-1]["hash"] if recs else GENESIS)
+        # .get: a record or head without its hash (edited by hand) is a problem, not a crash
+        anchored = count == len(recs) and h == (recs[-1].get("hash") if recs else GENESIS)
         unanchored = (
             not st.torn_bytes
             and count == len(recs) - 1
-            and h == (recs[-2]["hash"] if len(recs) > 1 else GENESIS)
+            and h == (recs[-2].get("hash") if len(recs) > 1 else GENESIS)
         )
         if anchored and st.torn_bytes:
             interrupted = "torn"

@@ -23,7 +23,7 @@ from sisajax.config import RunConfig, recipe_summary
 from sisajax.data.datasets import Dataset
 from sisajax.experiments.common import ExperimentError, Workspace, eval_row, log, train_and_eval
 from sisajax.experiments.report import PAPER, by_seed, fmt, integer_log_axis, plt, pm, table
-from sisajax.stats import pack_correct, paired_bootstrap_gap, unpack_correct
+from sisajax.stats import interval_text, pack_correct, paired_bootstrap_gap, unpack_correct
 
 DEFAULTS: dict[str, Any] = {
     "shards": [1, 2, 5, 10, 20, 50],
@@ -119,7 +119,8 @@ def _correct(run: Any, ds: Dataset) -> str:
 def loss_interval(res: dict[str, Any], recipe: str, shards: int) -> dict[str, float] | None:
     """The full model's vote accuracy minus SISA's at ``shards`` for ``recipe``, in points, with
     a 95% interval (the wider of a paired bootstrap over test examples and seeds and a t-interval
-    over the per-seed gaps; None without stored per-example results)."""
+    over the per-seed gaps; with one seed, the bootstrap over its test examples alone; None
+    without stored per-example results)."""
     store, n = res.get("correct") or {}, res.get("n_test")
     seeds = sorted(
         {r["seed"] for r in res["rows"] if r["recipe"] == recipe and r["shards"] == shards}
@@ -241,10 +242,9 @@ def report(res: dict[str, Any], png: Path) -> str:
         "Recipes: "
         + "; ".join(f"**{n}**: {d}" for n, d in res["recipes"].items())
         + ". Loss = the full model's (S=1, R=1) vote accuracy minus SISA's, in points "
-        "(mean over seeds), against the same recipe's full model (with a 95% interval: the wider "
-        "of a paired bootstrap over the test examples and the seeds, each model scored on the "
-        "same examples and paired by seed, and a t-interval over the per-seed gaps) and against the baseline's."
-        + ceiling_line,
+        "(mean over seeds), against the same recipe's full model (with a 95% interval: "
+        f"{interval_text(len({r['seed'] for r in res['rows']}))}; each model scored on the same "
+        "examples and paired by seed) and against the baseline's." + ceiling_line,
         "",
         table(
             [

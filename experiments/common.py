@@ -36,7 +36,6 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "name": None,  # default: the kind
     "out_dir": None,  # default: outputs/paper/<name> (Hydra's job dir under -m)
     "keep_runs": False,  # keep the SISA run directories under <out>/runs
-    "full_baseline": True,  # also train the S=1, R=1 baseline on the same data
     "report": True,  # write report.md and the plot after the run
     # null: the top-level seed; a list: run every listed seed (wins over seed; see seeds.py)
     "seeds": None,
@@ -59,14 +58,27 @@ class ExperimentError(ConfigError):
     """An experiment option is unknown or invalid (exit code 2)."""
 
 
+# An option of the kinds that read it (their DEFAULTS declare it): also train the S=1, R=1
+# baseline on the same data. The others train their own full-model reference whatever it says.
+FULL_BASELINE = "full_baseline"
+
+
 def options(cfg: dict[str, Any], kinds: dict[str, Any]) -> dict[str, Any]:
-    """The ``experiment`` section merged over the defaults of its kind; unknown keys fail."""
+    """The ``experiment`` section merged over the defaults of its kind; unknown keys fail, and so
+    does an option the kind would ignore (``full_baseline`` where the kind always trains its own
+    full-model reference)."""
     given = dict(cfg.get("experiment") or {})
     kind = given.get("kind", "single")
     if kind not in kinds:
         raise ExperimentError(f"experiment.kind must be one of {', '.join(kinds)}; got {kind!r}")
     allowed = {**COMMON_DEFAULTS, **kinds[kind].DEFAULTS}
     unknown = set(given) - set(allowed)
+    if FULL_BASELINE in unknown:
+        readers = [k for k, m in kinds.items() if FULL_BASELINE in m.DEFAULTS]
+        raise ExperimentError(
+            f"experiment.full_baseline is not read by experiment.kind={kind} (it always trains "
+            f"its own full-model reference): remove it (kinds with the option: {', '.join(readers)})"
+        )
     if unknown:
         raise ExperimentError(
             f"unknown options for experiment.kind={kind}: {sorted(unknown)} (known: {sorted(allowed)})"

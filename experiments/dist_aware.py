@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "k": [1, 5, 10, 20],
     "modes": ["batched", "sequential"],
     "seed": None,  # the scenario's and the request stream's seed (null: the run's seed)
+    "full_baseline": True,  # also train the S=1, R=1 baseline on the same data
 }
 ROW_KEYS = ("partition", "mode", "k")  # what names a row's configuration (rows differ by seed)
 

@@ -228,26 +228,51 @@ def _drop_seeds(rows: list[dict[str, Any]], seeds: set[int]) -> list[dict[str, A
 # test set's size): a merge of jobs that disagree would pair one job's choice with another's
 # test results.
 _SHARED_KEYS = ("chosen", "trials", "select_seeds", "n_test")
+# Fields of a stored trial that time it (cost_cols' seconds): each process measures its own, so
+# two jobs that ran the same trial differ in them and agree in everything else (which S, trial,
+# parameters, seed, validation scores and counts, examples, gradient steps).
+_TIMING_SUFFIXES = ("_wall_s", "_compile_s", "_retrain_s", "_restore_s", "_save_s")
+
+
+def _work(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``trials`` without their timings: what two jobs that ran the same trials agree on."""
+    return [{k: v for k, v in t.items() if not k.endswith(_TIMING_SUFFIXES)} for t in trials]
+
+
+def _per_seed_trials(run: dict[str, Any]) -> bool:
+    """Whether a job's trials were run per run seed (every trial's seed is one of the job's
+    seeds, e.g. the unlearning study tunes each seed on its own), rather than on selection
+    seeds shared by every job (the tune kind: its selection seeds are never a test seed)."""
+    trials, own = run.get("trials") or [], set(result_seeds(run))
+    return bool(trials) and all(t.get("seed") in own for t in trials)
 
 
 def _merge_per_example(merged: dict[str, Any], kept: list[tuple[dict[str, Any], set[int]]]):
     """Per-example results of every merged job (so intervals and verdicts use all seeds, not the
     first job's): ``correct`` (keyed by configuration and seed) is the union, ``test_seeds`` the
-    seeds in order; the values of :data:`_SHARED_KEYS` must agree.
+    seeds in order; the values of :data:`_SHARED_KEYS` must agree. Trials are compared without
+    their timings (:func:`_work`) and kept with the first job's; trials run per seed
+    (:func:`_per_seed_trials`) are not shared: every job's are kept, a repeated seed's once.
 
     Raises:
       ConfigError: the jobs selected different recipes or used different test sets.
     """
     runs = [run for run, _ in kept]
+    if any(_per_seed_trials(run) for run in runs):
+        merged["trials"] = [
+            t for run, dup in kept for t in run.get("trials") or [] if t.get("seed") not in dup
+        ]
     for key in _SHARED_KEYS:
-        values = [run[key] for run in runs if key in run]
+        if key == "trials" and "trials" in merged:
+            continue
+        values = [_work(run[key]) if key == "trials" else run[key] for run in runs if key in run]
         if values and any(v != values[0] for v in values[1:]):
             raise ConfigError(
                 f"the jobs to merge differ in {key!r} (another selection or test set): they are "
                 "not seeds of one experiment; rerun them as one job with experiment.seeds"
             )
         if values:
-            merged[key] = values[0]
+            merged[key] = next(run[key] for run in runs if key in run)  # the first job's
     stores = [(run.get("correct"), dup) for run, dup in kept if run.get("correct")]
     if stores:
         correct: dict[str, Any] = {}
@@ -275,9 +300,11 @@ def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
       ``rows``: every run's rows; ``full`` / ``trained``: rows averaged over seeds
       (:func:`mean_row`; ``n`` > 1) with the per-seed rows in ``full_rows`` / ``trained_rows``;
       ``partitions``: per partition the average and ``partition_rows`` the per-seed ones; other
-      values from the first run and, per run, in ``per_seed``; ``seeding`` and ``merge_notes``
-      (say when a run repeated seeds already merged: counted once). A single run is returned
-      as it is.
+      values from the first run and, per run, in ``per_seed``; shared selections (``chosen``,
+      ``trials``: they must agree but for the trials' timings, which are the first run's) and
+      per-example results (``correct``, ``test_seeds``: the union); ``seeding`` and
+      ``merge_notes`` (say when a run repeated seeds already merged: counted once). A single
+      run is returned as it is.
     """
     if len(runs) == 1:
         return runs[0]

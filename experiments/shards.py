@@ -15,7 +15,10 @@ from sisajax.data.datasets import Dataset
 from sisajax.experiments.common import Workspace, full_baselines, train_and_eval
 from sisajax.experiments.report import by_seed, fmt, plot_accuracy, pm, table
 
-DEFAULTS: dict[str, Any] = {"shards": [1, 2, 5, 10, 20]}
+DEFAULTS: dict[str, Any] = {
+    "shards": [1, 2, 5, 10, 20],
+    "full_baseline": True,  # also the S=1, R=1 baseline (an S=1 row of the same seed is reused)
+}
 SEED_LOOP = True  # run() trains every seed of opts["seeds"] itself
 ROW_KEYS = ("shards", "slices")  # what names a row's configuration (rows differ by seed)
 

@@ -17,6 +17,7 @@ DEFAULTS: dict[str, Any] = {
     "mode": "batched",
     "distribution": "uniform",
     "seed": None,  # the request stream's seed (null: the run's seed)
+    "full_baseline": True,  # also retrain S=1, R=1 on the same data (on the retained ids after k)
 }
 ROW_KEYS = ("shards", "slices")  # what names a row's configuration (rows differ by seed)
 

@@ -18,6 +18,7 @@ from sisajax.experiments.seeds import request_seed
 DEFAULTS: dict[str, Any] = {
     "slices": [1, 2, 5, 10, 20],
     "probe_requests": 3,
+    "full_baseline": True,  # also train the S=1, R=1 baseline on the same data
     "seed": None,  # the probe requests' seed (null: each run's seed)
 }
 SEED_LOOP = True  # run() trains every seed of opts["seeds"] itself

@@ -15,7 +15,9 @@ The protocol a reviewer asks for, in one job:
    from the selection seeds, and scored on the test split once. Per-example correctness is
    stored, so "SISA minus the tuned full model" gets a 95% paired interval (the wider of a
    bootstrap over test examples and seeds and a t-interval over the per-seed gaps) computed from
-   the stored results, never typed.
+   the stored results, never typed. With one test seed the interval is the bootstrap over that
+   seed's test examples alone (seed-to-seed variance unmeasured), and no verdict is met or not
+   met: it is undecided until at least 2 test seeds are stored.
 
 Equal budgets by construction: the full model gets the same space and the same trials as every
 S. Rerun the whole selection with the same command (``results.json`` records every option).
@@ -39,7 +41,13 @@ from sisajax.experiments.common import (
     partition_digest,
 )
 from sisajax.experiments.report import fmt, replace_between, table
-from sisajax.stats import pack_correct, paired_bootstrap_gap, unpack_correct
+from sisajax.stats import (
+    MIN_SEEDS,
+    interval_text,
+    pack_correct,
+    paired_bootstrap_gap,
+    unpack_correct,
+)
 
 DEFAULTS: dict[str, Any] = {
     "shards": [1, 5, 20],
@@ -52,6 +60,8 @@ DEFAULTS: dict[str, Any] = {
 }
 SEED_LOOP = True  # run() handles the selection and the test seeds itself
 ROW_KEYS = ("shards",)  # what names a row's configuration (rows differ by seed)
+# why a verdict with fewer than MIN_SEEDS test seeds is undecided whatever its interval
+UNMEASURED = f"seed variance unmeasured: needs >= {MIN_SEEDS} test seeds"
 SECTIONS = ("optim", "model", "sisa")
 FIXED = ("sisa.shards", "sisa.seed")  # chosen by the protocol, not searched
 
@@ -194,7 +204,9 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
 def gap(res: dict[str, Any], shards: int) -> dict[str, float] | None:
     """The tuned full model's test vote accuracy minus the tuned SISA's at ``shards``, in points,
     with its 95% interval (:func:`sisajax.stats.paired_bootstrap_gap`: the wider of a paired
-    bootstrap over test examples and test seeds and a t-interval over the per-seed gaps)."""
+    bootstrap over test examples and test seeds and a t-interval over the per-seed gaps; with one
+    test seed, the bootstrap over its test examples alone) and ``seeds``, the test seeds paired.
+    """
     store, n = res.get("correct") or {}, res.get("n_test")
     pairs = [
         (store.get(f"S1|seed{sd}"), store.get(f"S{shards}|seed{sd}")) for sd in res["test_seeds"]
@@ -210,9 +222,13 @@ def gap(res: dict[str, Any], shards: int) -> dict[str, float] | None:
 
 def verdict(ci: dict[str, float] | None, goal: float) -> str:
     """``met`` when the whole interval is within ``goal`` points, ``not met`` when all of it is
-    beyond, ``undecided`` when it straddles the goal."""
+    beyond, ``undecided`` when it straddles the goal, and ``undecided`` whatever the interval when
+    it pairs fewer than :data:`~sisajax.stats.MIN_SEEDS` test seeds (``ci["seeds"]``; absent
+    counts as none): the interval then leaves seed-to-seed variance out (:data:`UNMEASURED`)."""
     if ci is None:
         return "-"
+    if int(ci.get("seeds") or 0) < MIN_SEEDS:
+        return "undecided"
     if ci["hi"] <= goal:
         return "met"
     if ci["lo"] > goal:
@@ -220,13 +236,33 @@ def verdict(ci: dict[str, float] | None, goal: float) -> str:
     return "undecided"
 
 
+def verdict_note(ci: dict[str, float] | None) -> str:
+    """Why :func:`verdict` is undecided whatever the interval says (``""`` when it is not)."""
+    if ci is not None and int(ci.get("seeds") or 0) < MIN_SEEDS:
+        return UNMEASURED
+    return ""
+
+
+def _verdict_cell(r: dict[str, Any]) -> str:
+    return f"{r['verdict']} ({r['verdict_note']})" if r.get("verdict_note") else r["verdict"]
+
+
+def _vote_cell(r: dict[str, Any]) -> str:
+    """Test vote: ``mean ± sd`` over the test seeds; one seed has no spread to show."""
+    if r["seeds"] > 1:
+        return f"{fmt(r['vote'])} ± {fmt(r['vote_sd'])}"
+    return f"{fmt(r['vote'])} (1 seed)"
+
+
 def _params(point: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in point.items()) or "(defaults)"
 
 
 def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per S: the chosen trial, its validation score, test vote mean and sd over test seeds, the
-    gap to the tuned full model with its interval and verdict, and mean cost columns."""
+    """Per S: the chosen trial, its validation score, test vote mean and sd over test seeds (0
+    for one seed, which has no spread), the gap to the tuned full model with its interval, its
+    verdict and ``verdict_note`` (why it is undecided regardless of the interval, else ""), and
+    mean cost columns."""
     goal = float(res["experiment"].get("goal_points", DEFAULTS["goal_points"]))
     out = []
     for s in res["experiment"]["shards"]:
@@ -243,6 +279,7 @@ def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
                 "seeds": len(v),
                 "gap": ci,
                 "verdict": verdict(ci, goal) if int(s) != 1 else "-",
+                "verdict_note": verdict_note(ci) if int(s) != 1 else "",
                 **{
                     k: float(np.mean([r[k] for r in rows]))
                     for k in ("train_examples", "train_steps", "train_wall_s")
@@ -256,17 +293,18 @@ def report(res: dict[str, Any], png: Any) -> str:
     goal = float(res["experiment"].get("goal_points", DEFAULTS["goal_points"]))
     rows = summary(res)
     n_trials = len({(t["trial"]) for t in res["trials"]})
+    n_seeds = len(res["test_seeds"])
     bayes = res.get("bayes_accuracy")
     body = [
         [
             str(r["shards"]) + (" (full)" if r["shards"] == 1 else ""),
             _params(r["params"]),
             fmt(r["val_vote"]),
-            f"{fmt(r['vote'])} ± {fmt(r['vote_sd'])}" if r["seeds"] > 1 else fmt(r["vote"]),
+            _vote_cell(r),
             "-"
             if r["gap"] is None
             else f"{r['gap']['gap']:.2f} [{r['gap']['lo']:.2f}, {r['gap']['hi']:.2f}]",
-            r["verdict"],
+            _verdict_cell(r),
             f"{r['train_examples']:,.0f}",
             f"{r['train_steps']:,.0f}",
             fmt(r["train_wall_s"], ".1f"),
@@ -279,9 +317,10 @@ def report(res: dict[str, Any], png: Any) -> str:
         f"on the validation split ({res['config']['data']['val_fraction']:g} of the training "
         f"ids, never trained on). Test: the chosen trial of each S on seeds {res['test_seeds']}, "
         "scored once on the test split. Gap = the tuned full model's (S=1, R=1) test vote "
-        "accuracy minus SISA's, in points, with a 95% interval (the wider of a paired bootstrap "
-        f"over test examples and seeds and a t-interval over the per-seed gaps); verdict against the goal of <= {goal:g} points (met: the whole "
-        "interval within it; not met: all of it beyond; undecided: it straddles)."
+        f"accuracy minus SISA's, in points, with a 95% interval ({interval_text(n_seeds)}); "
+        f"verdict against the goal of <= {goal:g} points (met: the whole interval within it; "
+        "not met: all of it beyond; undecided: it straddles"
+        + (")." if n_seeds >= MIN_SEEDS else f"; always with one test seed: {UNMEASURED}).")
         + (
             f" Bayes-optimal test accuracy (the generator's own model): {bayes:.4f}."
             if bayes
@@ -383,8 +422,10 @@ HEADLINE_END = "<!-- end of tune headline -->"
 
 def headline(results: list[dict[str, Any]]) -> str:
     """One markdown table over several stored ``tune`` results: per data set and S > 1, the
-    tuned full model's and tuned SISA's test vote (mean ± sd over test seeds), the gap with its
-    95% paired interval, the goal, the computed verdict, and the parameters chosen at a grid edge.
+    tuned full model's and tuned SISA's test vote (mean ± sd over test seeds; no spread for one
+    seed), the gap with its 95% paired interval, the goal, the computed verdict (with why it is
+    undecided when one test seed leaves seed variance unmeasured), and the parameters chosen at
+    a grid edge.
     """
     body = []
     for res in results:
@@ -402,11 +443,11 @@ def headline(results: list[dict[str, Any]]) -> str:
                     f"{res['name']} ({res['data']['name']}, {res['data']['num_test']:,} test)",
                     str(s),
                     str(n_trials),
-                    f"{fmt(full['vote'])} ± {fmt(full['vote_sd'])}",
-                    f"{fmt(r['vote'])} ± {fmt(r['vote_sd'])}",
+                    _vote_cell(full),
+                    _vote_cell(r),
                     "-" if g is None else f"{g['gap']:.2f} [{g['lo']:.2f}, {g['hi']:.2f}]",
                     f"<= {goal:g}",
-                    r["verdict"],
+                    _verdict_cell(r),
                     fmt(res.get("bayes_accuracy")),
                     ", ".join(edges) or "none",
                 ]

@@ -26,9 +26,15 @@ held out):
 
 Tuning, never on the evaluation forget set or the test split: every method gets the same number
 of trials (``experiment.tune``: a grid per method over its conf/unlearn hyperparameters, at its
-conf/unlearn budget), each scored on a *tuning* forget set of the same kind (disjoint ids)
-against that set's own oracle population, by the challenge's forget quality times the retain
-and validation accuracy relative to the oracle's. Every trial is stored.
+conf/unlearn budget; a study whose grids give the methods of ``experiment.methods`` different
+numbers of trials, or that names a method sisajax does not know, is refused before training),
+each scored on a *tuning* forget set of the same kind (disjoint ids) against that set's own
+oracle population, by the challenge's forget quality times the retain and validation accuracy
+relative to the oracle's. Every trial is stored.
+
+The floor test runs ``experiment.floor_permutations`` permutations; the report corrects it over
+seeds (Bonferroni), so a study with too few permutations for its seeds to ever reject (seeds /
+(permutations + 1) >= 0.05) is refused (:func:`sisajax.forget_quality.floor_test_can_reject`).
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ DEFAULTS: dict[str, Any] = {
     "sisa": [[5, 1], [5, 4]],  # (S, R) configurations scored as points
     "retain_eval": 1000,  # retain ids scored for utility (a keyed sample)
     "tune": {},  # method -> {hparam: [values]}: the grid each method is tuned over
+    # permutations of the floor test (its smallest p is 1 / (n + 1)); the Bonferroni correction
+    # over seeds can reject only while seeds / (n + 1) < 0.05
+    "floor_permutations": 100,
 }
 SEED_LOOP = True
 ROW_KEYS = ("forget_set", "method")
@@ -86,9 +95,12 @@ def _phi(probs: np.ndarray, y: np.ndarray) -> np.ndarray:
     return prob_scaled_logit(probs, y)  # [N, M]
 
 
-def _scores(u: np.ndarray, o: np.ndarray, floor: np.ndarray, seed: int) -> dict[str, Any]:
+def _scores(
+    u: np.ndarray, o: np.ndarray, floor: np.ndarray, seed: int, n_perm: int = 100, tests: int = 1
+) -> dict[str, Any]:
     """Forget-quality scores of ``u [N, M]`` vs the oracle ``o [N, M]``, beside the floor
-    ``floor [N, M]`` (a second oracle population) vs the same oracle."""
+    ``floor [N, M]`` (a second oracle population) vs the same oracle; the floor test's p-value
+    with ``n_perm`` permutations, to be corrected over ``tests`` seeds."""
     from sisajax.forget_quality import challenge_score_ci, floor_test, klom, ulira_accuracy
 
     def one(a: np.ndarray) -> dict[str, float]:
@@ -99,7 +111,7 @@ def _scores(u: np.ndarray, o: np.ndarray, floor: np.ndarray, seed: int) -> dict[
         return {"F": f, "F_lo": lo, "F_hi": hi, "klom": float(np.mean(klom(a, o))), "ulira": acc}
 
     got, base = one(u), one(floor)
-    p = floor_test(u, floor, o, seed=seed)
+    p = floor_test(u, floor, o, seed=seed, n_perm=n_perm, tests=tests)
     return {**got, **{f"floor_{k}": v for k, v in base.items()}, "floor_p": p}
 
 
@@ -118,6 +130,8 @@ def run(rc: RunConfig, ds: Dataset, opts: dict[str, Any], ws: Workspace) -> dict
             "the unlearning study tunes every method on the validation split: "
             "data.val_fraction must be > 0"
         )
+    check_tuning(opts)
+    check_floor_test(opts, len(opts["seeds"]))
     rows: list[dict[str, Any]] = []
     trials: list[dict[str, Any]] = []
     k = int(opts["forget_size"])
@@ -157,6 +171,7 @@ class Study:
         self.rc, self.ds, self.opts, self.ws, self.seed, self.kind = rc, ds, opts, ws, seed, kind
         self.ids, self.x, self.y, self.sets = ids, x, y, sets
         self.n = int(opts["num_models"])
+        self.n_perm = int(opts["floor_permutations"])
         self.ys = {k: v[1] for k, v in sets.items()}
 
     def pop(self, cfg: RunConfig, keep: np.ndarray, salt: int):
@@ -185,7 +200,7 @@ class Study:
             "forget_set": self.kind,
             "forget_ids": int(gone.sum()),
             "method": method,
-            **_scores(phi, o_phi, floor_phi, self.seed),
+            **_scores(phi, o_phi, floor_phi, self.seed, self.n_perm, len(self.opts["seeds"])),
             **_utility(probs, self.ys),
             **{f"oracle_{k}": v for k, v in _utility(o_probs, self.ys).items()},
             **cost,
@@ -247,6 +262,45 @@ class Study:
                          measured, gone, (int(s), int(r)))
             )  # fmt: skip
         return rows, trials
+
+
+def check_tuning(opts: dict[str, Any]) -> None:
+    """Refuse, before anything trains, a study that would tune its methods unequally: a method
+    (in ``experiment.methods`` or a key of ``experiment.tune``) sisajax does not know (a
+    misspelt grid would leave its method one default trial), or grids that give the methods of
+    ``experiment.methods`` different numbers of trials. Grids of known methods the study does
+    not run are ignored."""
+    from sisajax.approx import METHODS
+
+    known = ", ".join(METHODS)
+    methods = [str(m) for m in opts["methods"]]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise ExperimentError(f"experiment.methods: unknown {bad} (known: {known})")
+    bad = sorted(str(m) for m in (opts.get("tune") or {}) if m not in METHODS)
+    if bad:
+        raise ExperimentError(f"experiment.tune: unknown methods {bad} (known: {known})")
+    sizes = {m: len(_grid(opts, m)) for m in methods}
+    if len(set(sizes.values())) > 1:
+        given = ", ".join(f"{m} {n}" for m, n in sizes.items())
+        raise ExperimentError(
+            f"experiment.tune gives the methods unequal tuning budgets ({given} trials): "
+            "give every method of experiment.methods a grid of the same size"
+        )
+
+
+def check_floor_test(opts: dict[str, Any], seeds: int) -> None:
+    """Refuse a study whose floor test could never reject after the report's Bonferroni
+    correction over its ``seeds`` (every row would read "at the floor")."""
+    from sisajax.forget_quality import floor_test_can_reject, min_permutations
+
+    n = int(opts["floor_permutations"])
+    if not floor_test_can_reject(n, seeds):
+        raise ExperimentError(
+            f"experiment.floor_permutations={n} is too few for {seeds} seeds: the smallest p "
+            f"(1/{n + 1}) times {seeds} is never below 0.05; set it to at least "
+            f"{min_permutations(seeds)}"
+        )
 
 
 def _grid(opts: dict[str, Any], name: str) -> list[dict[str, Any]]:

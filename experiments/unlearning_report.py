@@ -13,20 +13,48 @@ from sisajax.experiments.report import fmt, table
 
 
 def summary(res: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per (forget set, method): means over seeds of every score and cost, and whether F lies
-    within the floor's interval (computed from the stored rows)."""
+    """Per (forget set, method): means over seeds of every score and cost, and whether the
+    population is at the floor (computed from the stored rows): ``at_floor`` is True when no
+    seed's permutation test tells it from a second oracle draw (p >= 0.05, Bonferroni over
+    seeds), False when one does, and None when the corrected test could never have told them
+    apart with the study's permutations (``experiment.floor_permutations``, 100 when not
+    recorded) for this many seeds (:func:`sisajax.forget_quality.floor_test_can_reject`: one
+    study that far is refused before it trains, but seeds run as separate jobs and merged
+    afterwards can get there); ``floor_permutations_needed`` then says how many it needed."""
+    from sisajax.forget_quality import floor_test_can_reject, min_permutations
+
+    n_perm = permutations(res)
     out = []
     keys = list(dict.fromkeys((r["forget_set"], r["method"]) for r in res["rows"]))
     for fset, method in keys:
         rs = [r for r in res["rows"] if r["forget_set"] == fset and r["method"] == method]
         m = {k: float(np.mean([r[k] for r in rs])) for k in rs[0] if _num(rs[0][k])}
         m.update(forget_set=fset, method=method, seeds=len(rs))
-        # at the floor: no seed's permutation test tells the population from a second oracle
-        # draw (p >= 0.05, Bonferroni over seeds)
         m["min_floor_p"] = min(r["floor_p"] for r in rs)
-        m["at_floor"] = m["min_floor_p"] * len(rs) >= 0.05
+        if floor_test_can_reject(n_perm, len(rs)):
+            m["at_floor"] = m["min_floor_p"] * len(rs) >= 0.05
+        else:
+            m["at_floor"] = None
+            m["floor_permutations_needed"] = min_permutations(len(rs))
         out.append(m)
     return out
+
+
+def permutations(res: dict[str, Any]) -> int:
+    """The floor test's permutations in a stored study (100 in studies that did not record it:
+    the number they ran)."""
+    n = (res.get("experiment") or {}).get("floor_permutations")
+    return 100 if n is None else int(n)
+
+
+def floor_cell(r: dict[str, Any]) -> str:
+    """``yes (p 0.43)``, ``no (p 0.01)``, or why the test could not tell."""
+    if r["at_floor"] is None:
+        return (
+            f"untestable (p {r['min_floor_p']:.2f}: {r['seeds']} seeds need >= "
+            f"{r['floor_permutations_needed']} permutations)"
+        )
+    return f"{'yes' if r['at_floor'] else 'no'} (p {r['min_floor_p']:.2f})"
 
 
 def ci_label(rows: list[dict[str, Any]]) -> str:
@@ -42,14 +70,12 @@ def _num(v: Any) -> bool:
 def report(res: dict[str, Any], png: Path) -> str:
     rows = summary(res)
     ci = ci_label(rows)
-    rows = summary(res)
-    ci = ci_label(rows)
     body = [
         [
             r["forget_set"], r["method"],
             f"{r['F']:.3f} [{r['F_lo']:.3f}, {r['F_hi']:.3f}]",
             f"{r['floor_F']:.3f} [{r['floor_F_lo']:.3f}, {r['floor_F_hi']:.3f}]",
-            f"{'yes' if r['at_floor'] else 'no'} (p {r['min_floor_p']:.2f})",
+            floor_cell(r),
             f"{r['klom']:.3f} / {r['floor_klom']:.3f}", f"{r['ulira']:.3f} / {r['floor_ulira']:.3f}",
             f"{fmt(r['retain_acc'])} / {fmt(r['oracle_retain_acc'])}",
             f"{fmt(r['test_acc'])} / {fmt(r['oracle_test_acc'])}",
@@ -66,7 +92,8 @@ def report(res: dict[str, Any], png: Path) -> str:
             "better) and U-LiRA attack accuracy (0.5 = chance) against the oracle of the same configuration, each beside the floor two "
             "independent oracle populations give. 'at floor': a permutation test of the "
             "population against the second oracle draw does not tell them apart (p >= 0.05, "
-            "Bonferroni over seeds; p shown). Utility: unlearned / oracle accuracy. Costs per model (SISA: the measured "
+            f"Bonferroni over seeds; {permutations(res)} permutations, so the smallest p is "
+            f"1/{permutations(res) + 1}; p shown). Utility: unlearned / oracle accuracy. Costs per model (SISA: the measured "
             "forget of a real run, verified bit for bit). Approximate methods: their "
             "conf/unlearn budget, with the hyperparameters chosen by the tuning below.",
             "",
@@ -180,7 +207,7 @@ def headline(res: dict[str, Any]) -> str:
             r["forget_set"], r["method"],
             f"{r['F']:.3f} [{r['F_lo']:.3f}, {r['F_hi']:.3f}]",
             f"{r['floor_F']:.3f} [{r['floor_F_lo']:.3f}, {r['floor_F_hi']:.3f}]",
-            f"{'yes' if r['at_floor'] else 'no'} (p {r['min_floor_p']:.2f})",
+            floor_cell(r),
             f"{fmt(r['test_acc'])} / {fmt(r['oracle_test_acc'])}",
             f"{r['examples']:,.0f}",
         ]

@@ -26,6 +26,8 @@ that floor, never against zero.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -187,6 +189,26 @@ def challenge_score_ci(
     return bootstrap_mean_ci(pts, n_boot=n_boot, level=level, seed=seed)
 
 
+def floor_test_can_reject(n_perm: int, tests: int = 1, alpha: float = 0.05) -> bool:
+    """Whether :func:`floor_test` with ``n_perm`` permutations can reject at ``alpha`` after a
+    Bonferroni correction over ``tests`` tests (p x tests < alpha): its smallest p-value is
+    ``1 / (n_perm + 1)``, so only when ``tests / (n_perm + 1) < alpha``. With 100 permutations
+    that allows at most 5 tests; from 6 on every population would pass as "at the floor".
+    Fewer than one permutation never can."""
+    return int(n_perm) >= 1 and int(tests) / (int(n_perm) + 1) < alpha
+
+
+def min_permutations(tests: int, alpha: float = 0.05) -> int:
+    """The fewest permutations with which :func:`floor_test_can_reject` holds for ``tests``
+    Bonferroni-corrected tests at ``alpha`` (20 for one test, 120 for six)."""
+    n = max(1, math.floor(int(tests) / alpha))
+    while not floor_test_can_reject(n, tests, alpha):
+        n += 1
+    while n > 1 and floor_test_can_reject(n - 1, tests, alpha):
+        n -= 1
+    return n
+
+
 def floor_test(
     u: np.ndarray,
     floor: np.ndarray,
@@ -195,12 +217,29 @@ def floor_test(
     delta: float = 0.01,
     n_perm: int = 100,
     seed: int = 0,
+    tests: int = 1,
+    alpha: float = 0.05,
 ) -> float:
     """p-value that population ``u [N, M]`` scores as well against ``oracle [N'', M]`` as a
     second, independent oracle population ``floor [N', M]`` does (a permutation test: under
     the hypothesis that ``u`` is drawn like an oracle, its models and the floor's are
     exchangeable). Small p: ``u``'s forget quality is below the oracle-vs-oracle floor beyond
-    the noise of drawing N models."""
+    the noise of drawing N models.
+
+    The p-value is ``(hits + 1) / (n_perm + 1)``, never below ``1 / (n_perm + 1)``. ``tests``
+    is the number of such tests the caller corrects together (Bonferroni: p x tests against
+    ``alpha``); a configuration in which that correction could never reject is refused, since
+    every population would then read as "at the floor" (:func:`floor_test_can_reject`).
+
+    Raises:
+      ValueError: ``tests / (n_perm + 1) >= alpha`` (use :func:`min_permutations` or more).
+    """
+    if not floor_test_can_reject(n_perm, tests, alpha):
+        raise ValueError(
+            f"floor_test: {n_perm} permutations give p >= 1/{n_perm + 1}, so a Bonferroni "
+            f"correction over {tests} tests can never reject at {alpha:g}; use "
+            f"n_perm >= {min_permutations(tests, alpha)}"
+        )
     u, floor = _pair(u, floor)
     observed = challenge_score(floor, oracle, delta) - challenge_score(u, oracle, delta)
     pool, n = np.concatenate([u, floor]), len(u)

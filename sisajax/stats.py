@@ -15,6 +15,9 @@ import math
 
 import numpy as np
 
+# seeds needed before an interval measures seed-to-seed variance (a t-interval needs two)
+MIN_SEEDS = 2
+
 
 def pack_correct(correct: np.ndarray) -> str:
     """``[M]`` bool -> base64 text of the packed bits (1/8 byte per example)."""
@@ -50,8 +53,11 @@ def paired_bootstrap_gap(
       ``{"gap", "lo", "hi", ...}``: the observed mean gap over seeds and the interval's bounds,
       as fractions (x100 for points). With two or more seeds ``lo``/``hi`` are the wider of the
       bootstrap's percentile interval (``boot_lo``/``boot_hi``) and the Student-t interval over
-      the per-seed gaps (``seed_t_lo``/``seed_t_hi``, :func:`seed_t_interval`); also
-      ``n_examples`` and ``n_seeds``.
+      the per-seed gaps (``seed_t_lo``/``seed_t_hi``, :func:`seed_t_interval`). With one seed
+      there is no seed-to-seed variance to measure: ``lo``/``hi`` are the bootstrap over that
+      seed's test examples alone and ``seed_t_lo``/``seed_t_hi`` are NaN. Also ``n_examples``,
+      ``n_seeds`` and ``seed_variance`` (whether the interval covers seed-to-seed variance:
+      ``n_seeds >= 2``; :func:`interval_text` says which interval it is).
     """
     a = np.atleast_2d(np.asarray(a, bool))
     b = np.atleast_2d(np.asarray(b, bool))
@@ -82,7 +88,21 @@ def paired_bootstrap_gap(
         "seed_t_hi": t_hi,
         "n_examples": int(m),
         "n_seeds": int(s),
+        "seed_variance": bool(s >= MIN_SEEDS),
     }
+
+
+def interval_text(n_seeds: int) -> str:
+    """What the interval of :func:`paired_bootstrap_gap` is for ``n_seeds`` seeds, for reports."""
+    if n_seeds >= MIN_SEEDS:
+        return (
+            "the wider of a paired bootstrap over test examples and seeds and a t-interval over "
+            "the per-seed gaps"
+        )
+    return (
+        "a paired bootstrap over the test examples of one seed only: seed-to-seed variance is "
+        f"not measured (that needs >= {MIN_SEEDS} seeds)"
+    )
 
 
 def seed_t_interval(per_seed: np.ndarray, level: float = 0.95) -> tuple[float, float]:
@@ -112,6 +132,8 @@ def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
 
 
 __all__ = [
+    "MIN_SEEDS",
+    "interval_text",
     "mcnemar_p",
     "pack_correct",
     "paired_bootstrap_gap",

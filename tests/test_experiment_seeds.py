@@ -17,18 +17,26 @@ from sisajax.experiments import common, paper, seeds
 from sisajax.experiments.report import make_report
 
 # One preset per kind (transfer: kind shards on extracted features), at tiny size on digits.
+# experiment.full_baseline=false where a kind reads it (the others always train their reference)
+NO_FULL = "experiment.full_baseline=false"
 TINY = {
-    "shards": ["experiment.shards=[2]"],
-    "slices": ["sisa.shards=2", "experiment.slices=[2]", "experiment.probe_requests=1"],
+    "shards": ["experiment.shards=[2]", NO_FULL],
+    "slices": ["sisa.shards=2", "experiment.slices=[2]", "experiment.probe_requests=1", NO_FULL],
     "requests": [
         "sisa.shards=3",
         "sisa.slices=2",
         "experiment.k=[2]",
         "experiment.modes=[batched]",
     ],
-    "dist_aware": ["experiment.target_shards=3", "experiment.k=[2]", "experiment.modes=[batched]"],
+    "dist_aware": [
+        "experiment.target_shards=3",
+        "experiment.k=[2]",
+        "experiment.modes=[batched]",
+        NO_FULL,
+    ],
     "transfer": [
         "experiment.shards=[2]",
+        NO_FULL,
         "features.epochs=1",
         "features.conv_features=[4]",
         "features.embed_dim=8",
@@ -39,7 +47,7 @@ TINY = {
         "experiment.deletion_shards=2",
         "experiment.eval_every=2",
     ],
-    "single": ["sisa.shards=2", "sisa.slices=1", "experiment.k=1"],
+    "single": ["sisa.shards=2", "sisa.slices=1", "experiment.k=1", NO_FULL],
     "tune": ["experiment.shards=[1,2]"],
     "unlearning": [
         "experiment.num_models=4",
@@ -55,7 +63,6 @@ COMMON = [
     "sisa.epochs=1",
     "sisa.batch_size=32",
     "sisa.chunk_steps=32",
-    "experiment.full_baseline=false",
     "experiment.report=false",
 ]
 
@@ -222,6 +229,7 @@ def test_cli_sweep_over_seeds_reports_mean_and_sd(tmp_path, capsys):
             "experiment=shards",
             "experiment.shards=[2]",
             "seed=0,1",
+            NO_FULL,
             *COMMON,
             "model.hidden=[8]",
             f"hydra.sweep.dir={sweep}",

@@ -76,9 +76,9 @@ def test_the_protocol_end_to_end(tmp_path):
 
 
 def test_verdicts_follow_the_interval():
-    assert tune.verdict({"gap": 1.0, "lo": 0.2, "hi": 1.9}, 2.0) == "met"
-    assert tune.verdict({"gap": 3.0, "lo": 2.1, "hi": 3.9}, 2.0) == "not met"
-    assert tune.verdict({"gap": 1.8, "lo": 0.5, "hi": 3.1}, 2.0) == "undecided"
+    assert tune.verdict({"gap": 1.0, "lo": 0.2, "hi": 1.9, "seeds": 3}, 2.0) == "met"
+    assert tune.verdict({"gap": 3.0, "lo": 2.1, "hi": 3.9, "seeds": 3}, 2.0) == "not met"
+    assert tune.verdict({"gap": 1.8, "lo": 0.5, "hi": 3.1, "seeds": 3}, 2.0) == "undecided"
 
 
 def test_bad_protocols_are_refused(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 from sisajax.config import int_value
 from sisajax.costs import CostReport
 from sisajax.data.partition import hash64
-from sisajax.errors import UserInputError
+from sisajax.errors import RunStateError, UserInputError
 from sisajax.run import SisaRun
 
 DISTRIBUTIONS = ("uniform", "exponential", "pareto")
@@ -141,6 +141,48 @@ class StreamReport:
         }
 
 
+class StreamInterrupted(RunStateError):
+    """A request of a sequential stream failed after earlier requests of it changed the run
+    (exit code 1 whatever the failure: the run is no longer as it was). ``report`` holds the
+    requests that were done; the failure is the exception's ``__cause__``."""
+
+    def __init__(self, message: str, report: StreamReport, requested: int):
+        super().__init__(message)
+        self.report = report
+        self.requested = requested
+
+
+def check_stream(run: SisaRun, ids: Any) -> np.ndarray:
+    """Refuse, before its first request runs, a sequential stream that the planner would refuse
+    as one batched request: malformed or duplicate ids, test ids, ids that are not training ids
+    of the run (validation ids and ids forgotten before are fine), or a stream that would forget
+    every remaining training id. Returns the ids (``[K]`` int64, in the stream's order).
+
+    Raises:
+      ForgetError: the stream is wrong (exit code 2); nothing was changed.
+    """
+    from sisajax.planning import ForgetError, normalise_ids, plan_forget
+
+    arr = normalise_ids(ids)
+    hashed = run.config.ledger.hash_ids
+    if hashed:
+        run.ledger.check_salt((run.manifest.id_hashing or {}).get("salt_fingerprint"))
+    val = run.val_data() if run.has_validation else None
+    plan = plan_forget(
+        run.partition,
+        arr,
+        run.test_data()[0],
+        run.ledger.removed_keys(arr) if hashed else None,
+        redact=hashed,
+        val_ids=None if val is None else val[0],
+    )
+    if plan.trained.size and plan.trained.size >= len(run.partition.ids):
+        raise ForgetError(
+            "this stream would forget every remaining training id; train a new run instead"
+        )
+    return arr
+
+
 def serve_requests(
     run: SisaRun,
     ids: np.ndarray,
@@ -150,36 +192,70 @@ def serve_requests(
     evaluate: bool = False,
     on_request=None,
     metrics=None,
+    lock_timeout_s: float | None = None,
 ) -> StreamReport:
     """Forget ``ids`` one request at a time (``sequential``) or as one request (``batched``).
 
+    A sequential stream holds the run's writer lock from start to end and is checked as a whole
+    before its first request (:func:`check_stream`), so a wrong id fails it before anything
+    changes.
+
     Args:
       run: an open run.
-      ids: the ids to forget.
+      ids: the ids to forget (a flat list or array of integers, no duplicates).
       mode: ``sequential`` (one retrain per id) or ``batched`` (one retrain for all).
       progress: a progress factory for the retraining.
       evaluate: also evaluate the ensemble on the test split after every request.
       on_request: called as ``on_request(index, ForgetReport, accuracy or None)`` after each.
       metrics: where each request's training losses and cost go (see :func:`sisajax.forget`).
-    """
-    from sisajax.unlearning import forget
+      lock_timeout_s: how long to wait for another writer (default: the run's).
 
-    ids = [int(i) for i in np.asarray(ids).ravel()]
-    if mode == "sequential":
-        batches = [[i] for i in ids]
-    elif mode == "batched":
-        batches = [ids]
-    else:
+    Raises:
+      ForgetError: wrong ids (exit code 2); nothing was changed.
+      StreamInterrupted: a sequential request failed after earlier ones were done (exit code 1).
+    """
+    from sisajax.generation import prepare_ledger, writer_session
+    from sisajax.planning import normalise_ids
+    from sisajax.unlearning import forget, forget_in
+
+    if mode not in ("sequential", "batched"):
         raise UserInputError(f"requests.mode must be batched or sequential; got {mode!r}")
-    costs, fulls, accuracy = [], [], []
-    for n, b in enumerate(batches):
-        rep = forget(run, b, progress=progress, metrics=metrics)
-        costs.append(rep.cost)
-        fulls.append(rep.full_retrain_examples)
+    if mode == "batched":
+        ids = normalise_ids(ids).tolist()
+        rep = forget(run, ids, progress=progress, lock_timeout_s=lock_timeout_s, metrics=metrics)
         acc = run.evaluate().accuracy if evaluate else None
-        if acc is not None:
-            accuracy.append(acc)
         if on_request is not None:
-            on_request(n, rep, acc)
+            on_request(0, rep, acc)
+        return _stream_report(run, mode, [ids], [rep], [] if acc is None else [acc])
+    reps, accuracy = [], []
+    with writer_session(run, lock_timeout_s):
+        batches = [[i] for i in check_stream(run, ids).tolist()]
+        for n, b in enumerate(batches):
+            try:
+                if n:
+                    prepare_ledger(run)  # as every forget does before writing
+                reps.append(forget_in(run, b, progress=progress, metrics=metrics))
+                acc = run.evaluate().accuracy if evaluate else None
+                if acc is not None:
+                    accuracy.append(acc)
+                if on_request is not None:
+                    on_request(n, reps[-1], acc)
+            except Exception as e:
+                if not reps:
+                    raise  # nothing was done: the failure is reported as it is
+                why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                partial = _stream_report(run, mode, batches[: len(reps)], reps, accuracy)
+                if len(reps) == n:  # its forget failed
+                    what = f"request {n + 1} of {len(batches)} of the sequential stream failed"
+                    what += f"; the {n} before it were done"
+                else:  # its forget was done, what followed it failed
+                    what = f"the sequential stream stopped after request {n + 1} of {len(batches)}"
+                raise StreamInterrupted(f"{what}: {why}", partial, len(batches)) from e
+    return _stream_report(run, mode, batches, reps, accuracy)
+
+
+def _stream_report(run: SisaRun, mode: str, batches, reps, accuracy) -> StreamReport:
+    fulls = [rep.full_retrain_examples for rep in reps]
     redacted = [run.ledger.redact(b) for b in batches] if run.config.ledger.hash_ids else None
+    costs = [rep.cost for rep in reps]
     return StreamReport(mode, batches, costs, sum(fulls), redacted, accuracy, fulls)

@@ -12,6 +12,7 @@ from conftest import (
     REPO,
     assert_trees_equal,
     cli_env,
+    cli_run,
     copy_run,
     pick,
     tiny_config,
@@ -20,7 +21,8 @@ from conftest import (
 )
 
 import sisajax as sj
-from sisajax.serve import ForgetServer, parse_request
+from sisajax.cli import main as cli
+from sisajax.serve import ForgetServer, RequestError, parse_request
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,20 @@ def test_parse_request():
             parse_request(bad)
 
 
+def test_parse_request_comments_and_deep_json():
+    """``#`` is a comment outside JSON values only; JSON nested too deeply is a refused request
+    (not a crash); a refused JSON request still names its tag."""
+    assert parse_request('{"ids": [5], "tag": "x#1"}') == ([5], "x#1")
+    assert parse_request('{"ids": [5], "tag": "x"}  # note') == ([5], "x")
+    assert parse_request("3 17  # user 9") == ([3, 17], None)
+    for deep in ("[" * 100_000, '{"ids": ' + "[" * 100_000, "[" + "9" * 5000 + "]"):
+        with pytest.raises(sj.UserInputError, match="not valid JSON"):
+            parse_request(deep)
+    with pytest.raises(RequestError) as e:
+        parse_request('{"ids": "3", "tag": "t9"}')
+    assert e.value.tag == "t9"
+
+
 def test_parse_request_accepts_a_bare_json_list():
     assert parse_request("[5]") == ([5], None)
     assert parse_request(" [3, 17, -2] ") == ([3, 17, -2], None)
@@ -51,13 +67,26 @@ def test_server_serves_a_stream_exactly(base_run, tmp_path):
     run = copy_run(base_run, tmp_path / "run")
     a, b, c = pick(run, 0, 1), pick(run, 1, 3), pick(run, 2, 0)
     with ForgetServer(run) as srv:
-        lines = [f"{a[0]}", "not ids", f'{{"ids": [{b[0]}, {c[0]}], "tag": "t"}}', f"{a[0]}"]
+        lines = [
+            f"{a[0]}",
+            "not ids",
+            "  # a comment line",
+            "[" * 100_000,  # nested too deeply: refused, the server goes on
+            '{"ids": "x", "tag": "t0"}',
+            f'{{"ids": [{b[0]}, {c[0]}], "tag": "t#2"}}',
+            f"{a[0]}",
+        ]
         out = list(srv.serve_lines(lines))
         with pytest.raises(sj.RunBusyError):  # the server holds the writer lock
             sj.forget(sj.open_run(run.run_dir), pick(run, 0, 0), lock_timeout_s=0.1)
-    assert [r["ok"] for r in out] == [True, False, True, True]
-    assert out[2]["tag"] == "t" and out[2]["forgotten"] == 2 and out[3]["already_forgotten"] == 1
+    assert [r["ok"] for r in out] == [True, False, False, False, True, True]
+    assert [r["request"] for r in out] == [1, 2, 3, 4, 5, 6]
+    assert out[3]["tag"] == "t0" and out[3]["exit_code"] == 2
+    assert out[4]["tag"] == "t#2" and out[4]["forgotten"] == 2 and out[5]["already_forgotten"] == 1
     assert all(r["overhead_s"] < 1.0 for r in out if r["ok"])
+    done = {r["seq"]: r for r in sj.open_run(run.run_dir).ledger.records() if r["state"] == "done"}
+    for r in (x for x in out if x["ok"]):  # each response names its ledger request
+        assert done[r["ledger_seq"]]["request_id"] == r["ledger_request"]
     scratch, _ = sj.train(tiny_config(), without(tiny_digits(), a + b + c), tmp_path / "s")
     run = sj.open_run(run.run_dir)
     for k in range(run.num_shards):
@@ -74,7 +103,7 @@ def test_spool_server_killed_mid_request_then_restarted(base_run, tmp_path):
     for i, (name, ids) in enumerate(reqs.items()):
         p = spool / "incoming" / f"{name}.req"
         p.write_text(" ".join(map(str, ids)))
-        t = time.time() + i
+        t = time.time() - 10 + i  # oldest first, all settled
         import os
 
         os.utime(p, (t, t))
@@ -126,3 +155,67 @@ def test_a_server_compiles_what_single_id_requests_run_before_the_first(base_run
             r = srv.forget(pick(run, shard, 0))  # slice 0: the shard restarts from its init
             assert r["ok"] and r["shards"] == 1
         assert compiles == []
+
+
+# -- request streams (`sisajax forget requests.mode=sequential`) ----------------------------------
+
+
+def _ledger_len(run_dir) -> int:
+    return len(sj.open_run(run_dir).ledger.records())
+
+
+def test_a_sequential_stream_is_checked_whole_before_its_first_request(base_run, tmp_path):
+    """An unknown id or a duplicate anywhere in the stream refuses it (exit 2) before anything
+    changes, as one batched request of the same ids would be refused."""
+    run = copy_run(base_run, tmp_path / "run")
+    a, b = pick(run, 0, 1)[0], pick(run, 1, 1)[0]
+    for ids in ([a, b, 999_999], [a, b, a], [a, 1.5]):
+        with pytest.raises(sj.UserInputError):
+            sj.serve_requests(run, ids, "sequential")
+        assert sj.open_run(run.run_dir).generation == 0 and _ledger_len(run.run_dir) == 0
+    d = str(run.run_dir)
+    for ids in (f"[{a},999999]", f"[{a},{a}]"):
+        assert cli(["forget", f"run_dir={d}", f"ids={ids}", "requests.mode=sequential"]) == 2
+    assert sj.open_run(d).generation == 0 and _ledger_len(d) == 0
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    r = cli_run(["forget", f"run_dir={d}", f"ids_file={deep}"])
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "not valid JSON" in r.stderr
+    assert sj.open_run(d).generation == 0
+
+
+def test_a_stream_that_fails_midway_exits_1_and_records_what_it_did(base_run, tmp_path,
+                                                                     monkeypatch):  # fmt: skip
+    from sisajax import unlearning
+    from sisajax.errors import StorageError
+    from sisajax.requests import StreamInterrupted
+
+    run = copy_run(base_run, tmp_path / "run")
+    ids = [pick(run, 0, 2)[0], pick(run, 1, 2)[0], pick(run, 2, 2)[0]]
+    real = unlearning.forget_in
+    calls = []
+
+    def failing_second(run_, batch, **kw):
+        calls.append(batch)
+        if len(calls) == 2:
+            raise StorageError("writing data: no space left on the device")
+        return real(run_, batch, **kw)
+
+    monkeypatch.setattr(unlearning, "forget_in", failing_second)
+    with pytest.raises(StreamInterrupted) as e:
+        sj.serve_requests(run, ids, "sequential")
+    assert e.value.exit_code == 1 and "no space" in str(e.value)
+    assert e.value.report.requests == [ids[:1]] and len(e.value.report.costs) == 1
+    assert sj.open_run(run.run_dir).generation == 1
+
+    calls.clear()
+    run = copy_run(base_run, tmp_path / "run2")
+    d = str(run.run_dir)
+    listed = ",".join(map(str, ids))
+    code = cli(["forget", f"run_dir={d}", f"ids=[{listed}]", "requests.mode=sequential"])
+    assert code == 1 and sj.open_run(d).generation == 1
+    (result,) = (run.run_dir / "results").glob("forget-stream-*.json")
+    rec = json.loads(result.read_text())
+    assert rec["completed"] == 1 and rec["requested"] == 3 and rec["requests"] == [ids[:1]]
+    assert "no space" in rec["error"]

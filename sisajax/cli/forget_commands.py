@@ -51,6 +51,10 @@ def read_ids(cfg: dict[str, Any]) -> list[Any]:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise UsageError(f"ids_file {path} is not valid JSON (line {e.lineno})") from None
+        except (ValueError, RecursionError):  # nested too deeply, or a number too long to read
+            raise UsageError(
+                f"ids_file {path} is not valid JSON (nested too deeply or a number too long)"
+            ) from None
         if not isinstance(data, list):
             raise UsageError(f"ids_file {path} must hold a JSON list of integers")
         return data
@@ -105,7 +109,7 @@ def cmd_forget(cfg: dict[str, Any], overrides: list[str]) -> int:
 def _forget(cfg, run, ids, mode: str, pending_before: bool, factory, bar, log) -> int:
     """:func:`cmd_forget` once the request is checked; ``log`` receives every metrics record."""
     import sisajax as sj
-    from sisajax.requests import serve_requests
+    from sisajax.requests import StreamInterrupted, serve_requests
 
     if mode == "sequential":
 
@@ -122,16 +126,26 @@ def _forget(cfg, run, ids, mode: str, pending_before: bool, factory, bar, log) -
                 }
             )
 
-        with bar:
-            stream = serve_requests(
+        try:
+            with bar:
+                stream = serve_requests(
+                    run,
+                    ids,
+                    "sequential",
+                    progress=factory,
+                    evaluate=cfg["evaluate"],
+                    on_request=each,
+                    metrics=log,
+                    lock_timeout_s=cfg["lock_timeout_s"],
+                )
+        except StreamInterrupted as e:  # the requests done are recorded; the exit code is 1
+            done = {"completed": len(e.report.requests), "requested": e.requested}
+            write_result(
                 run,
-                ids,
-                "sequential",
-                progress=factory,
-                evaluate=cfg["evaluate"],
-                on_request=each,
-                metrics=log,
+                f"forget-stream-g{run.generation:06d}",
+                {**e.report.to_dict(), **done, "error": str(e)},
             )
+            raise
         t = stream.total
         rows = [
             ("requests (one retrain each)", str(len(stream.requests))),
@@ -287,8 +301,10 @@ def cmd_resume(cfg: dict[str, Any], overrides: list[str]) -> int:
 
 def cmd_serve(cfg: dict[str, Any], overrides: list[str]) -> int:
     """`spool=-` (stdin lines -> stdout JSON lines) or `spool=DIR` (DIR/incoming/*.req ->
-    DIR/done/*.json until DIR/STOP). Every request is an exact `forget` with the ledger's crash
-    guarantees; the program is compiled once."""
+    DIR/done/*.json, failed requests kept in DIR/rejected/, until DIR/STOP; clients write a
+    request under a dot-name and rename it to *.req when complete, see :mod:`sisajax.serve`).
+    Every request is an exact `forget` with the ledger's crash guarantees; the program is compiled
+    once; a bad request gets an error response and the server goes on."""
     import sys
 
     from sisajax.serve import ForgetServer
@@ -300,6 +316,8 @@ def cmd_serve(cfg: dict[str, Any], overrides: list[str]) -> int:
             flush=True,
         )
         if cfg["spool"] == "-":
+            if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8: a refused request
+                sys.stdin.reconfigure(errors="replace")
             responses = srv.serve_lines(sys.stdin)
         else:
             responses = srv.serve_spool(Path(cfg["spool"]))

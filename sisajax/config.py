@@ -11,11 +11,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import numbers
+from collections.abc import Mapping
 from typing import Any, Literal
 
-from sisajax.errors import UserInputError
+from sisajax.config_values import (
+    MAX_BATCH_SIZE,
+    MAX_CHUNK_STEPS,
+    MAX_UNROLL,
+    SEED_MAX,
+    ConfigError,
+    bool_value,
+    choice_value,
+    dict_value,
+    float32_value,
+    float_value,
+    int_value,
+    set_field,
+    short_repr,
+    str_value,
+)
 
 ShardExec = Literal["auto", "vmap", "map"]
 
@@ -27,63 +41,6 @@ ShardExec = Literal["auto", "vmap", "map"]
 TRAINING_PROGRAM = 2
 SCHEDULES = ("constant", "cosine", "step")
 Aggregation = Literal["vote", "mean_prob"]
-
-
-class ConfigError(UserInputError, ValueError):
-    """A configuration value is invalid or conflicts with a stored run."""
-
-
-def int_value(v: Any, key: str, lo: int | None = None, hi: int | None = None) -> int:
-    """``v`` as an int in ``[lo, hi]`` (Python or numpy integers, or a float holding a whole
-    number); else :class:`ConfigError` naming ``key``. Booleans and strings are refused."""
-    if isinstance(v, bool) or not (
-        isinstance(v, numbers.Integral) or (isinstance(v, float) and v.is_integer())
-    ):
-        raise ConfigError(f"{key} must be an integer, got {v!r}")
-    v = int(v)
-    if lo is not None and v < lo:
-        raise ConfigError(f"{key} must be >= {lo}, got {v}")
-    if hi is not None and v > hi:
-        raise ConfigError(f"{key} must be <= {hi}, got {v}")
-    return v
-
-
-SEED_MAX = 2**32 - 1  # a run's seed: every key derives from PRNGKey(seed), which keeps 32 bits
-
-
-def float_value(v: Any, key: str) -> float:
-    """``v`` as a finite float (any real number but a boolean); else :class:`ConfigError`."""
-    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
-        raise ConfigError(f"{key} must be a finite number, got {v!r}")
-    return float(v)
-
-
-def _bool(v: Any, key: str) -> bool:
-    if not isinstance(v, bool):
-        raise ConfigError(f"{key} must be true or false, got {v!r}")
-    return v
-
-
-def _choice(v: Any, key: str, allowed: tuple[str, ...]) -> str:
-    if v not in allowed:
-        raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {v!r}")
-    return v
-
-
-def _str(v: Any, key: str) -> str:
-    if not isinstance(v, str) or not v:
-        raise ConfigError(f"{key} must be a non-empty string, got {v!r}")
-    return v
-
-
-def _dict(v: Any, key: str) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise ConfigError(f"{key} must be a mapping, got {v!r}")
-    return dict(v)
-
-
-def _set(obj: Any, name: str, value: Any) -> None:
-    object.__setattr__(obj, name, value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +58,12 @@ class DataConfig:
     val_fraction: float = 0.1
 
     def __post_init__(self) -> None:
-        _set(self, "name", _str(self.name, "data.name"))
-        _set(self, "params", _dict(self.params, "data.params"))
+        set_field(self, "name", str_value(self.name, "data.name"))
+        set_field(self, "params", dict_value(self.params, "data.params"))
         f = float_value(self.val_fraction, "data.val_fraction")
         if not 0.0 <= f <= 0.5:
             raise ConfigError(f"data.val_fraction must be in [0, 0.5], got {f}")
-        _set(self, "val_fraction", f)
+        set_field(self, "val_fraction", f)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,17 +86,17 @@ class ModelConfig:
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
-        _set(self, "name", _str(self.name, "model.name"))
-        _set(
+        set_field(self, "name", str_value(self.name, "model.name"))
+        set_field(
             self,
             "compute_dtype",
-            _choice(self.compute_dtype, "model.compute_dtype", ("float32", "bfloat16")),
+            choice_value(self.compute_dtype, "model.compute_dtype", ("float32", "bfloat16")),
         )
         if not isinstance(self.hidden, list | tuple):
             raise ConfigError(f"model.hidden must be a list of layer sizes, got {self.hidden!r}")
-        _set(self, "hidden", tuple(int_value(h, "model.hidden sizes", 1) for h in self.hidden))
-        _set(self, "activation", _str(self.activation, "model.activation"))
-        _set(self, "params", _dict(self.params, "model.params"))
+        set_field(self, "hidden", tuple(int_value(h, "model.hidden sizes", 1) for h in self.hidden))
+        set_field(self, "activation", str_value(self.activation, "model.activation"))
+        set_field(self, "params", dict_value(self.params, "model.params"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,31 +151,45 @@ class OptimConfig:
     augment_pad: int = 4
 
     def __post_init__(self) -> None:
-        _set(self, "augment", _choice(self.augment, "optim.augment", ("none", "crop_flip")))
-        _set(self, "augment_pad", int_value(self.augment_pad, "optim.augment_pad", 0))
-        _set(self, "name", _choice(self.name, "optim.name", ("sgd", "adam")))
-        _set(self, "learning_rate", float_value(self.learning_rate, "optim.learning_rate"))
+        set_field(
+            self, "augment", choice_value(self.augment, "optim.augment", ("none", "crop_flip"))
+        )
+        set_field(self, "augment_pad", int_value(self.augment_pad, "optim.augment_pad", 0))
+        set_field(self, "name", choice_value(self.name, "optim.name", ("sgd", "adam")))
+        set_field(
+            self,
+            "learning_rate",
+            float32_value(
+                float_value(self.learning_rate, "optim.learning_rate"), "optim.learning_rate"
+            ),
+        )
         if not self.learning_rate > 0:
             raise ConfigError(f"optim.learning_rate must be > 0, got {self.learning_rate}")
-        _set(self, "momentum", float_value(self.momentum, "optim.momentum"))
+        set_field(self, "momentum", float_value(self.momentum, "optim.momentum"))
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"optim.momentum must be in [0, 1), got {self.momentum}")
-        _set(self, "weight_decay", float_value(self.weight_decay, "optim.weight_decay"))
+        set_field(
+            self,
+            "weight_decay",
+            float32_value(
+                float_value(self.weight_decay, "optim.weight_decay"), "optim.weight_decay"
+            ),
+        )
         if self.weight_decay < 0:
             raise ConfigError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
-        _set(
+        set_field(
             self,
             "averaging",
-            _choice(self.averaging, "optim.averaging", ("none", "ema", "polyak", "tail")),
+            choice_value(self.averaging, "optim.averaging", ("none", "ema", "polyak", "tail")),
         )
-        _set(self, "ema_decay", float_value(self.ema_decay, "optim.ema_decay"))
+        set_field(self, "ema_decay", float_value(self.ema_decay, "optim.ema_decay"))
         if not 0 < self.ema_decay < 1:
             raise ConfigError(f"optim.ema_decay must be in (0, 1), got {self.ema_decay}")
-        _set(self, "schedule", _choice(self.schedule, "optim.schedule", SCHEDULES))
-        _set(
+        set_field(self, "schedule", choice_value(self.schedule, "optim.schedule", SCHEDULES))
+        set_field(
             self,
             "schedule_horizon",
-            _choice(self.schedule_horizon, "optim.schedule_horizon", ("run", "slice_step")),
+            choice_value(self.schedule_horizon, "optim.schedule_horizon", ("run", "slice_step")),
         )
         for name, lo, hi in (
             ("tail_fraction", 0.0, 1.0),
@@ -229,10 +200,10 @@ class OptimConfig:
             v = float_value(getattr(self, name), f"optim.{name}")
             if not lo <= v <= hi or (name == "tail_fraction" and v == 0.0):
                 raise ConfigError(f"optim.{name} must be in [{lo}, {hi}], got {v}")
-            _set(self, name, v)
+            set_field(self, name, v)
         if self.label_smoothing >= 1.0:
             raise ConfigError("optim.label_smoothing must be < 1")
-        _set(
+        set_field(
             self,
             "lr_shard_exponent",
             float_value(self.lr_shard_exponent, "optim.lr_shard_exponent"),
@@ -257,7 +228,9 @@ class SisaConfig:
       slices: R, slices per shard; step r trains on slices 1..r and is checkpointed.
       epochs: e, the epoch budget of an equivalent unsliced run. The R slice steps together run
         e' = 2R/(R+1) * e epochs, each step ``2e/(R+1)`` epochs over its prefix (counted in steps).
-      batch_size: examples per gradient step per constituent model.
+      batch_size: examples per gradient step per constituent model, at most
+        :data:`MAX_BATCH_SIZE` (2**20); a batch larger than a shard pads its steps with masked
+        rows.
       seed: the root of every key (partition hash, init, batch order, dropout), in
         ``[0, 2**32)``.
       aggregation: ``vote`` (majority of labels) or ``mean_prob`` (mean of probabilities).
@@ -268,8 +241,11 @@ class SisaConfig:
         32 with a ``static`` one, whose slice steps end in a chunk padded with masked no-op
         steps (at the paper's Purchase recipe 32 wastes 11% of the device's steps, 128 wastes
         38%; :func:`sisajax.costs.chunk_fill`). Resolved when a run is trained and recorded.
+        At most :data:`MAX_CHUNK_STEPS` (4096).
       unroll: steps per loop iteration inside the compiled program (fewer loop iterations on an
-        accelerator; part of the program, hence of the fingerprint).
+        accelerator; part of the program, hence of the fingerprint), at most :data:`MAX_UNROLL`
+        (128). Only the ``static`` chunk loop unrolls: training refuses ``unroll > 1`` with a
+        ``dynamic`` one.
       chunk_trip: the loop over a chunk's steps: ``static`` (always ``chunk_steps`` steps, empty
         ones exact no-ops: no host round trip on an accelerator), ``dynamic`` (only the live
         steps: no wasted work on a CPU) or ``auto`` (``dynamic`` under ``map``, ``static``
@@ -296,41 +272,53 @@ class SisaConfig:
     epochs_shard_exponent: float = 0.0
 
     def __post_init__(self) -> None:
-        _set(self, "shards", int_value(self.shards, "sisa.shards", 1))
-        _set(self, "slices", int_value(self.slices, "sisa.slices", 1))
-        _set(self, "epochs", float_value(self.epochs, "sisa.epochs"))
+        set_field(self, "shards", int_value(self.shards, "sisa.shards", 1))
+        set_field(self, "slices", int_value(self.slices, "sisa.slices", 1))
+        set_field(self, "epochs", float_value(self.epochs, "sisa.epochs"))
         if not self.epochs > 0:
             raise ConfigError(f"sisa.epochs must be > 0, got {self.epochs}")
-        _set(self, "batch_size", int_value(self.batch_size, "sisa.batch_size", 1))
+        set_field(
+            self, "batch_size", int_value(self.batch_size, "sisa.batch_size", 1, MAX_BATCH_SIZE)
+        )
         # jax's keys hold 32 bits: a larger seed would share its model keys with another seed
-        _set(self, "seed", int_value(self.seed, "sisa.seed", 0, SEED_MAX))
-        _set(
+        set_field(self, "seed", int_value(self.seed, "sisa.seed", 0, SEED_MAX))
+        set_field(
             self,
             "aggregation",
-            _choice(self.aggregation, "sisa.aggregation", ("vote", "mean_prob")),
+            choice_value(self.aggregation, "sisa.aggregation", ("vote", "mean_prob")),
         )
-        _set(
-            self, "shard_exec", _choice(self.shard_exec, "sisa.shard_exec", ("auto", "vmap", "map"))
+        set_field(
+            self,
+            "shard_exec",
+            choice_value(self.shard_exec, "sisa.shard_exec", ("auto", "vmap", "map")),
         )
         if isinstance(self.chunk_steps, str) and self.chunk_steps != "auto":
             raise ConfigError(
                 f"sisa.chunk_steps must be an integer or 'auto', got {self.chunk_steps!r}"
             )
         if self.chunk_steps != "auto":
-            _set(self, "chunk_steps", int_value(self.chunk_steps, "sisa.chunk_steps", 1))
-        _set(self, "unroll", int_value(self.unroll, "sisa.unroll", 1))
-        _set(
+            set_field(
+                self,
+                "chunk_steps",
+                int_value(self.chunk_steps, "sisa.chunk_steps", 1, MAX_CHUNK_STEPS),
+            )
+        set_field(self, "unroll", int_value(self.unroll, "sisa.unroll", 1, MAX_UNROLL))
+        set_field(
             self,
             "chunk_trip",
-            _choice(self.chunk_trip, "sisa.chunk_trip", ("auto", "static", "dynamic")),
+            choice_value(self.chunk_trip, "sisa.chunk_trip", ("auto", "static", "dynamic")),
         )
         if self.chunk_steps != "auto" and self.chunk_steps % self.unroll:
             raise ConfigError(
                 f"sisa.chunk_steps ({self.chunk_steps}) must be a multiple of sisa.unroll "
                 f"({self.unroll})"
             )
-        _set(self, "allow_empty_shards", _bool(self.allow_empty_shards, "sisa.allow_empty_shards"))
-        _set(
+        set_field(
+            self,
+            "allow_empty_shards",
+            bool_value(self.allow_empty_shards, "sisa.allow_empty_shards"),
+        )
+        set_field(
             self,
             "epochs_shard_exponent",
             float_value(self.epochs_shard_exponent, "sisa.epochs_shard_exponent"),
@@ -369,10 +357,10 @@ class LedgerConfig:
     lock_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        _set(self, "hash_ids", _bool(self.hash_ids, "ledger.hash_ids"))
+        set_field(self, "hash_ids", bool_value(self.hash_ids, "ledger.hash_ids"))
         if self.salt_file is not None:
-            _set(self, "salt_file", _str(self.salt_file, "ledger.salt_file"))
-        _set(self, "lock_timeout_s", float_value(self.lock_timeout_s, "ledger.lock_timeout_s"))
+            set_field(self, "salt_file", str_value(self.salt_file, "ledger.salt_file"))
+        set_field(self, "lock_timeout_s", float_value(self.lock_timeout_s, "ledger.lock_timeout_s"))
         if self.lock_timeout_s < 0:
             raise ConfigError(f"ledger.lock_timeout_s must be >= 0, got {self.lock_timeout_s}")
 
@@ -396,37 +384,47 @@ class RunConfig:
     sisa: SisaConfig = dataclasses.field(default_factory=SisaConfig)
     ledger: LedgerConfig = dataclasses.field(default_factory=LedgerConfig)
 
+    def __post_init__(self) -> None:
+        for key, typ in SECTIONS.items():
+            v = getattr(self, key)
+            if not isinstance(v, typ):
+                raise ConfigError(
+                    f"RunConfig {key} must be a {typ.__name__}, got {type(v).__name__} "
+                    "(RunConfig.from_dict builds a config from plain mappings)"
+                )
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        """Build from a nested plain dict (e.g. ``OmegaConf.to_container``); unknown keys fail."""
+        """Build from a nested plain dict (e.g. ``OmegaConf.to_container``); unknown keys fail.
+        A missing (or None) section takes its defaults; any other section must be a mapping."""
         if not isinstance(d, dict):
             raise ConfigError(f"a run config must be a mapping, got {type(d).__name__}")
         unknown = set(d) - set(SECTIONS)
         if unknown:
-            raise ConfigError(f"unknown config sections: {sorted(unknown)}")
-        kwargs = {}
-        for key, typ in SECTIONS.items():
-            sub = d.get(key) or {}
-            if not isinstance(sub, dict):
-                raise ConfigError(f"{key} must be a mapping, got {sub!r}")
-            names = {f.name for f in dataclasses.fields(typ)}
-            bad = set(sub) - names
-            if bad:
-                raise ConfigError(f"unknown keys in {key}: {sorted(bad)} (known: {sorted(names)})")
-            kwargs[key] = typ(**sub)
-        return cls(**kwargs)
+            raise ConfigError(f"unknown config sections: {sorted(unknown, key=repr)}")
+        return cls(**{key: _section(key, d.get(key)) for key in SECTIONS})
+
+    def replace(self, **sections: Any) -> RunConfig:
+        """Return a copy with some sections' fields replaced, e.g. ``replace(sisa={"shards": 1})``."""
+        unknown = set(sections) - set(SECTIONS)
+        if unknown:
+            raise ConfigError(
+                f"unknown config sections: {sorted(unknown)} (known: {', '.join(SECTIONS)})"
+            )
+        new = {}
+        for key, changes in sections.items():
+            if not isinstance(changes, Mapping):
+                raise ConfigError(
+                    f"the changes to {key} must be a mapping, got {type(changes).__name__}"
+                )
+            _check_keys(key, changes)
+            new[key] = dataclasses.replace(getattr(self, key), **changes)
+        return dataclasses.replace(self, **new)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["model"]["hidden"] = list(self.model.hidden)
         return d
-
-    def replace(self, **sections: Any) -> RunConfig:
-        """Return a copy with some sections' fields replaced, e.g. ``replace(sisa={"shards": 1})``."""
-        new = {}
-        for key, changes in sections.items():
-            new[key] = dataclasses.replace(getattr(self, key), **changes)
-        return dataclasses.replace(self, **new)
 
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON of everything that determines the trained bits."""
@@ -441,6 +439,26 @@ class RunConfig:
         d["training_program"] = TRAINING_PROGRAM
         blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _check_keys(key: str, fields: Mapping[Any, Any]) -> None:
+    """Refuse keys of ``fields`` that section ``key`` does not have."""
+    names = {f.name for f in dataclasses.fields(SECTIONS[key])}
+    bad = set(fields) - names
+    if bad:
+        raise ConfigError(
+            f"unknown keys in {key}: {sorted(bad, key=repr)} (known: {sorted(names)})"
+        )
+
+
+def _section(key: str, fields: Any) -> Any:
+    """Section ``key`` built from a mapping of its fields (None: its defaults)."""
+    if fields is None:
+        fields = {}
+    if not isinstance(fields, Mapping):
+        raise ConfigError(f"{key} must be a mapping, got {short_repr(fields)}")
+    _check_keys(key, fields)
+    return SECTIONS[key](**fields)
 
 
 _LATER_OPTIONS: dict[str, dict[str, Any]] = {
@@ -466,7 +484,12 @@ RUN_GROUPS = tuple(SECTIONS)
 def run_config_from(cfg: dict[str, Any]) -> RunConfig:
     """The :class:`RunConfig` of a composed command config: its run groups (``data``, ``model``,
     ``optim``, ``sisa``, ``ledger``) with the top-level ``seed`` as the run's seed."""
-    parts = {k: dict(cfg.get(k) or {}) for k in RUN_GROUPS}
+    parts: dict[str, Any] = {}
+    for k in RUN_GROUPS:
+        v = cfg.get(k)
+        if v is not None and not isinstance(v, Mapping):
+            raise ConfigError(f"{k} must be a mapping, got {short_repr(v)}")
+        parts[k] = dict(v or {})
     if "seed" in cfg:
         parts["sisa"]["seed"] = cfg["seed"]
     return RunConfig.from_dict(parts)

@@ -27,6 +27,7 @@ from typing import Any
 
 from sisajax.data.partition import Partition
 from sisajax.engine import Engine, SliceOutput
+from sisajax.errors import UserInputError
 from sisajax.generation_writer import GenerationWriter, MetricsSink
 from sisajax.run import SisaRun
 from sisajax.store.faults import fault
@@ -62,11 +63,22 @@ def prepare_ledger(run: SisaRun) -> str | None:
     return repaired
 
 
+def require_run(run: object) -> SisaRun:
+    """``run`` if it is an open run; else :class:`~sisajax.errors.UserInputError` (a path, for
+    instance, must be opened first)."""
+    if not isinstance(run, SisaRun):
+        raise UserInputError(
+            f"run must be an open run (sisajax.open_run(path) opens one), got {type(run).__name__}"
+        )
+    return run
+
+
 def writer_session(run: SisaRun, lock_timeout_s: float | None = None, *, replays: bool = True):
     """A context holding ``run``'s writer lock, the run reloaded and its ledger prepared; yields
-    what :func:`prepare_ledger` repaired. The lock's arguments (and, with ``replays``, the
-    plug-ins) are checked now, before the context is entered (see
+    what :func:`prepare_ledger` repaired. The run, the lock's arguments (and, with ``replays``,
+    the plug-ins) are checked now, before the context is entered (see
     :meth:`~sisajax.run.SisaRun.writer_lock`)."""
+    require_run(run)
     return _session(run, run.writer_lock(lock_timeout_s, replays=replays))
 
 
@@ -261,5 +273,6 @@ __all__ = [
     "id_hashing_record",
     "prepare_ledger",
     "remove_uncommitted_files",
+    "require_run",
     "writer_session",
 ]

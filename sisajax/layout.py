@@ -14,6 +14,7 @@ and :func:`layout_options` rebuilds an engine for it, or says why it cannot.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import sys
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ COLLECTIVE_OPS = (
     "collective-broadcast",
 )
 DEVICES_ENV = "SISAJAX_CPU_DEVICES"
+JAX_DEVICES_ENV = "JAX_NUM_CPU_DEVICES"  # jax's own CPU device count (negative: jax's default)
 MAX_CPU_DEVICES = 256  # more XLA CPU devices than any host has cores only pads vmapped programs
 NONDETERMINISTIC_ENV = "SISAJAX_ALLOW_NONDETERMINISTIC"
 # XLA's switches for run-to-run reproducible GPU programs (deterministic reductions and
@@ -68,10 +70,11 @@ def configure_cpu_devices(devices: int | str | None = None) -> int | None:
       the device count set, or None when nothing was changed (jax already imported, the user set
       the count in ``XLA_FLAGS`` or via jax's config, or one device asked for).
     """
+    check_jax_device_count()
     if "jax" in sys.modules:
         return None
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" in flags or os.environ.get("JAX_NUM_CPU_DEVICES"):
+    if "xla_force_host_platform_device_count" in flags or os.environ.get(JAX_DEVICES_ENV):
         return None
     want = (os.environ.get(DEVICES_ENV) or "auto") if devices is None else devices
     if want == SERIAL:
@@ -100,6 +103,24 @@ def configure_cpu_devices(devices: int | str | None = None) -> int | None:
     return n
 
 
+def check_jax_device_count() -> None:
+    """Refuse a ``JAX_NUM_CPU_DEVICES`` that jax would fail on with a traceback (not a whole
+    number, or 0) or that no host can mean (above :data:`MAX_CPU_DEVICES`); negative values are
+    jax's "not set"."""
+    raw = os.environ.get(JAX_DEVICES_ENV)
+    if not raw:
+        return
+    try:
+        n = int(raw)
+    except ValueError:
+        n = None
+    if n is None or n == 0 or n > MAX_CPU_DEVICES:
+        raise ConfigError(
+            f"{JAX_DEVICES_ENV} must be a number of CPU devices in 1..{MAX_CPU_DEVICES} (or "
+            f"negative for jax's default), got {raw!r}"
+        )
+
+
 def serial_suits(run_layout: dict[str, Any] | None, shards: int) -> bool:
     """Whether retraining ``shards`` shards of a run with layout ``run_layout`` (its manifest's
     ``layout``) is faster in the ``serial`` layout than one device per core, with the same bits.
@@ -125,7 +146,7 @@ def start_serial_backend() -> bool:
     Returns whether the backend now runs in the serial layout.
     """
     global _added_count_flag
-    if os.environ.get(DEVICES_ENV) or os.environ.get("JAX_NUM_CPU_DEVICES"):
+    if os.environ.get(DEVICES_ENV) or os.environ.get(JAX_DEVICES_ENV):
         return False
     flags = os.environ.get("XLA_FLAGS", "")
     ours = _added_count_flag is not None and _added_count_flag in flags.split()
@@ -263,11 +284,17 @@ def restore_cpu_affinity() -> bool:
 
 
 def resolve_shard_exec(choice: str) -> str:
-    """``auto`` -> ``map`` on CPU, ``vmap`` on accelerators."""
-    import jax
+    """``auto`` -> ``map`` on CPU, ``vmap`` on accelerators.
 
+    Raises:
+      ConfigError: a bad device setting seen at import (before jax's backend starts with it).
+    """
+    if _setting_error is not None:
+        raise _setting_error
     if choice != "auto":
         return choice
+    import jax
+
     return "map" if jax.default_backend() == "cpu" else "vmap"
 
 
@@ -275,16 +302,23 @@ def select_devices(devices: int | Sequence[Any] | None = None) -> tuple[Any, ...
     """The devices an engine spreads shards over (this process's devices only).
 
     Args:
-      devices: ``None`` -> all local devices of the default backend; an int ``n`` -> the first
-        ``n`` of them; or an explicit sequence of devices of one platform.
+      devices: ``None`` -> all local devices of the default backend; an integer ``n`` (Python
+        or numpy, not a boolean) -> the first ``n`` of them; or an explicit sequence of devices
+        of one platform.
 
     Raises:
       LayoutError: fewer devices than asked for, none, or mixed platforms.
     """
-    import jax
-
     if _setting_error is not None:
         raise _setting_error
+    if isinstance(devices, bool):  # True is an int to Python, not a number of devices
+        raise LayoutError(
+            f"devices must be a number of devices or a list of devices, got {devices}"
+        )
+    if isinstance(devices, numbers.Integral):
+        devices = int(devices)
+    import jax
+
     restore_cpu_affinity()
     local = jax.local_devices()
     if devices is None:

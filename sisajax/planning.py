@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from typing import Any
 
@@ -24,7 +25,9 @@ from sisajax.data.partition import (
     hash_partition,
     validation_mask,
 )
+from sisajax.data.schedule import steps_for
 from sisajax.engine import Engine, ShardData
+from sisajax.errors import UserInputError
 from sisajax.layout import resolve_shard_exec
 from sisajax.plugins import source_hashes
 from sisajax.step import resolve_chunk_steps, resolve_trip
@@ -78,6 +81,105 @@ def check_partition(partition: Partition, config: RunConfig, num_train: int) -> 
         )
 
 
+def check_training_inputs(config: Any, dataset: Any, partition: Any = None) -> None:
+    """The types of a training's inputs, before anything reads them.
+
+    Raises:
+      ConfigError: ``config`` is not a :class:`RunConfig`.
+      UserInputError: ``dataset`` is not a :class:`Dataset`, or ``partition`` neither a
+        :class:`Partition` nor None.
+    """
+    if not isinstance(config, RunConfig):
+        raise ConfigError(
+            f"config must be a RunConfig (RunConfig.from_dict builds one from a mapping), got "
+            f"{type(config).__name__}"
+        )
+    if not isinstance(dataset, Dataset):
+        raise UserInputError(
+            f"dataset must be a sisajax Dataset (sisajax.load_dataset loads one), got "
+            f"{type(dataset).__name__}"
+        )
+    if partition is not None and not isinstance(partition, Partition):
+        raise UserInputError(
+            f"partition must be a Partition or None, got {type(partition).__name__}"
+        )
+
+
+def check_unroll(sisa: Any, trip: str) -> None:
+    """Refuse ``sisa.unroll > 1`` with a ``dynamic`` chunk loop (``trip``: the resolved
+    ``sisa.chunk_trip``), which runs one step per loop iteration: the option would change the
+    fingerprint and the chunk size without changing the program."""
+    if trip == "dynamic" and sisa.unroll > 1:
+        chosen = "dynamic" if sisa.chunk_trip == "dynamic" else f"{sisa.chunk_trip}, here dynamic"
+        raise ConfigError(
+            f"sisa.unroll={sisa.unroll} needs a static chunk loop, but sisa.chunk_trip is "
+            f"{chosen} (its loop runs one step per iteration); set sisa.unroll=1 or "
+            "sisa.chunk_trip=static"
+        )
+
+
+# The most host memory the batch schedule of one slice step may take (its rows, masks and
+# labels, cut into chunks for every shard position of the program): far above what real runs
+# need (one model trained 90 epochs over 1.3M examples at batch 256 takes about 3.3 GiB), and a
+# clear error instead of an allocation failure for an epoch count or batch size that cannot be
+# meant.
+MAX_SCHEDULE_BYTES = 8 * 2**30
+_SCHEDULE_BYTES_PER_INDEX = 5 + 16  # each shard's rows and mask, and the copy's temporaries
+_CHUNK_BYTES_PER_INDEX = 9  # rows, mask and labels of every chunk of every position
+
+
+def check_schedule_size(config: RunConfig, sizes: list[int], width: int, chunk_steps: int) -> None:
+    """Refuse a plan whose batch schedule for one slice step would not fit
+    :data:`MAX_SCHEDULE_BYTES` of host memory, before anything is allocated.
+
+    Args:
+      config: the run configuration.
+      sizes: ``[S]`` training ids per shard (the last slice step trains on all of them, the
+        largest prefix).
+      width: shard positions of the training program.
+      chunk_steps: the resolved ``sisa.chunk_steps``.
+
+    Raises:
+      ConfigError: the schedule would need more; says how many steps and bytes.
+    """
+    sisa = config.sisa
+    b = sisa.batch_size
+    epochs = sisa.epochs_per_slice_step
+    steps: list[float] = []
+    for n in sizes:
+        per_epoch = -(-n // b) if n > 0 else 0
+        raw = epochs * per_epoch
+        # steps_for rounds a product it can hold exactly; beyond 2**52 the plan is far too big
+        steps.append(steps_for(n, epochs, b) if raw < 2**52 else raw)
+    longest = max(steps, default=0)
+    total = sum(steps)
+    padded = math.ceil(longest / chunk_steps) * chunk_steps if math.isfinite(longest) else longest
+    need = b * (_SCHEDULE_BYTES_PER_INDEX * total + _CHUNK_BYTES_PER_INDEX * width * padded)
+    if need > MAX_SCHEDULE_BYTES:
+        raise ConfigError(
+            f"sisa.epochs={sisa.epochs:g} at sisa.batch_size={b} plans {_count(longest)} gradient "
+            f"steps in the longest slice step of a shard ({_count(total)} over {len(sizes)} "
+            f"shards), whose batch schedule needs about {_bytes(need)} of host memory, more than "
+            f"the {_bytes(MAX_SCHEDULE_BYTES)} allowed; lower sisa.epochs, sisa.batch_size or "
+            "sisa.chunk_steps"
+        )
+
+
+def _count(n: float) -> str:
+    if not math.isfinite(n):
+        return "more than 1e308"
+    return f"{int(n):,}" if n < 1e15 else f"{n:.3g}"
+
+
+def _bytes(n: float) -> str:
+    if not math.isfinite(n):
+        return "more than 1e308 bytes"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} bytes"
+
+
 def build_engine(config: RunConfig, dataset: Dataset, devices: int | None = None) -> Engine:
     """The engine for ``config`` on ``dataset``, after checking the model accepts its inputs."""
     engine = Engine(
@@ -116,6 +218,7 @@ def plan_training(
       devices: local devices to use (None: all).
       removed: tombstones (forgotten ids or their keys) carried into the new partition.
     """
+    check_training_inputs(config, dataset, partition)
     sisa = config.sisa
     explicit = partition is not None
     held_out = validation_mask(dataset.train_ids, config.data.val_fraction, sisa.seed)
@@ -150,14 +253,13 @@ def plan_training(
     check_partition(partition, config, len(train_ids))
     shard_exec = resolve_shard_exec(sisa.shard_exec)
     trip = resolve_trip(sisa.chunk_trip, shard_exec)
+    check_unroll(sisa, trip)
+    chunk_steps = resolve_chunk_steps(sisa.chunk_steps, trip, sisa.unroll)
     resolved = config.replace(
-        sisa={
-            "shard_exec": shard_exec,
-            "chunk_trip": trip,
-            "chunk_steps": resolve_chunk_steps(sisa.chunk_steps, trip, sisa.unroll),
-        }
+        sisa={"shard_exec": shard_exec, "chunk_trip": trip, "chunk_steps": chunk_steps}
     )
     engine = build_engine(resolved, dataset, devices)
+    check_schedule_size(config, partition.sizes().sum(1).tolist(), engine.vmap_width, chunk_steps)
     data = [shard_data_from(partition, dataset, k) for k in range(sisa.shards)]
     capacity = int(-(-max(len(d) for d in data) // 8) * 8)
     val = np.flatnonzero(held_out)
@@ -387,6 +489,9 @@ __all__ = [
     "TrainingPlan",
     "build_engine",
     "check_partition",
+    "check_schedule_size",
+    "check_training_inputs",
+    "check_unroll",
     "library_versions",
     "make_manifest",
     "normalise_ids",

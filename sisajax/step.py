@@ -357,7 +357,8 @@ def train_chunk(
       mask: ``[C, B]`` bool; the live steps (those with an example) come first.
       labels: ``[C, B]`` int32 (0 where masked).
       meta: ``[4]`` int32, a :class:`StepMeta` row.
-      unroll: steps per loop iteration of the compiled program.
+      unroll: steps per loop iteration of the ``static`` loop (the ``dynamic`` loop runs one
+        step per iteration; training refuses ``sisa.unroll > 1`` with it).
       trip: ``static``: a loop of exactly ``C`` steps whose empty steps are exact no-ops (a
         ``where`` select keeps the state bit-identical): no host round trip on an accelerator,
         where the loop's trip count must be known. ``dynamic``: a loop over the live steps only

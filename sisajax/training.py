@@ -20,8 +20,12 @@ Ctrl-C during the training of a new run keeps its completed slice steps
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import shutil
 import sys
+import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,7 @@ from sisajax.planning import (
     TrainingPlan,
     build_engine,
     check_partition,
+    check_training_inputs,
     library_versions,
     make_manifest,
     plan_fingerprint,
@@ -110,11 +115,23 @@ def train(
     Returns:
       (the opened :class:`~sisajax.run.SisaRun`, its :class:`~sisajax.costs.CostReport`).
 
+    Warns:
+      RuntimeWarning: a shard's training loss ended as NaN or infinity (the training diverged).
+
     Raises:
       ConfigError, PartitionError, UserInputError: invalid input, before anything is written.
       StorageError: the disk filled up or is read-only; a new run directory is removed again, an
         existing run stays as it was.
     """
+    check_training_inputs(config, dataset, partition)
+    if not isinstance(run_dir, str | os.PathLike):
+        raise UserInputError(f"run_dir must be a path, got {type(run_dir).__name__}")
+    if overwrite is not True and overwrite is not False:
+        raise ConfigError(f"overwrite must be true or false, got {overwrite!r}")
+    if discard_deletion_history is not True and discard_deletion_history is not False:
+        raise ConfigError(
+            f"discard_deletion_history must be true or false, got {discard_deletion_history!r}"
+        )
     files = RunDir(run_dir, must_exist=False)
     root = files.root
     if root.exists() and not root.is_dir():
@@ -143,20 +160,22 @@ def train(
     if root.exists() and any(root.iterdir()):
         if not overwrite:
             raise UserInputError(f"{run_dir} is not empty; pass overwrite=True to retrain it")
-        if discard_deletion_history is not True and discard_deletion_history is not False:
-            raise ConfigError("discard_deletion_history must be true or false")
-        return retrain_in_place(
-            SisaRun(root),
+        run = SisaRun(root)
+        watch = FinalLossWatch(metrics_sink(run.run_dir, metrics, tensorboard), config.sisa.slices)
+        out = retrain_in_place(
+            run,
             config,
             dataset,
             partition,
             devices,
             progress,
-            metrics,
+            watch,
             plugins,
             discard_deletion_history,
             tensorboard,
         )
+        watch.warn()
+        return out
     if discard_deletion_history:
         raise UserInputError(
             "discard_deletion_history only applies when retraining an existing run"
@@ -171,11 +190,12 @@ def train(
             owned = True
             id_hashing = id_hashing_record(ledger) if config.ledger.hash_ids else None
             sink = metrics_sink(root, metrics, tensorboard)
+            watch = FinalLossWatch(sink, config.sisa.slices)
             out = train_generation(
                 plan,
                 g,
                 progress=progress,
-                metrics=sink,
+                metrics=watch,
                 on_interrupt=_keep_progress(root, plan, tuple(plugins), {}),
                 val_metrics=val_metrics,
             )
@@ -201,7 +221,45 @@ def train(
         if owned:  # never another process's files (it won the lock, or filled the folder)
             _remove_new_run(root, created)
         raise
+    watch.warn()
     return SisaRun(root), out.cost
+
+
+class FinalLossWatch:
+    """A metrics sink that hands every record on to ``sink`` and notes the shards whose last
+    slice step (of ``slices``) ended with a training loss that is NaN or infinite: their models
+    diverged. It reads the per-slice records the writer makes for ``sink`` anyway; the training
+    itself is untouched. Without a sink (``metrics=False``) it is false, so the writer makes no
+    records for it and nothing is watched."""
+
+    def __init__(self, sink: Callable[[dict[str, Any]], None] | None, slices: int):
+        self.sink, self.last = sink, slices - 1
+        self.diverged: set[int] = set()
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return self.sink is not None
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if record.get("event") == "train_slice" and record.get("slice") == self.last:
+            loss = record.get("loss")
+            if isinstance(loss, float) and not math.isfinite(loss):
+                with self._lock:
+                    self.diverged.add(int(record["shard"]))
+        if self.sink is not None:
+            self.sink(record)
+
+    def warn(self) -> None:
+        """One warning naming the diverged shards, if any."""
+        if self.diverged:
+            shards = ", ".join(str(k) for k in sorted(self.diverged))
+            warnings.warn(
+                f"the training loss of shard(s) {shards} ended as NaN or infinity: the training "
+                "diverged and those models predict nothing useful (try a lower "
+                "optim.learning_rate)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _make_run_dir(root: Path) -> bool:
@@ -212,8 +270,8 @@ def _make_run_dir(root: Path) -> bool:
         return True
     except FileExistsError:
         return False
-    except OSError as e:
-        raise storage_error(e, f"creating {root}") from None
+    except OSError as e:  # no run exists yet: nothing to resume
+        raise storage_error(e, f"creating {root}", resumable=False) from None
 
 
 def _check_still_empty(root: Path, given: Any) -> None:
@@ -329,11 +387,12 @@ def _continue_training(
             ledger = Ledger(root, hash_ids=True, salt_file=config.ledger.salt_file)
             id_hashing = id_hashing_record(ledger)
         sink = metrics_sink(root, metrics, tensorboard)
+        watch = FinalLossWatch(sink, config.sisa.slices)
         out = train_generation(
             plan,
             g,
             progress=progress,
-            metrics=sink,
+            metrics=watch,
             resume=Resume(rec.completed, rec.rows, states),
             on_interrupt=_keep_progress(root, plan, rec.plugins, rec.hosts),
             val_metrics=val_metrics,
@@ -353,6 +412,7 @@ def _continue_training(
         g.commit(manifest, config=plan.config.to_dict())
         remove_record(root)
         log_train(sink, 0, out.cost, continued_after_slice_steps=rec.completed)
+    watch.warn()
     return SisaRun(root), out.cost
 
 
@@ -426,6 +486,10 @@ def full_retrain(
     """The full-retrain baseline: the same engine with one shard and one slice, trained from
     scratch on the data ``run`` currently retains (same model, optimizer, epochs, batch, seed).
     """
+    if not isinstance(run, SisaRun):
+        raise UserInputError(
+            f"run must be an open run (sisajax.open_run), got {type(run).__name__}"
+        )
     cfg = run.config.replace(sisa={"shards": 1, "slices": 1})
     return train(cfg, run.retained_dataset(), run_dir, overwrite=True, progress=progress)
 

@@ -112,6 +112,7 @@ def forget(
 
     Raises:
       ForgetError: bad ids (unknown, test ids, duplicates, malformed, all ids); nothing changes.
+      UserInputError: ``run`` is not an open run (a path must be opened with ``open_run``).
       RunError / RowError / LedgerError / StorageError: damaged files or a full/read-only disk;
         nothing changes, or the request is left pending for ``resume``.
     """

@@ -251,6 +251,8 @@ def _bad_inputs(tmp_path, run_dir):
     floats.write_text("[1.5, 2]")
     superscript = tmp_path / "ids.txt"  # str.isdigit() says yes, int() says no
     superscript.write_text("3\n4 \u00b2\n", encoding="utf-8")
+    a_file = tmp_path / "afile"
+    a_file.write_text("")
     r = f"run_dir={run_dir}"
     gone = int(sj.open_run(run_dir).partition.removed[0])
     return {
@@ -327,6 +329,48 @@ def _bad_inputs(tmp_path, run_dir):
             "did you mean sisa.shards",
         ),
         "--config-dir without folder": (["train", "--config-dir"], 2, "config folder"),
+        # Hydra reads run_dir=123 as a number (a folder name) and run_dir=null as None
+        "run_dir=123 (no such folder)": (["status", "run_dir=123"], 2, "123 is not a directory"),
+        "run_dir=null": (["status", "run_dir=null"], 2, "run_dir must be a folder path"),
+        "train run_dir=null": (["train", "run_dir=null", *TINY], 2, "run_dir must be"),
+        "train run_dir empty": (["train", "run_dir=", *TINY], 2, "got an empty value"),
+        "run_dir=true": (["evaluate", "run_dir=true"], 2, "run_dir must be a folder path"),
+        "run_dir=[1]": (["forget", "run_dir=[1]", "ids=[1]"], 2, "got a list"),
+        "run_dir=1.5": (["audit", "run_dir=1.5"], 2, "got the number 1.5"),
+        "resume run_dir=null": (["resume", "run_dir=null"], 2, "run_dir must be"),
+        "report run_dir=123": (["report", "run_dir=123"], 2, "123 is not a directory"),
+        "demo run_dir=null": (["demo", "run_dir=null"], 2, "run_dir must be"),
+        "run_dir under a file": (
+            ["train", f"run_dir={a_file}/sub", *TINY],
+            2,
+            f"its parent {a_file} is not a directory",
+        ),
+        "status run_dir under a file": (
+            ["status", f"run_dir={a_file}/sub/deeper"],
+            2,
+            f"its parent {a_file} is not a directory",
+        ),
+        # Hydra's own ValueError/TypeError for a config group without an option
+        "data=null": (["train", f"run_dir={tmp_path}/new7", "data=null"], 2, "data is a config"),
+        "optim=null": (["train", f"run_dir={tmp_path}/new8", "optim=null"], 2, "optim is a"),
+        "sisa=[default,null]": (
+            ["train", f"run_dir={tmp_path}/new9", "sisa=[default,null]"],
+            2,
+            "sisa is a config group",
+        ),
+        "sweep jobs sharing a run_dir": (
+            [
+                "train",
+                "-m",
+                "seed=0,1",
+                f"run_dir={tmp_path}/new10",
+                "overwrite=true",
+                f"hydra.sweep.dir={tmp_path}/sweep",
+                *TINY,
+            ],
+            2,
+            "would be the run directory of 2 jobs",
+        ),
     }
 
 
@@ -350,7 +394,7 @@ def test_every_bad_input_is_one_line_and_changes_nothing(cli_base, tmp_path, cap
         assert tree_bytes(run_dir) == before, name
         assert sorted(p.name for p in tmp_path.iterdir()) == listing, name
         rejected += 1
-    assert rejected == len(cases) >= 47
+    assert rejected == len(cases) >= 63
 
 
 def test_errors_in_a_fresh_process_are_one_line(cli_base, tmp_path):

@@ -11,6 +11,7 @@ functions that need them.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import difflib
 import os
@@ -134,6 +135,9 @@ def compose(name: str, overrides: list[str], config_dirs: list[str] = ()) -> dic
             bad = _overridden_key(e)
             hint = "" if bad is None else _suggestion(bad, _reference_keys(name, groups))
             raise UsageError(_hydra_message(e, hint)) from None
+        if isinstance(e, ValueError | TypeError) and _raised_in(e, ("hydra", "omegaconf")):
+            # Hydra fails on some overrides with a plain ValueError or TypeError (``data=null``)
+            raise UsageError(_group_message(e, overrides, folders)) from None
         raise
     out = OmegaConf.to_container(cfg, resolve=True)
     ref_dict = None if ref is None else OmegaConf.to_container(ref, resolve=False)
@@ -275,6 +279,28 @@ def _is_group_choice(override: str, folders: list[Path]) -> bool:
     return "=" in override and "." not in key and any((f / key).is_dir() for f in folders)
 
 
+def _raised_in(e: BaseException, packages: tuple[str, ...]) -> bool:
+    """Whether the innermost frame of ``e``'s traceback is code of one of ``packages``."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = "" if tb is None else str(tb.tb_frame.f_globals.get("__name__", ""))
+    return module.split(".")[0] in packages
+
+
+def _group_message(e: Exception, overrides: list[str], folders: list[Path]) -> str:
+    """One line for a plain ``ValueError``/``TypeError`` Hydra raised while composing: the group
+    override without an option (``data=null``, ``data=[digits,null]``) and the options it has,
+    or Hydra's own first line."""
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        items = [v.strip() for v in value.strip().strip("[]").split(",")]
+        if _is_group_choice(o, folders) and any(v in ("null", "") for v in items):
+            options = sorted({p.stem for f in folders for p in (f / key).glob("*.yaml")})
+            return f"{o}: {key} is a config group, choose one of its options ({', '.join(options)})"
+    return _hydra_message(e)
+
+
 def _hydra_message(e: Exception, hint: str = "") -> str:
     """The first line of a Hydra/OmegaConf error (plus ``hint`` for a key it does not know)."""
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -316,6 +342,29 @@ def output_path(value: Any, key: str, suffixes: tuple[str, ...] = ()) -> Path | 
     return path
 
 
+def run_dir_arg(value: Any, key: str = "run_dir") -> str:
+    """The folder ``key=value`` names, as a string. Hydra reads ``run_dir=123`` as a number: a
+    whole number is taken as the folder name it spells; null, true/false, a list, a mapping, a
+    fractional number (``1.50`` and ``1.5`` read alike) and an empty value are refused.
+
+    Raises:
+      UsageError: naming ``key`` and what it got.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, float):
+        raise UsageError(
+            f"{key} must be a folder path, got the number {value!r} (for a folder named like a "
+            f"number, quote it: '{key}=\"...\"')"
+        )
+    got = {type(None): "null", bool: "true/false", list: "a list", dict: "a mapping"}.get(
+        type(value), "an empty value" if isinstance(value, str) else type(value).__name__
+    )
+    raise UsageError(f"{key} must be a folder path, got {got}")
+
+
 def run_config(cfg: dict[str, Any]):
     """The library's :class:`~sisajax.RunConfig` from a composed config (top-level ``seed`` is
     the run's seed)."""
@@ -337,8 +386,9 @@ def open_run(cfg: dict[str, Any]):
     """The run of ``cfg["run_dir"]``, after importing the plug-ins the command names."""
     import sisajax as sj
 
+    path = run_dir_arg(cfg["run_dir"])
     import_plugins(cfg)
-    return sj.open_run(cfg["run_dir"])
+    return sj.open_run(path)
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -387,6 +437,22 @@ def report_error(e: BaseException) -> int:
     raise e
 
 
+_WRITTEN: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar(
+    "sisajax_result_files", default=None
+)
+
+
+@contextlib.contextmanager
+def recording_results(into: list[Path]):
+    """Append to ``into`` the path of every result file :func:`write_result` writes inside the
+    block (in this thread): a sweep's job records exactly the files its own command wrote."""
+    token = _WRITTEN.set(into)
+    try:
+        yield into
+    finally:
+        _WRITTEN.reset(token)
+
+
 def write_result(run, name: str, obj: dict[str, Any]) -> None:
     """Write the command's result file. The command's work is done (and its verdict printed)
     by now, so a result that cannot be written (a full disk) is reported, not a failure."""
@@ -398,6 +464,9 @@ def write_result(run, name: str, obj: dict[str, Any]) -> None:
     except StorageError as e:
         say(f"result not written: {e}")
         return
+    recording = _WRITTEN.get()
+    if path and recording is not None:
+        recording.append(Path(path))
     say(f"result: {path}" if path else "result not written: the run directory is read-only")
 
 

@@ -11,7 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sisajax.cli.base import UsageError, import_plugins, log_metrics, run_config, write_result
+from sisajax.cli.base import (
+    UsageError,
+    import_plugins,
+    log_metrics,
+    run_config,
+    run_dir_arg,
+    write_result,
+)
 from sisajax.cli.base import open_run as _open
 from sisajax.console import fmt_cost, print_table, progress_factory, say
 
@@ -21,12 +28,12 @@ def cmd_train(cfg: dict[str, Any], overrides: list[str]) -> int:
     ids it has forgotten (`discard_deletion_history=true` trains on them again, recorded)."""
     import sisajax as sj
 
+    root = Path(run_dir_arg(cfg["run_dir"])).expanduser()
     plugins = import_plugins(cfg)
     rc = run_config(cfg)
     ds = sj.load_dataset(rc.data.name, **rc.data.params)
     say(f"data: {ds.summary()}")
     factory, bar = progress_factory(cfg["progress"])
-    root = Path(cfg["run_dir"]).expanduser()
     with bar:
         run, cost = sj.train(
             rc,

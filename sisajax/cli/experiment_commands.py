@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sisajax.cli.base import UsageError, import_plugins
+from sisajax.cli.base import UsageError, import_plugins, run_dir_arg
+from sisajax.cli.base import open_run as _open
 from sisajax.console import say
 
 
@@ -17,8 +18,9 @@ def cmd_demo(cfg: dict[str, Any], overrides: list[str]) -> int:
     print one table (plot: <run_dir>/demo.png)."""
     from sisajax.experiments.demo import run_demo
 
+    run_dir = run_dir_arg(cfg["run_dir"])
     import_plugins(cfg)
-    return run_demo(cfg)
+    return run_demo({**cfg, "run_dir": run_dir})
 
 
 def cmd_paper(cfg: dict[str, Any], overrides: list[str]) -> int:
@@ -51,11 +53,9 @@ def cmd_report(cfg: dict[str, Any], overrides: list[str]) -> int:
     if (cfg["run_dir"] is None) == (cfg["dir"] is None):
         raise UsageError("give exactly one of run_dir=RUN (a run's history) or dir=DIR (results)")
     if cfg["run_dir"] is not None:
-        import sisajax as sj
         from sisajax.experiments.history import history_report
 
-        import_plugins(cfg)
-        run = sj.open_run(cfg["run_dir"])
+        run = _open(cfg)
         md, files = history_report(run)
         print(md)
         for f in files:

@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from sisajax.cli.base import UsageError, import_plugins, write_result
+from sisajax.cli.base import UsageError, import_plugins, run_dir_arg, write_result
 from sisajax.cli.base import open_run as _open
 from sisajax.console import fmt_cost, print_table, progress_factory, say
 
@@ -276,7 +276,7 @@ def cmd_resume(cfg: dict[str, Any], overrides: list[str]) -> int:
     import sisajax as sj
     from sisajax.store.interrupted import INTERRUPTED
 
-    root = Path(cfg["run_dir"]).expanduser()
+    root = Path(run_dir_arg(cfg["run_dir"])).expanduser()
     if (root / INTERRUPTED).is_file() and not (root / "MANIFEST.json").exists():
         import_plugins(cfg)  # the ones the user names; the run directory's record imports none
         factory, bar = progress_factory(cfg["progress"])

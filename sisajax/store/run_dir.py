@@ -81,13 +81,22 @@ class RunDir:
     """The files of one run directory (its real path; every managed path checked for links).
 
     Raises:
+      UserInputError: ``path`` is not a path (a ``str`` or an ``os.PathLike``), or a folder on
+        its way is a file.
       NotARunError: ``must_exist`` and the directory holds no manifest.
       UnsafeRunError: a managed path below the directory is a symbolic link.
     """
 
-    def __init__(self, path: str | Path, *, must_exist: bool = True):
+    def __init__(self, path: str | os.PathLike[str], *, must_exist: bool = True):
+        if not isinstance(path, str | os.PathLike):
+            raise UserInputError(
+                f"a run directory is a path (str or os.PathLike), got {type(path).__name__}"
+            )
         self.given = Path(path)
         self.root = real_run_dir(path)
+        blocked = _file_on_the_way(self.root)
+        if blocked is not None:
+            raise UserInputError(f"{self.given}: its parent {blocked} is not a directory")
         if must_exist:
             if not self.root.is_dir():
                 raise NotARunError(f"{self.given} is not a directory")
@@ -222,6 +231,17 @@ class RunDir:
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_json(self.path("config.json"), config, durable=False)
+
+
+def _file_on_the_way(root: Path) -> Path | None:
+    """For a ``root`` that does not exist yet: the nearest existing path above it when that is
+    not a directory (a regular file, say), so that nothing can be made below it; else None."""
+    p = root
+    while not os.path.exists(p):
+        if p.parent == p:
+            return None
+        p = p.parent
+    return p if p != root and not p.is_dir() else None
 
 
 def remove_run_dir(path: str | Path) -> bool:

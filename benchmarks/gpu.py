@@ -50,7 +50,9 @@ def _cfg(sj, shards: int, slices: int, shard_exec: str, size: dict[str, Any]):
             batch_size=16,
             shard_exec=shard_exec,
             chunk_steps=size["chunk"],
-            unroll=size.get("unroll", 1),
+            # the map layout's loop runs only the live steps (a dynamic trip), which does not
+            # unroll: the chosen unroll applies to the static vmap loop
+            unroll=size.get("unroll", 1) if shard_exec != "map" else 1,
         ),
     ).replace(data={"val_fraction": 0.0})  # every id trains: the partition chunk_fill counts
 

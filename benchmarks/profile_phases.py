@@ -201,8 +201,8 @@ def writer_phases(*, test_copy: bool) -> list[Phase]:
             w,
         ),
         Phase(
-            "loss records (MetricsLog.__call__)",
-            (METRICS, "__call__"),
+            "loss records (MetricsLog.__call__; in train through FinalLossWatch)",
+            ((METRICS, "__call__"), (TRAINING, "__call__")),
             (GEN_WRITER, "_write_slice"),
             2,
             w,

@@ -51,22 +51,33 @@ LAYOUT_FLAGS = ("--xla_force_host_platform_device_count",)
 
 
 @functools.cache
-def cpu_description() -> tuple[str, tuple[str, ...]]:
-    """``(model name, sorted code-relevant ISA features)`` read from ``/proc/cpuinfo``."""
-    model, flags = platform.processor() or platform.machine(), set()
+def cpuinfo_first_block() -> dict[str, str]:
+    """``{lower-case key: value}`` of the first processor's block of ``/proc/cpuinfo`` (empty
+    where there is none)."""
+    out: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip().lower()
-                if key in ("model name", "cpu model") and model in ("", platform.machine()):
-                    model = value.strip()
-                elif key in ("flags", "features"):
-                    flags.update(value.split())
-                if key == "" and flags:
+                if key == "" and out:
                     break
+                if key:
+                    out.setdefault(key, value.strip())
     except OSError:
         pass
+    return out
+
+
+@functools.cache
+def cpu_description() -> tuple[str, tuple[str, ...]]:
+    """``(model name, sorted code-relevant ISA features)`` read from ``/proc/cpuinfo``."""
+    info = cpuinfo_first_block()
+    model = platform.processor() or platform.machine()
+    named = info.get("model name") or info.get("cpu model")
+    if named and model in ("", platform.machine()):
+        model = named
+    flags = set((info.get("flags") or info.get("features") or "").split())
     return model, tuple(sorted(flags.intersection(ISA_FEATURES)))
 
 
@@ -75,21 +86,13 @@ def cpu_signature() -> str:
     """A sha256 of the CPU's model name and every feature flag ``/proc/cpuinfo`` lists (not only
     :data:`ISA_FEATURES`): a compiled program may use any feature the CPU reported when it was
     compiled, so a program kept on disk is only loaded on a CPU that reports the same."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key in ("model name", "cpu model", "cpu part", "cpu implementer"):
-                    model += "|" + value.strip()
-                elif key in ("flags", "features"):
-                    flags.update(value.split())
-                if key == "" and flags:
-                    break
-    except OSError:
-        pass
-    return hashlib.sha256(f"{model}\0{' '.join(sorted(flags))}".encode()).hexdigest()
+    info = cpuinfo_first_block()
+    model = "|".join(
+        [platform.processor() or platform.machine()]
+        + [info.get(k, "") for k in ("model name", "cpu model", "cpu part", "cpu implementer")]
+    )
+    flags = sorted(set((info.get("flags") or info.get("features") or "").split()))
+    return hashlib.sha256(f"{model}\0{' '.join(flags)}".encode()).hexdigest()
 
 
 def code_flags(xla_flags: str | None = None, backend: str | None = None) -> list[str]:

@@ -458,3 +458,171 @@ def plot_rocs(path: Path, results: list, setup: Setup) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --- Documents: tables rendered from stored results (docs/forgetting-evidence.md, docs/mia/) ---
+
+SEED0_BEGIN = "<!-- mia:seed0:begin (generated from docs/mia/seed0/results.json; do not edit) -->"
+SEED0_END = "<!-- mia:seed0:end -->"
+SEEDS_BEGIN = "<!-- mia:seeds:begin (generated from docs/mia/seed*/results.json; do not edit) -->"
+SEEDS_END = "<!-- mia:seeds:end -->"
+# The rows of the multi-seed table: (forget set, attack, level).
+SEED_ROWS = (
+    ("random", "loss", "constituent"),
+    ("random", "lira", "constituent"),
+    ("random", "lira", "aggregate"),
+    ("mislabelled", "loss", "constituent"),
+    ("mislabelled", "confidence", "constituent"),
+    ("mislabelled", "lira", "constituent"),
+    ("mislabelled", "lira", "aggregate"),
+)
+
+
+def load_results(paths: list[Any]) -> list[dict[str, Any]]:
+    """The stored ``results.json`` of each path (a results file or the folder holding one)."""
+    out = []
+    for p in map(Path, paths):
+        out.append(json.loads((p / "results.json" if p.is_dir() else p).read_text()))
+    return out
+
+
+def _row(res: dict[str, Any], scenario: str, level: str, forget_set: str, attack: str) -> dict:
+    """The stored result row; the full retrain is one model, stored at level ``model``."""
+    for r in res["results"]:
+        if (r["scenario"], r["forget_set"], r["attack"]) == (scenario, forget_set, attack) and r[
+            "level"
+        ] in (level, "model"):
+            return r
+    raise KeyError(f"no stored result {scenario}/{level}/{forget_set}/{attack}")
+
+
+def seed_block(res: dict[str, Any]) -> str:
+    """One run's table (cells ``AUC / TPR@1%FPR``), null spread, test accuracy, verify, timings."""
+    lines = [
+        "| forget set (members vs non-members) | attack | level | (a) original | (b) after forget "
+        "| (c) full retrain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fs, n in res["forget_sets"].items():
+        for a in ATTACKS:
+            for lv in ("constituent", "aggregate"):
+                cells = [
+                    f"{r['auc']:.3f} / {r['tpr_at_0.01_fpr']:.3f}"
+                    for r in (_row(res, s, lv, fs, a) for s in SCENARIOS)
+                ]
+                lines.append(
+                    f"| {fs} ({n['members']} vs {n['nonmembers']}) | {a} | {lv} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+    sd = {
+        fs: _row(res, "original", "constituent", fs, "loss")["auc_null_sd"]
+        for fs in res["forget_sets"]
+    }
+    acc, t = res["accuracy"], res["timings_s"]
+    lines += [
+        "",
+        "A useless attack scores AUC 0.5 +- "
+        + " and +- ".join(f"{v:.3f} ({k} set)" for k, v in sd.items())
+        + ", one standard deviation. Test accuracy: "
+        f"original {acc['original']:.4f}, after forget {acc['forgotten']:.4f}, "
+        f"full retrain {acc['full_retrain']:.4f}.",
+    ]
+    v = res.get("verify")
+    if v is not None:
+        lines.append(
+            f"`verify` after the forget ({v['backend']}): "
+            + (
+                f"every checkpoint bit-identical (max |diff| {v['max_abs_diff']:g})"
+                if v["ok"]
+                else f"MISMATCH in shards {v['mismatched_shards']}"
+            )
+            + "."
+        )
+    lines.append(
+        f"Wall clock of this stored run: {t['total']:.0f} s = train {t['train']:.1f}, "
+        f"forget {t['forget']:.1f}, full retrain {t['full_retrain']:.1f}"
+        + (f", verify {t['verify']:.1f}" if "verify" in t else "")
+        + f", {res['shadows']['sisa']['models']} SISA shadows {t['shadows_sisa']:.1f}, "
+        f"{res['shadows']['single']['models']} single shadows {t['shadows_single']:.1f}, "
+        "the rest attacks and plots."
+    )
+    return "\n".join(lines)
+
+
+def _spread(vals: list[float]) -> str:
+    a = np.asarray(vals, float)
+    sd = float(a.std(ddof=1)) if a.size > 1 else 0.0
+    return f"{a.mean():.3f} +- {sd:.3f} [{a.min():.2f}, {a.max():.2f}]"
+
+
+def seeds_block(runs: list[dict[str, Any]]) -> str:
+    """Mean AUC +- sd over runs [min, max] for :data:`SEED_ROWS`, LiRA's mean TPR at 1% FPR on
+    the mislabelled set, and the mean test accuracy and wall clock."""
+    seeds = [r["mia"]["seed"] for r in runs]
+    lines = [
+        "| forget set | attack | level | (a) original | (b) after forget | (c) full retrain |",
+        "|---|---|---|---|---|---|",
+    ]
+    for fs, a, lv in SEED_ROWS:
+        cells = [_spread([_row(r, s, lv, fs, a)["auc"] for r in runs]) for s in SCENARIOS]
+        lines.append(f"| {fs} | {a} | {lv} | " + " | ".join(cells) + " |")
+
+    def tpr(s: str, lv: str) -> str:
+        return f"{np.mean([_row(r, s, lv, 'mislabelled', 'lira')['tpr_at_0.01_fpr'] for r in runs]):.3f}"
+
+    acc = {s: [r["accuracy"][s] for r in runs] for s in SCENARIOS}
+    tot = [r["timings_s"]["total"] for r in runs]
+    lines += [
+        "",
+        f"Seeds {', '.join(map(str, seeds))}. LiRA's mean TPR at 1% FPR on the mislabelled set: "
+        f"{tpr('original', 'constituent')} (constituent) and {tpr('original', 'aggregate')} "
+        f"(aggregate) before forgetting; {tpr('forgotten', 'constituent')} and "
+        f"{tpr('forgotten', 'aggregate')} after; {tpr('full_retrain', 'constituent')} for the "
+        "full retrain. Mean test accuracy: "
+        + ", ".join(
+            f"{SCENARIO_TITLES[s].split(') ', 1)[1]} {np.mean(v):.4f} [{min(v):.4f}, {max(v):.4f}]"
+            for s, v in acc.items()
+        )
+        + f". Wall clock per stored run: {min(tot):.0f}-{max(tot):.0f} s.",
+    ]
+    return "\n".join(lines)
+
+
+def render_doc(text: str, runs: list[dict[str, Any]]) -> str:
+    """``text`` with the seed-0 block (the run whose ``mia.seed`` is 0, else the first) and the
+    multi-seed block replaced by what the stored ``runs`` give."""
+    from sisajax.experiments.report import replace_between
+
+    first = next((r for r in runs if r["mia"]["seed"] == 0), runs[0])
+    text = replace_between(text, SEED0_BEGIN, SEED0_END, seed_block(first))
+    return replace_between(text, SEEDS_BEGIN, SEEDS_END, seeds_block(runs))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sisajax.experiments.mia [--check] DOC RESULTS...``: rewrite DOC's MIA tables
+    from the stored results (a ``results.json`` or its folder per run); ``--check``: exit 1 when
+    DOC is not what they give, writing nothing."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    check = "--check" in args
+    args = [a for a in args if a != "--check"]
+    if len(args) < 2:
+        print("usage: python -m sisajax.experiments.mia [--check] DOC RESULTS...", file=sys.stderr)
+        return 2
+    doc = Path(args[0])
+    text = doc.read_text()
+    new = render_doc(text, load_results(args[1:]))
+    if check:
+        if new != text:
+            print(f"{doc}: MIA tables differ from the stored results", file=sys.stderr)
+            return 1
+        return 0
+    doc.write_text(new)
+    print(f"{doc}: MIA tables from {len(args) - 1} stored runs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -182,9 +182,13 @@ def challenge_score_ci(
     seed: int = 0,
 ) -> tuple[float, float, float]:
     """``(F, lo, hi)``: :func:`challenge_score` of ``a [N, M]`` vs ``b [N', M]`` with a
-    percentile bootstrap interval over the examples (the per-example points resampled). The
-    noise of drawing the models is not in it: :func:`floor_test` compares a population with a
-    second oracle draw for that."""
+    percentile bootstrap interval over the examples (the per-example points resampled) with
+    the models fixed. The noise of drawing the models is not in it, so it is no interval for
+    the population's forget quality: two independent oracle populations scored against the
+    same oracle can get disjoint intervals (some pairs in the stored studies do). Label
+    it "over forget examples, models fixed" and do not decide anything by whether two of them
+    overlap: :func:`floor_test`, a permutation test over the models against a second oracle
+    draw, is the verdict."""
     pts = challenge_points(per_example_epsilon(a, b, delta))
     return bootstrap_mean_ci(pts, n_boot=n_boot, level=level, seed=seed)
 

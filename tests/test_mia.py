@@ -184,3 +184,43 @@ def test_tiny_experiment_end_to_end(tmp_path):
     assert run.config.data.val_fraction == 0.0 and not run.has_validation
     assert len(run.partition.ids) + len(saved["forget"]["ids"]) == (240 + 100) // 2
     assert "(b) after forget" in summary["markdown"]
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+DOC = REPO / "docs/forgetting-evidence.md"
+STORED = [REPO / f"docs/mia/seed{s}" for s in range(5)]
+
+
+def test_the_documented_mia_tables_are_what_the_stored_runs_give():
+    # docs/forgetting-evidence.md's seed-0 and 5-seed tables (and the numbers under them) are
+    # rendered from docs/mia/seed*/results.json, never typed: editing a number by hand, or
+    # rerunning a seed without regenerating the document, fails here. Regenerate with
+    # python -m sisajax.experiments.mia docs/forgetting-evidence.md docs/mia/seed{0,1,2,3,4}
+    from sisajax.experiments import mia
+
+    runs = mia.load_results(STORED)
+    assert [r["mia"]["seed"] for r in runs] == list(range(5))
+    assert [r["config"]["sisa"]["seed"] for r in runs] == list(range(5))  # `seed=s`
+    assert all(r["verify"]["ok"] for r in runs)
+    text = DOC.read_text()
+    assert mia.render_doc(text, runs) == text
+    assert mia.main(["--check", str(DOC), *map(str, STORED)]) == 0
+
+
+def test_a_stale_mia_block_is_caught_and_rewritten(tmp_path):
+    from sisajax.experiments import mia
+
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        f"intro\n{mia.SEED0_BEGIN}\n| 0.999 | typed |\n{mia.SEED0_END}\n"
+        f"mid\n{mia.SEEDS_BEGIN}\n{mia.SEEDS_END}\nafter\n"
+    )
+    args = [str(doc), *map(str, STORED)]
+    assert mia.main(["--check", *args]) == 1
+    assert mia.main(args) == 0
+    text = doc.read_text()
+    assert "typed" not in text and text.startswith("intro\n") and text.endswith("after\n")
+    assert mia.seed_block(mia.load_results(STORED[:1])[0]) in text
+    assert mia.main(["--check", *args]) == 0
+    with pytest.raises(ValueError, match="markers"):
+        mia.render_doc("no markers", mia.load_results(STORED[:1]))

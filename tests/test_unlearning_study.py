@@ -57,7 +57,8 @@ def test_every_method_and_sisa_is_scored_beside_the_floor(study):
             sisa["verified_shards"] >= 1 and 0 < sisa["examples"] <= sisa["full_retrain_examples"]
         )
     report = (out / "report.md").read_text()
-    assert "floor F [95% CI]" in report and "Tuning" in report
+    assert "floor F [95% CI over forget examples, models fixed]" in report and "Tuning" in report
+    assert "permutation test over models" in report
 
 
 def test_methods_are_tuned_on_a_separate_forget_set_by_stored_trials(study):
@@ -71,7 +72,11 @@ def test_methods_are_tuned_on_a_separate_forget_set_by_stored_trials(study):
             row = next(r for r in res["rows"] if r["forget_set"] == kind and r["method"] == name)
             assert row["params"] == best and set(best) == {key}
             for t in mine:  # the objective is stored with its parts
-                assert t["objective"] == pytest.approx(t["F"] * t["retain_rel"] * t["val_rel"])
+                assert t["objective"] == pytest.approx(
+                    t["F"]
+                    * unlearning.closeness(t["retain_rel"])
+                    * unlearning.closeness(t["val_rel"])
+                )
 
 
 def test_summary_verdicts_come_from_the_rows(study):
@@ -130,3 +135,74 @@ def test_the_fashion_table_is_what_its_stored_study_computes():
     text = (repo / "docs/unlearning.md").read_text()
     begin, end = unlearning.markers(res["name"])
     assert replace_between(text, begin, end, unlearning.headline(res)) == text
+
+
+def test_exceeding_the_oracle_accuracy_is_not_rewarded_by_the_tuning():
+    # a method that keeps predicting the forgotten class beats the oracle on validation
+    # (ratio > 1): that must score below matching the oracle, not above it
+    assert unlearning.closeness(1.0) == 1.0
+    assert unlearning.closeness(1.1) == pytest.approx(unlearning.closeness(0.9))
+    assert unlearning.closeness(1.1) < 1.0
+    assert unlearning.closeness(2.5) == 0.0 == unlearning.closeness(0.0)
+    ys = {"retain": np.array([0, 1, 0, 1]), "val": np.array([0, 1, 2, 2])}
+    phi = np.zeros((3, 4))
+
+    def outputs(val_pred):
+        probs = {"retain": np.eye(3)[[0, 1, 0, 1]], "val": np.eye(3)[val_pred]}
+        return phi, probs
+
+    oracle = outputs([0, 1, 0, 0])  # never predicts the forgotten class 2: val acc 0.5
+    kept = unlearning._selection_score(outputs([0, 1, 2, 2]), oracle, ys)  # val acc 1.0
+    matched = unlearning._selection_score(outputs([0, 1, 0, 1]), oracle, ys)  # val acc 0.5
+    assert kept["val_rel"] == 2.0 and matched["val_rel"] == 1.0
+    assert kept["F"] == matched["F"] and kept["objective"] < matched["objective"]
+
+
+def _row(**kw):
+    base = {"seed": 0, "forget_set": "class", "method": "retrain", "F": 0.2, "F_lo": 0.1,
+            "F_hi": 0.3, "klom": 0.4, "ulira": 0.5, "floor_F": 0.25, "floor_F_lo": 0.15,
+            "floor_F_hi": 0.35, "floor_klom": 0.45, "floor_ulira": 0.52, "floor_p": 0.6,
+            "test_acc": 0.9, "oracle_test_acc": 0.9, "examples": 10}  # fmt: skip
+    return {**base, **kw}
+
+
+def test_a_row_scored_against_its_own_floor_gets_no_verdict():
+    from sisajax.experiments.unlearning_report import SELF_SCORED_CELL, floor_cell
+
+    self_scored = _row(F=0.25, F_lo=0.15, F_hi=0.35, klom=0.45, ulira=0.52)
+    res = {"rows": [_row(method="ft"), self_scored, _row(seed=1, method="retrain")]}
+    rows = {r["method"]: r for r in unlearning.summary(res)}
+    assert rows["ft"]["at_floor"] is True and not rows["ft"]["self_scored"]
+    # one seed scored against itself is enough: the Bonferroni verdict would rest on it
+    assert rows["retrain"]["at_floor"] is None and rows["retrain"]["self_scored"]
+    assert floor_cell(rows["retrain"]) == SELF_SCORED_CELL
+    assert "yes" not in floor_cell(rows["retrain"])
+    block = unlearning.headline(res)
+    line = next(x for x in block.splitlines() if "| retrain |" in x)
+    assert SELF_SCORED_CELL in line and "yes (" not in line and "no (" not in line
+
+
+def test_no_stored_table_gives_a_verdict_to_a_row_scored_against_itself():
+    from pathlib import Path
+
+    from sisajax.experiments.unlearning_report import SELF_SCORED_CELL, scored_against_itself
+
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "docs/unlearning.md").read_text()
+    for study in ("digits", "fashion_mnist"):
+        res = json.loads((repo / f"docs/unlearning/{study}/results.json").read_text())
+        bad = {(r["forget_set"], r["method"]) for r in res["rows"] if scored_against_itself(r)}
+        begin, end = unlearning.markers(res["name"])
+        block = text[text.index(begin) : text.index(end)]
+        for fset, method in bad:
+            line = next(x for x in block.splitlines() if f"| {fset} | {method} |" in x)
+            assert SELF_SCORED_CELL in line, line
+
+
+def test_intervals_are_labelled_as_over_forget_examples_and_the_verdict_as_the_test():
+    from sisajax.experiments.unlearning_report import ci_label
+
+    res = {"rows": [_row(method="ft"), _row(seed=1, method="ft")]}
+    rows = unlearning.summary(res)
+    assert "over forget examples, models fixed" in ci_label(rows)
+    assert "over forget examples, models fixed" in unlearning.headline(res).splitlines()[0]

@@ -193,6 +193,10 @@ def retrain_in_place(
             run.run_dir, hash_ids=config.ledger.hash_ids, salt_file=config.ledger.salt_file
         )
         id_hashing = run.manifest.id_hashing if not discard else None
+        if config.ledger.hash_ids and id_hashing is not None:
+            # the kept history was hashed with the run's salt: a retrain naming another salt
+            # file would leave a run whose later forgets cannot match its ledger
+            ledger.check_salt(id_hashing.get("salt_fingerprint"))
         if config.ledger.hash_ids and id_hashing is None:
             id_hashing = id_hashing_record(ledger)
         excluded = int(drop.sum()) if drop is not None else 0

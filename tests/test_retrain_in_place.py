@@ -157,3 +157,24 @@ def test_an_open_handle_follows_a_retrain_in_place_by_another_writer(base_run, t
     done = sj.open_run(run.run_dir)
     for k in range(scratch.num_shards):
         assert_trees_equal(done.restore_block(k), scratch.restore_block(k))
+
+
+def test_a_retrain_that_names_another_id_salt_is_refused(tmp_path):
+    """The kept deletion history is hashed with the run's salt: a retrain in place given another
+    salt file is refused before anything is written (it would leave a run whose later forgets
+    cannot match its ledger); with the run's own salt it goes ahead."""
+    salt_a, salt_b = tmp_path / "salt_a", tmp_path / "salt_b"
+    salt_a.write_text("first-salt-0123456789abcdef\n")
+    salt_b.write_text("second-salt-0123456789abcdef\n")
+    cfg = tiny_config().replace(ledger={"hash_ids": True, "salt_file": str(salt_a)})
+    run, _ = sj.train(cfg, tiny_digits(), tmp_path / "run")
+    sj.forget(run, pick(run, 0, 1))
+    before = run.ledger.records()
+    other = cfg.replace(ledger={"salt_file": str(salt_b)})
+    with pytest.raises(sj.LedgerError, match="salt"):
+        sj.train(other, tiny_digits(), run.run_dir, overwrite=True)
+    again = sj.open_run(run.run_dir)
+    assert again.generation == 1 and again.ledger.records() == before
+    assert sj.audit(again).ok
+    run2, _ = sj.train(cfg, tiny_digits(), run.run_dir, overwrite=True)
+    assert run2.generation == 2 and sj.forget(run2, pick(run2, 1, 0)).ids

@@ -273,3 +273,32 @@ def test_a_writer_on_a_run_it_cannot_write_is_told_what_still_works(tmp_path, mo
     msg = str(e.value)
     assert "read-only to this process" in msg and "evaluate, status, audit and verify" in msg
     assert "resume" not in msg and len(msg.splitlines()) == 1
+
+
+def test_a_manifest_naming_another_shards_data_or_odd_fields_is_refused(base_run):
+    """A shard entry must name its own shard's data copy (another shard's would let a forget say
+    done while a file that holds the id stays live), and origin, id_hashing and the dataset's
+    preprocessing must be objects: anything else is a ManifestError, never a traceback."""
+    from sisajax.store.manifest import ManifestError, parse_manifest
+
+    good = json.loads((base_run / "MANIFEST.json").read_text())
+    assert parse_manifest(good).shards[1].data.path.startswith("data/shard_001.")
+
+    def bad(change):
+        d = json.loads(json.dumps(good))
+        change(d)
+        with pytest.raises(ManifestError):
+            parse_manifest(d)
+
+    def swap(d):
+        d["shards"][0]["data"] = dict(d["shards"][1]["data"])
+
+    def future(d):
+        d["shards"][0]["data"]["path"] = "data/shard_000.g000009.npz"
+
+    bad(swap)
+    bad(future)
+    bad(lambda d: d.update(origin="ab"))
+    bad(lambda d: d.update(origin={"request_id": [1]}))
+    bad(lambda d: d.update(id_hashing=[1]))
+    bad(lambda d: d["dataset"].update(preprocessing=[1, 2]))

@@ -244,6 +244,24 @@ def _nonneg(v: Any, where: str) -> int:
     return v
 
 
+def _optional(d: dict[str, Any], key: str, where: str) -> dict[str, Any] | None:
+    """``d[key]`` when it is a JSON object, None when absent or null; else ``ManifestError``."""
+    v = d.get(key)
+    if v is not None and not isinstance(v, dict):
+        raise ManifestError(f"MANIFEST.json: {where}{key} must be an object")
+    return v
+
+
+def _origin(d: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``origin`` (what made this generation): an object whose ``request_id``,
+    if any, is a string."""
+    origin = dict(_optional(d, "origin", "") or {})
+    rid = origin.get("request_id")
+    if rid is not None and not isinstance(rid, str):
+        raise ManifestError("MANIFEST.json: origin.request_id must be a string")
+    return origin
+
+
 def _fileref(d: Any, where: str, pattern: re.Pattern, folder: str = "") -> FileRef:
     path = _req(d, "path", str, where + ".")
     name = path[len(folder) :] if folder and path.startswith(folder) else path
@@ -258,8 +276,9 @@ def _fileref(d: Any, where: str, pattern: re.Pattern, folder: str = "") -> FileR
     )
 
 
-def parse_shard_entry(e: Any, where: str, r: int, gen: int) -> ShardEntry:
-    """Validate one shard entry (``r`` slices, rows no newer than generation ``gen``)."""
+def parse_shard_entry(e: Any, where: str, r: int, gen: int, k: int | None = None) -> ShardEntry:
+    """Validate one shard entry (``r`` slices, rows no newer than generation ``gen``; with
+    ``k``, its data copy must be shard ``k``'s own file of a generation no newer than ``gen``)."""
     rows_raw = _req(e, "rows", list, where + ".")
     n_ids = _req(e, "n_ids", list, where + ".")
     fps = _req(e, "fingerprints", list, where + ".")
@@ -274,8 +293,17 @@ def parse_shard_entry(e: Any, where: str, r: int, gen: int) -> ShardEntry:
         if _nonneg(g, w + ".generation") > gen:
             raise ManifestError(f"MANIFEST.json: {w} names a future generation")
         rows.append(RowRef(g, _hex(sha, w + ".sha256"), _nonneg(size, w + ".size"), str(host)))
+    data = _fileref(_req(e, "data", dict, where + "."), where + ".data", SHARD_DATA_RE, "data/")
+    if k is not None:
+        m = SHARD_DATA_RE.fullmatch(data.path[len("data/") :])
+        assert m is not None  # _fileref checked the pattern
+        if int(m.group(1)) != k or int(m.group(2)) > gen:
+            raise ManifestError(
+                f"MANIFEST.json: {where}.data names {data.path}, not a data copy of shard {k} "
+                f"of generation <= {gen}"
+            )
     return ShardEntry(
-        _fileref(_req(e, "data", dict, where + "."), where + ".data", SHARD_DATA_RE, "data/"),
+        data,
         tuple(rows),
         tuple(_nonneg(v, where + ".n_ids") for v in n_ids),
         tuple(_hex(v, where + ".fingerprints") for v in fps),
@@ -312,7 +340,7 @@ def parse_manifest(d: Any) -> Manifest:
         _nonneg(_req(ds, "num_classes", int, "dataset."), "dataset.num_classes"),
         _nonneg(_req(ds, "num_train", int, "dataset."), "dataset.num_train"),
         _nonneg(_req(ds, "num_test", int, "dataset."), "dataset.num_test"),
-        dict(ds.get("preprocessing") or {}),
+        dict(_optional(ds, "preprocessing", "dataset.") or {}),
     )
     fields = d.get("row_fields", [f.name for f in dataclasses.fields(RowRef)])
     if fields != [f.name for f in dataclasses.fields(RowRef)]:
@@ -320,7 +348,7 @@ def parse_manifest(d: Any) -> Manifest:
     raw_shards = _req(d, "shards", list, "")
     if len(raw_shards) != s:
         raise ManifestError(f"MANIFEST.json: {len(raw_shards)} shard entries for {s} shards")
-    shards = [parse_shard_entry(e, f"shards[{k}]", r, gen) for k, e in enumerate(raw_shards)]
+    shards = [parse_shard_entry(e, f"shards[{k}]", r, gen, k) for k, e in enumerate(raw_shards)]
     kind = _req(d, "partition_kind", str, "")
     if kind not in ("hash", "explicit"):
         raise ManifestError(f"MANIFEST.json: partition_kind {kind!r} is not hash or explicit")
@@ -349,8 +377,8 @@ def parse_manifest(d: Any) -> Manifest:
         shards=tuple(shards),
         hosts=_req(d, "hosts", dict, ""),
         versions=_req(d, "versions", dict, ""),
-        id_hashing=d.get("id_hashing"),
-        origin=dict(d.get("origin") or {}),
+        id_hashing=_optional(d, "id_hashing", ""),
+        origin=_origin(d),
         plugins=tuple(plugins),
         plugin_sources=sources,
     )

@@ -158,6 +158,12 @@ def train(
             val_metrics,
         )
     if root.exists() and any(root.iterdir()):
+        if not (root / MANIFEST).exists():
+            raise UserInputError(
+                f"{run_dir} is not empty and holds no sisajax run (no {MANIFEST}; a training "
+                "killed before it recorded anything leaves such a folder): sisajax deletes "
+                "nothing it cannot recognise, so choose another run_dir or delete the folder"
+            )
         if not overwrite:
             raise UserInputError(f"{run_dir} is not empty; pass overwrite=True to retrain it")
         run = SisaRun(root)

@@ -178,3 +178,17 @@ def test_a_retrain_that_names_another_id_salt_is_refused(tmp_path):
     assert sj.audit(again).ok
     run2, _ = sj.train(cfg, tiny_digits(), run.run_dir, overwrite=True)
     assert run2.generation == 2 and sj.forget(run2, pick(run2, 1, 0)).ids
+
+
+def test_a_folder_that_is_not_a_run_gets_an_honest_answer(tmp_path):
+    """A non-empty folder without a manifest (here what a training killed before it recorded
+    anything leaves) is neither retrained nor deleted, with or without overwrite: the error says
+    what it is and what to do, instead of suggesting overwrite=True that then fails."""
+    d = tmp_path / "half"
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "checkpoints" / "s000r000.g000000.row").write_bytes(b"partial")
+    for overwrite in (False, True):
+        with pytest.raises(sj.UserInputError, match="holds no sisajax run") as e:
+            sj.train(tiny_config(), tiny_digits(), d, overwrite=overwrite)
+        assert "overwrite=True" not in str(e.value)
+    assert (d / "checkpoints" / "s000r000.g000000.row").read_bytes() == b"partial"

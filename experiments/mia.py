@@ -370,14 +370,18 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
+# The header of a run's table: one row per (forget set, attack, level), a cell per scenario.
+TABLE_HEAD = (
+    "| forget set (members vs non-members) | attack | level | (a) original | (b) after forget "
+    "| (c) full retrain |",
+    "|---|---|---|---|---|---|",
+)
+
+
 def markdown_table(results: list, summary: dict[str, Any]) -> str:
     """One row per (forget set, attack, level); cells ``AUC / TPR@1%FPR`` per scenario."""
     by = {(s, lv, fs, a): r for s, lv, fs, a, r in results}
-    lines = [
-        "| forget set (members vs non-members) | attack | level | (a) original | (b) after forget "
-        "| (c) full retrain |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = list(TABLE_HEAD)
     for fs, n in summary["forget_sets"].items():
         for a in ATTACKS:
             for lv in ("constituent", "aggregate"):
@@ -498,11 +502,7 @@ def _row(res: dict[str, Any], scenario: str, level: str, forget_set: str, attack
 
 def seed_block(res: dict[str, Any]) -> str:
     """One run's table (cells ``AUC / TPR@1%FPR``), null spread, test accuracy, verify, timings."""
-    lines = [
-        "| forget set (members vs non-members) | attack | level | (a) original | (b) after forget "
-        "| (c) full retrain |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = list(TABLE_HEAD)
     for fs, n in res["forget_sets"].items():
         for a in ATTACKS:
             for lv in ("constituent", "aggregate"):

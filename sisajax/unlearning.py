@@ -353,6 +353,7 @@ def finish_pending(run: SisaRun, *, progress: Progress = None) -> list[ForgetRep
     """
     ledger = run.ledger
     timeout = run.config.ledger.lock_timeout_s
+    repair_after_commit(run)
     reports = []
     for rec in ledger.pending():
         run.reload()
@@ -386,6 +387,24 @@ def finish_pending(run: SisaRun, *, progress: Progress = None) -> list[ForgetRep
     run.reload()
     run.files.remove_superseded(run.manifest, timeout)
     return reports
+
+
+def repair_after_commit(run: SisaRun) -> list[str]:
+    """Finish what a training left undone after its manifest went live (a crash or a full disk
+    between the commit and the last files): the interrupted-training record, stale once a
+    manifest exists, is removed, and a missing ``config.json`` is written from the manifest.
+    Returns what was repaired. The caller holds the run's writer session."""
+    from sisajax.store.interrupted import INTERRUPTED, remove_record
+
+    repaired = []
+    root = run.run_dir
+    if (root / INTERRUPTED).is_file():
+        remove_record(root)
+        repaired.append(INTERRUPTED)
+    if not (root / "config.json").exists():
+        run.files.write_config(run.manifest.config)
+        repaired.append("config.json")
+    return repaired
 
 
 def pending_ids(run: SisaRun, rec: dict[str, Any]) -> np.ndarray:
@@ -444,5 +463,6 @@ __all__ = [
     "plan_forget",
     "prepare_ledger",
     "remove_uncommitted_files",
+    "repair_after_commit",
     "resume",
 ]

@@ -108,3 +108,20 @@ def test_continuing_logs_validation_accuracy_when_asked(tmp_path, monkeypatch):
     sj.train(cfg, ds, tmp_path / "run", val_metrics=True)
     logged = {r["slice"] for r in read_metrics(tmp_path / "run", "val_slice")}
     assert logged == set(range(done, cfg.sisa.slices))
+
+
+def test_resume_repairs_what_a_crash_after_the_commit_left(tmp_path):
+    """A crash (or a full disk) between a training's commit and its last files leaves the
+    interrupted-training record beside a live manifest and no config.json: ``resume`` removes the
+    stale record and writes config.json from the manifest; the run is unchanged otherwise."""
+    run, _ = sj.train(tiny_config(), tiny_digits(), tmp_path / "run")
+    root = run.run_dir
+    config = json.loads((root / "config.json").read_text())
+    (root / "config.json").unlink()
+    (root / INTERRUPTED).write_text("{}")
+    rows = {p.name: p.read_bytes() for p in (root / "checkpoints").iterdir()}
+    assert sj.resume(sj.open_run(root)) == []
+    assert not (root / INTERRUPTED).exists()
+    assert json.loads((root / "config.json").read_text()) == config
+    assert {p.name: p.read_bytes() for p in (root / "checkpoints").iterdir()} == rows
+    assert sj.audit(sj.open_run(root)).ok

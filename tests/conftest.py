@@ -121,3 +121,20 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
         elif p.is_dir():
             out[rel + "/"] = b""
     return out
+
+
+ENGINE_PROBE = (
+    "import sisajax as sj\n"
+    "try:\n"
+    "    sj.Engine(sj.RunConfig(), (4,), 'float32', 2)\n"
+    "except sj.ConfigError as e:\n"
+    "    print('refused:', e)\n"
+)
+
+
+def engine_probe(env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Build an engine through the Python API in a fresh process with ``env``; its stdout says
+    ``refused: <message>`` when the device layout is refused."""
+    return subprocess.run(
+        [sys.executable, "-c", ENGINE_PROBE], env=env, capture_output=True, text=True, timeout=120
+    )

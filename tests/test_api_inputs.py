@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import tiny_config, tiny_digits
+from conftest import engine_probe, tiny_config, tiny_digits
 
 import sisajax as sj
 from sisajax.config import MAX_BATCH_SIZE, MAX_CHUNK_STEPS, MAX_UNROLL, run_config_from
@@ -213,15 +213,6 @@ def test_the_python_api_refuses_a_zero_jax_cpu_device_count():
     """jax would fail to start its CPU backend with a traceback; sisajax says why first."""
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "0"}
     env.pop("SISAJAX_CPU_DEVICES", None)
-    code = (
-        "import sisajax as sj\n"
-        "try:\n"
-        "    sj.Engine(sj.RunConfig(), (4,), 'float32', 2)\n"
-        "except sj.ConfigError as e:\n"
-        "    print('refused:', e)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
-    )
+    proc = engine_probe(env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused: JAX_NUM_CPU_DEVICES must be" in proc.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import assert_trees_equal, tiny_config, tiny_digits, without
+from conftest import assert_trees_equal, engine_probe, tiny_config, tiny_digits, without
 
 import sisajax as sj
 from sisajax.engine import Engine
@@ -212,14 +212,7 @@ def test_bad_cpu_layout_value_is_refused_clearly(tmp_path):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "'serial'" in proc.stderr
     assert "Traceback" not in proc.stderr
-    code = (
-        "import sisajax as sj\n"
-        "try:\n"
-        "    sj.Engine(sj.RunConfig(), (4,), 'float32', 2)\n"
-        "except sj.ConfigError as e:\n"
-        "    print('refused:', e)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    proc = engine_probe(env)
     assert proc.returncode == 0 and "refused:" in proc.stdout and "'lots'" in proc.stdout
     assert configure_cpu_devices() is None  # jax is imported here: nothing changes
     for bad in ("0", "-1", "100000"):  # not a device count this host can mean
